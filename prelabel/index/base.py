@@ -1,0 +1,250 @@
+"""The small interface every vector index place implements.
+
+Two places implement it: :class:`prelabel.index.edge.EdgeIndex` (Qdrant Edge,
+a shard on disk in this process) and :class:`prelabel.index.server.ServerIndex`
+(a Qdrant server through ``qdrant-client``). Everything above this module
+(sync, kNN, the FiftyOne brain backend) talks only to this interface, so the
+two places behave the same.
+
+A point is a FiftyOne sample: its Qdrant id is derived from the sample id the
+same way FiftyOne's own Qdrant backend does it (the 24 hex digits plus eight
+zeros, read as a UUID), so the mapping needs no lookup table. Its payload
+holds ``sample_id``, ``label`` (the reference label or ``None``), ``tags``,
+and two digests that let a sync skip what did not change.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: payload keys
+SAMPLE_ID = "sample_id"
+LABEL = "label"
+TAGS = "tags"
+VECTOR_DIGEST = "vdigest"
+PAYLOAD_DIGEST = "pdigest"
+
+METRICS = ("cosine", "dotproduct", "euclidean")
+
+
+def to_point_id(sample_id: str) -> str:
+    """The Qdrant point id (a UUID string) of a FiftyOne sample id."""
+    return str(uuid.UUID(sample_id + "00000000"))
+
+
+def to_sample_id(point_id) -> str:
+    """The FiftyOne sample id of a Qdrant point id (UUID or its string)."""
+    return str(point_id).replace("-", "")[:-8]
+
+
+def vector_digest(vector: np.ndarray) -> str:
+    """A short digest of a vector's float32 bytes."""
+    data = np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+    return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+def payload_digest(label: str | None, tags: Sequence[str]) -> str:
+    """A short digest of the reference label and tags of a point."""
+    text = repr((label, sorted(tags or ())))
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def make_payload(
+    sample_id: str, label: str | None, tags: Sequence[str], vdigest: str
+) -> dict:
+    """The payload stored with a sample's point."""
+    tags = sorted(tags or ())
+    return {
+        SAMPLE_ID: sample_id,
+        LABEL: label,
+        TAGS: tags,
+        VECTOR_DIGEST: vdigest,
+        PAYLOAD_DIGEST: payload_digest(label, tags),
+    }
+
+
+@dataclass(frozen=True)
+class IndexFilter:
+    """A payload filter, translated by each place into Qdrant's own filter.
+
+    Args:
+        labeled (False): only points whose ``label`` is set
+        labels (None): only points whose ``label`` is one of these
+        tags (None): only points having at least one of these tags
+        sample_ids (None): only these samples (small sets only: the ids
+            travel in the request)
+        exclude_sample_ids (None): never these samples
+    """
+
+    labeled: bool = False
+    labels: tuple[str, ...] | None = None
+    tags: tuple[str, ...] | None = None
+    sample_ids: tuple[str, ...] | None = None
+    exclude_sample_ids: tuple[str, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def reference(cls, tags: str | Sequence[str] | None = None) -> IndexFilter:
+        """Labeled points, optionally only those with one of ``tags``."""
+        if isinstance(tags, str):
+            tags = (tags,)
+        return cls(labeled=True, tags=tuple(tags) if tags else None)
+
+    def is_empty(self) -> bool:
+        return not (
+            self.labeled
+            or self.labels is not None
+            or self.tags is not None
+            or self.sample_ids is not None
+            or self.exclude_sample_ids
+        )
+
+
+@dataclass
+class QueryResult:
+    """Neighbors of a batch of queries, padded to ``k`` columns.
+
+    Attributes:
+        sample_ids: list (one per query) of lists of neighbor sample ids
+        scores: float array (num_queries, k) of similarities, NaN-padded
+            (cosine: higher is closer)
+        labels: list (one per query) of lists of the neighbors' labels
+    """
+
+    sample_ids: list[list[str]]
+    scores: np.ndarray
+    labels: list[list[str | None]]
+
+
+class IndexBusyError(RuntimeError):
+    """The embedded index stayed locked by another process too long."""
+
+
+class VectorIndex(abc.ABC):
+    """A vector index of FiftyOne samples with payloads."""
+
+    #: "embedded" or "server"
+    location: str = ""
+
+    @property
+    @abc.abstractmethod
+    def dim(self) -> int | None:
+        """The vector dimension, or None if the index was never created."""
+
+    @property
+    @abc.abstractmethod
+    def name(self) -> str:
+        """What a person sees: a folder or a collection name."""
+
+    @abc.abstractmethod
+    def exists(self) -> bool:
+        """Whether the index has been created."""
+
+    @abc.abstractmethod
+    def create(self, dim: int) -> None:
+        """Creates an empty index of vectors of size ``dim``."""
+
+    @abc.abstractmethod
+    def count(self, filter: IndexFilter | None = None) -> int:
+        """The number of points, optionally matching a filter."""
+
+    @abc.abstractmethod
+    def upsert(
+        self,
+        sample_ids: Sequence[str],
+        vectors: np.ndarray,
+        payloads: Sequence[dict],
+    ) -> None:
+        """Inserts or replaces points (vector and whole payload)."""
+
+    @abc.abstractmethod
+    def set_payload(self, sample_ids: Sequence[str], payload: dict) -> None:
+        """Sets the given payload keys on existing points."""
+
+    @abc.abstractmethod
+    def delete(self, sample_ids: Sequence[str]) -> None:
+        """Deletes points; unknown ids are ignored."""
+
+    @abc.abstractmethod
+    def iter_payloads(
+        self, keys: Sequence[str], batch_size: int = 10000
+    ) -> Iterator[tuple[str, dict]]:
+        """Yields ``(sample_id, payload)`` for every point, with only
+        ``keys`` of the payload."""
+
+    @abc.abstractmethod
+    def get_vectors(
+        self, sample_ids: Sequence[str]
+    ) -> tuple[list[str], np.ndarray]:
+        """The vectors of the given samples that are in the index.
+
+        Returns:
+            a tuple of (found sample ids, float32 array of their vectors)
+        """
+
+    @abc.abstractmethod
+    def query(
+        self,
+        vectors: np.ndarray,
+        k: int,
+        filter: IndexFilter | None = None,
+        exact: bool = False,
+        hnsw_ef: int | None = None,
+    ) -> QueryResult:
+        """The ``k`` nearest points of each query vector, in one batch."""
+
+    @abc.abstractmethod
+    def optimize(self) -> None:
+        """Builds the HNSW graph and merges segments, so queries are fast."""
+
+    @abc.abstractmethod
+    def drop(self) -> None:
+        """Deletes the whole index and everything it stored."""
+
+    def close(self) -> None:
+        """Releases what the index holds open (nothing by default)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        self.close()
+
+
+def as_matrix(vectors, dim: int | None = None) -> np.ndarray:
+    """Validates query or point vectors: a float32 (n, dim) array."""
+    arr = np.asarray(vectors, dtype=np.float32)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2:
+        raise ValueError(
+            f"vectors must be a 2D array (n, dim); got shape {arr.shape}"
+        )
+    if dim is not None and arr.shape[1] != dim:
+        raise ValueError(
+            f"vectors have dimension {arr.shape[1]} but the index holds "
+            f"{dim}-dimensional vectors; use embeddings from the same model "
+            "or sync a new brain key"
+        )
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("vectors contain NaN or infinite values")
+    return arr
+
+
+def pad_results(
+    hits: list[list[tuple[str, float, str | None]]], k: int
+) -> QueryResult:
+    """Builds a :class:`QueryResult` from per-query ``(id, score, label)``."""
+    scores = np.full((len(hits), k), np.nan, dtype=np.float32)
+    ids, labels = [], []
+    for i, row in enumerate(hits):
+        ids.append([h[0] for h in row])
+        labels.append([h[2] for h in row])
+        if row:
+            scores[i, : len(row)] = [h[1] for h in row]
+    return QueryResult(sample_ids=ids, scores=scores, labels=labels)

@@ -1,0 +1,550 @@
+"""Our index as a FiftyOne brain similarity backend.
+
+Three classes, paired by name as FiftyOne expects: the config (what is
+stored in the run document), the factory, and the index (what
+``dataset.load_brain_results(key)`` returns, in any process). They live in
+the importable package, not the plugin folder, because FiftyOne re-imports
+the config's class path in the App server and in delegated workers.
+
+Credentials (``url``, ``api_key``) are never serialized; they come from the
+arguments, FiftyOne's brain config (``similarity_backends.prelabel_qdrant``),
+``FIFTYONE_BRAIN_SIMILARITY_PRELABEL_QDRANT_URL`` / ``..._API_KEY``, or
+``PRELABEL_QDRANT_URL`` / ``PRELABEL_QDRANT_API_KEY``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import fiftyone.brain as fob
+import fiftyone.core.utils as fou
+import numpy as np
+from fiftyone.brain.similarity import (
+    Similarity,
+    SimilarityConfig,
+    SimilarityIndex,
+)
+
+from prelabel import constants
+from prelabel.index import base
+from prelabel.index.base import IndexFilter, VectorIndex
+from prelabel.index.edge import EdgeIndex
+
+logger = logging.getLogger(__name__)
+
+#: a view up to this size is sent as an id filter; larger ones are
+#: post-filtered locally from an oversampled query
+MAX_ID_FILTER = 2000
+
+_CREDENTIALS = ("url", "api_key", "prefer_grpc", "grpc_port")
+
+
+class PrelabelQdrantSimilarityConfig(SimilarityConfig):
+    """Configuration of the prelabel Qdrant similarity backend.
+
+    Args:
+        embeddings_field (None): the sample field holding the embeddings
+        label_field (None): the ``Classification`` field whose labels are
+            stored in the payloads (the reference labels for kNN votes)
+        metric ("cosine"): ``"cosine"``, ``"dotproduct"`` or ``"euclidean"``
+        location (None): ``"embedded"`` (Qdrant Edge on disk) or
+            ``"server"``; defaults to ``"server"`` when a URL is given
+        path (None): the embedded index folder; defaults to
+            ``<prelabel home>/indexes/<dataset id>/<brain key>``
+        collection_name (None): the server collection; defaults to
+            ``prelabel-<dataset slug>-<brain key>``
+        shard_number (None): shards of a new server collection
+        replication_factor (None): replicas of a new server collection
+        write_consistency_factor (None): of a new server collection
+        hnsw_config (None): dict of HNSW settings (``m``,
+            ``ef_construct``, ``full_scan_threshold``)
+        quantization (None): ``None`` or ``"int8"``
+        url (None): the Qdrant server URL (never stored)
+        api_key (None): the Qdrant API key (never stored)
+        prefer_grpc (None): use gRPC to talk to the server
+        grpc_port (None): the server's gRPC port
+        **kwargs: keyword arguments for
+            :class:`fiftyone.brain.similarity.SimilarityConfig`
+    """
+
+    def __init__(
+        self,
+        embeddings_field=None,
+        label_field=None,
+        metric="cosine",
+        location=None,
+        path=None,
+        collection_name=None,
+        shard_number=None,
+        replication_factor=None,
+        write_consistency_factor=None,
+        hnsw_config=None,
+        quantization=None,
+        url=None,
+        api_key=None,
+        prefer_grpc=None,
+        grpc_port=None,
+        **kwargs,
+    ):
+        if metric not in base.METRICS:
+            raise ValueError(
+                f"metric={metric!r} is not supported; use one of "
+                f"{base.METRICS}"
+            )
+        if location is None:
+            location = "server" if url else "embedded"
+        if location not in ("embedded", "server"):
+            raise ValueError(
+                f"location={location!r} is not supported; use 'embedded' "
+                "or 'server'"
+            )
+        super().__init__(embeddings_field=embeddings_field, **kwargs)
+        self.label_field = label_field
+        self.metric = metric
+        self.location = location
+        self.path = path
+        self.collection_name = collection_name
+        self.shard_number = shard_number
+        self.replication_factor = replication_factor
+        self.write_consistency_factor = write_consistency_factor
+        self.hnsw_config = hnsw_config
+        self.quantization = quantization
+        # private, so they are never serialized into the run document
+        self._url = url
+        self._api_key = api_key
+        self._prefer_grpc = prefer_grpc
+        self._grpc_port = grpc_port
+
+    @property
+    def method(self):
+        return constants.BACKEND_NAME
+
+    @property
+    def max_k(self):
+        return None
+
+    @property
+    def supports_least_similarity(self):
+        return False
+
+    @property
+    def supported_aggregations(self):
+        return ("mean",)
+
+    url = property(lambda self: self._url)
+    api_key = property(lambda self: self._api_key)
+    prefer_grpc = property(lambda self: self._prefer_grpc)
+    grpc_port = property(lambda self: self._grpc_port)
+
+    @url.setter
+    def url(self, value):
+        self._url = value
+
+    @api_key.setter
+    def api_key(self, value):
+        self._api_key = value
+
+    @prefer_grpc.setter
+    def prefer_grpc(self, value):
+        self._prefer_grpc = value
+
+    @grpc_port.setter
+    def grpc_port(self, value):
+        self._grpc_port = value
+
+    def load_credentials(
+        self, url=None, api_key=None, prefer_grpc=None, grpc_port=None
+    ):
+        self._load_parameters(
+            url=url,
+            api_key=api_key,
+            prefer_grpc=prefer_grpc,
+            grpc_port=grpc_port,
+        )
+        for name in _CREDENTIALS:
+            if getattr(self, name) is None:
+                for var in (
+                    "FIFTYONE_BRAIN_SIMILARITY_PRELABEL_QDRANT_"
+                    + name.upper(),
+                    "PRELABEL_QDRANT_" + name.upper(),
+                ):
+                    if os.environ.get(var):
+                        setattr(self, name, _parse_env(os.environ[var]))
+                        break
+
+
+class PrelabelQdrantSimilarity(Similarity):
+    """Factory of :class:`PrelabelQdrantSimilarityIndex` instances.
+
+    Args:
+        config: a :class:`PrelabelQdrantSimilarityConfig`
+    """
+
+    def ensure_requirements(self):
+        fou.ensure_package("qdrant-client>=1.16")
+        if self.config.location == "embedded":
+            fou.ensure_package("qdrant-edge-py>=0.9")
+
+    def ensure_usage_requirements(self):
+        self.ensure_requirements()
+
+    def cleanup(self, samples, key):
+        # called by ``delete_brain_run``: the index goes with the run
+        if self.config.location == "embedded" and self.config.path is None:
+            return
+        open_index_for(self.config).drop()
+
+    def initialize(self, samples, brain_key):
+        return PrelabelQdrantSimilarityIndex(
+            samples, self.config, brain_key, backend=self
+        )
+
+
+class PrelabelQdrantSimilarityIndex(SimilarityIndex):
+    """A FiftyOne similarity index backed by a prelabel vector index.
+
+    Args:
+        samples: the :class:`fiftyone.core.collections.SampleCollection`
+        config: the :class:`PrelabelQdrantSimilarityConfig`
+        brain_key: the brain key
+        backend (None): a :class:`PrelabelQdrantSimilarity`
+    """
+
+    def __init__(self, samples, config, brain_key, backend=None):
+        self._index: VectorIndex | None = None
+        super().__init__(samples, config, brain_key, backend=backend)
+        self._resolve_location()
+
+    # ---- the underlying index -----------------------------------------
+
+    def _resolve_location(self):
+        config = self.config
+        dataset = self.samples._root_dataset
+        changed = False
+        if config.location == "embedded" and config.path is None:
+            config.path = default_index_path(dataset, self.key)
+            changed = True
+        if config.location == "server" and config.collection_name is None:
+            slug = fou.to_slug(dataset.name)
+            config.collection_name = f"prelabel-{slug}-{self.key}"
+            changed = True
+        if changed and self.key is not None:
+            self.save_config()
+
+    @property
+    def index(self) -> VectorIndex:
+        """The :class:`prelabel.index.base.VectorIndex` behind this run."""
+        if self._index is None:
+            self._index = open_index_for(self.config)
+        return self._index
+
+    @property
+    def last_sync(self):
+        """The :class:`prelabel.sync.SyncStats` of the last sync in this
+        process, or None."""
+        return getattr(self, "_last_sync", None)
+
+    @property
+    def is_external(self):
+        return True
+
+    @property
+    def total_index_size(self):
+        return self.index.count()
+
+    def sync(self, samples=None, progress=True, batch_size=2000):
+        """Brings the index up to date with ``samples`` (default: the
+        dataset): new and changed embeddings and labels are written, deleted
+        samples removed, nothing else re-sent.
+
+        Returns:
+            a :class:`prelabel.sync.SyncStats`
+        """
+        from prelabel.sync import sync_points
+
+        if samples is None:
+            samples = self.samples._root_dataset
+        stats = sync_points(
+            self.index,
+            samples,
+            embeddings_field=self.config.embeddings_field,
+            label_field=self.config.label_field,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        self.reload()
+        return stats
+
+    # ---- the SimilarityIndex contract ----------------------------------
+
+    def add_to_index(
+        self,
+        embeddings,
+        sample_ids,
+        label_ids=None,
+        overwrite=True,
+        allow_existing=True,
+        warn_existing=False,
+        reload=True,
+        batch_size=2000,
+    ):
+        if label_ids is not None:
+            raise ValueError(
+                "The prelabel backend indexes whole samples, not patches; "
+                "use FiftyOne's sklearn backend for patch similarity"
+            )
+        embeddings = base.as_matrix(embeddings)
+        sample_ids = [str(s) for s in sample_ids]
+        index = self.index
+        if not index.exists():
+            index.create(embeddings.shape[1])
+        if not overwrite or not allow_existing or warn_existing:
+            present = {sid for sid, _ in index.iter_payloads([])}
+            existing = [s for s in sample_ids if s in present]
+            if existing and not allow_existing:
+                raise ValueError(
+                    f"Found {len(existing)} ids (eg {existing[0]}) that "
+                    "already exist in the index"
+                )
+            if existing and warn_existing:
+                logger.warning(
+                    "%s %d ids that already exist in the index",
+                    "Overwriting" if overwrite else "Skipping",
+                    len(existing),
+                )
+            if existing and not overwrite:
+                keep = [
+                    i for i, s in enumerate(sample_ids) if s not in present
+                ]
+                embeddings = embeddings[keep]
+                sample_ids = [sample_ids[i] for i in keep]
+
+        from prelabel.sync import payloads_for
+
+        dataset = self.samples._root_dataset
+        for start in range(0, len(sample_ids), batch_size):
+            ids = sample_ids[start : start + batch_size]
+            vecs = embeddings[start : start + batch_size]
+            index.upsert(
+                ids,
+                vecs,
+                payloads_for(dataset, ids, vecs, self.config.label_field),
+            )
+        index.optimize()
+        if reload:
+            self.reload()
+
+    def remove_from_index(
+        self,
+        sample_ids=None,
+        label_ids=None,
+        allow_missing=True,
+        warn_missing=False,
+        reload=True,
+    ):
+        if label_ids is not None:
+            raise ValueError("The prelabel backend does not index labels")
+        ids = [str(s) for s in sample_ids or []]
+        if not allow_missing or warn_missing:
+            found, _ = self.index.get_vectors(ids)
+            missing = set(ids) - set(found)
+            if missing and not allow_missing:
+                raise ValueError(
+                    f"Found {len(missing)} ids (eg {next(iter(missing))}) "
+                    "that are not in the index"
+                )
+            if missing:
+                logger.warning("Skipping %d missing ids", len(missing))
+        self.index.delete(ids)
+        if reload:
+            self.reload()
+
+    def get_embeddings(
+        self,
+        sample_ids=None,
+        label_ids=None,
+        allow_missing=True,
+        warn_missing=False,
+    ):
+        if label_ids is not None:
+            raise ValueError("The prelabel backend does not index labels")
+        if sample_ids is None:
+            sample_ids = [sid for sid, _ in self.index.iter_payloads([])]
+        sample_ids = [str(s) for s in sample_ids]
+        found, vectors = self.index.get_vectors(sample_ids)
+        missing = len(sample_ids) - len(found)
+        if missing and not allow_missing:
+            raise ValueError(f"{missing} of the ids are not in the index")
+        if missing and warn_missing:
+            logger.warning("Skipping %d ids not in the index", missing)
+        return vectors, np.array(found), None
+
+    def cleanup(self):
+        self.index.drop()
+
+    def _kneighbors(
+        self,
+        query=None,
+        k=None,
+        reverse=False,
+        aggregation=None,
+        return_dists=False,
+    ):
+        if query is None:
+            raise ValueError(
+                "The prelabel backend does not compute full-index neighbor "
+                "graphs; pass a query (sample ids or vectors)"
+            )
+        if reverse:
+            raise ValueError(
+                "The prelabel backend does not support least-similarity "
+                "queries"
+            )
+        if aggregation not in (None, "mean"):
+            raise ValueError(f"Unsupported aggregation {aggregation!r}")
+
+        query = self._query_vectors(query)
+        if aggregation == "mean" and query.ndim == 2:
+            query = query.mean(axis=0)
+        single = query.ndim == 1
+        queries = query[None, :] if single else query
+
+        view_ids = None
+        if self.has_view:
+            view_ids = set(self.current_sample_ids)
+        if k is None:
+            k = len(view_ids) if view_ids is not None else self.index.count()
+        k = max(int(k), 1)
+
+        ids, scores = self._search(queries, k, view_ids)
+        dists = [self._to_dists(s) for s in scores]
+        if single:
+            ids, dists = ids[0], dists[0]
+        if return_dists:
+            return ids, None, dists
+        return ids, None
+
+    # ---- helpers -------------------------------------------------------
+
+    def _query_vectors(self, query) -> np.ndarray:
+        if isinstance(query, str):
+            query = [query]
+        arr = np.asarray(query)
+        if np.issubdtype(arr.dtype, np.number):
+            return arr.astype(np.float32)
+        found, vectors = self.index.get_vectors([str(q) for q in arr])
+        if not found:
+            raise ValueError(
+                f"None of the query ids {list(arr)[:3]} is in the index; "
+                "sync the index (prelabel.sync_index) first"
+            )
+        return vectors[0] if len(arr) == 1 else vectors
+
+    def _search(self, queries, k, view_ids):
+        index = self.index
+        if view_ids is None:
+            res = index.query(queries, k)
+            return res.sample_ids, _rows(res.scores, res.sample_ids)
+        if len(view_ids) <= MAX_ID_FILTER:
+            res = index.query(
+                queries, k, IndexFilter(sample_ids=tuple(view_ids))
+            )
+            return res.sample_ids, _rows(res.scores, res.sample_ids)
+
+        # a large view: ask for more than k and keep the view's members,
+        # growing the request until k are found or the index is exhausted
+        total = index.count()
+        fraction = max(len(view_ids) / max(total, 1), 1e-3)
+        limit = min(total, int(k / fraction * 1.5) + 10)
+        while True:
+            res = index.query(queries, limit)
+            out_ids, out_scores, short = [], [], False
+            for row_ids, row_scores in zip(
+                res.sample_ids, res.scores, strict=True
+            ):
+                keep = [j for j, s in enumerate(row_ids) if s in view_ids][:k]
+                out_ids.append([row_ids[j] for j in keep])
+                out_scores.append(row_scores[keep])
+                short |= len(keep) < k and len(row_ids) == limit
+            if not short or limit >= total:
+                return out_ids, out_scores
+            limit = min(total, limit * 2)
+
+    def _to_dists(self, scores):
+        scores = np.asarray(scores, dtype=float)
+        if self.config.metric == "cosine":
+            return list(1.0 - scores)
+        if self.config.metric == "dotproduct":
+            return list(-scores)
+        return list(scores)
+
+    @classmethod
+    def _from_dict(cls, d, samples, config, brain_key):
+        return cls(samples, config, brain_key)
+
+
+def _rows(scores, ids):
+    return [scores[i, : len(row)] for i, row in enumerate(ids)]
+
+
+def _parse_env(value: str):
+    low = value.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low.isdigit():
+        return int(low)
+    return value
+
+
+def default_index_path(dataset, brain_key: str | None) -> str:
+    """Where an embedded index of ``dataset`` under ``brain_key`` lives."""
+    return os.path.join(
+        constants.home_dir(),
+        "indexes",
+        str(dataset._doc.id),
+        brain_key or "unnamed",
+    )
+
+
+def open_index_for(config: PrelabelQdrantSimilarityConfig) -> VectorIndex:
+    """The :class:`VectorIndex` a run config points to."""
+    if config.location == "embedded":
+        return EdgeIndex(
+            config.path,
+            metric=config.metric,
+            hnsw_config=config.hnsw_config,
+            quantization=config.quantization,
+        )
+    from prelabel.index.server import ServerIndex, connect
+
+    if config.url is None:
+        config.load_credentials()
+    client = connect(
+        config.url,
+        api_key=config.api_key,
+        prefer_grpc=config.prefer_grpc,
+        grpc_port=config.grpc_port,
+    )
+    return ServerIndex(
+        client,
+        config.collection_name,
+        metric=config.metric,
+        shard_number=config.shard_number,
+        replication_factor=config.replication_factor,
+        write_consistency_factor=config.write_consistency_factor,
+        hnsw_config=config.hnsw_config,
+        quantization=config.quantization,
+    )
+
+
+def register_backend() -> None:
+    """Makes ``fob.compute_similarity(..., backend="prelabel_qdrant")``
+    work in this process."""
+    backends = fob.brain_config.similarity_backends
+    entry = backends.setdefault(constants.BACKEND_NAME, {})
+    entry.setdefault(
+        "config_cls",
+        f"{PrelabelQdrantSimilarityConfig.__module__}."
+        "PrelabelQdrantSimilarityConfig",
+    )

