@@ -18,6 +18,12 @@ The workflow::
 
 from prelabel.constants import BACKEND_NAME, PLUGIN_NAME
 from prelabel.index.brain import register_backend as _register_backend
+from prelabel.mistakes import (
+    find_label_mistakes,
+    high_confidence_mistakes,
+    suspicious_labels,
+)
+from prelabel.preannotate import evaluate, preannotate
 from prelabel.sync import sync_index
 
 _register_backend()
@@ -25,5 +31,10 @@ _register_backend()
 __all__ = [
     "BACKEND_NAME",
     "PLUGIN_NAME",
+    "evaluate",
+    "find_label_mistakes",
+    "high_confidence_mistakes",
+    "preannotate",
+    "suspicious_labels",
     "sync_index",
 ]

@@ -15,11 +15,10 @@ os.environ.setdefault("FIFTYONE_DATABASE_NAME", "prelabel-tests")
 os.environ["PRELABEL_HOME"] = os.path.join(_SESSION_DIR, "home")
 os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
 
+import fiftyone as fo  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
-
-import fiftyone as fo  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +38,9 @@ def digit_images(session_dir):
     out_dir = os.path.join(session_dir, "digits")
     os.makedirs(out_dir, exist_ok=True)
     items = []
-    for i, (img, label) in enumerate(zip(digits.images, digits.target)):
+    for i, (img, label) in enumerate(
+        zip(digits.images, digits.target, strict=True)
+    ):
         path = os.path.join(out_dir, f"{i:04d}.png")
         arr = (img / 16.0 * 255).astype(np.uint8)
         Image.fromarray(arr).resize((32, 32), Image.BILINEAR).save(path)

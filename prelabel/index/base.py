@@ -80,6 +80,7 @@ class IndexFilter:
         sample_ids (None): only these samples (small sets only: the ids
             travel in the request)
         exclude_sample_ids (None): never these samples
+        match (()): ``(key, value)`` pairs the payload must equal
     """
 
     labeled: bool = False
@@ -87,6 +88,7 @@ class IndexFilter:
     tags: tuple[str, ...] | None = None
     sample_ids: tuple[str, ...] | None = None
     exclude_sample_ids: tuple[str, ...] = field(default_factory=tuple)
+    match: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
     @classmethod
     def reference(cls, tags: str | Sequence[str] | None = None) -> IndexFilter:
@@ -102,6 +104,7 @@ class IndexFilter:
             or self.tags is not None
             or self.sample_ids is not None
             or self.exclude_sample_ids
+            or self.match
         )
 
 
@@ -172,10 +175,13 @@ class VectorIndex(abc.ABC):
 
     @abc.abstractmethod
     def iter_payloads(
-        self, keys: Sequence[str], batch_size: int = 10000
+        self,
+        keys: Sequence[str],
+        filter: IndexFilter | None = None,
+        batch_size: int = 10000,
     ) -> Iterator[tuple[str, dict]]:
-        """Yields ``(sample_id, payload)`` for every point, with only
-        ``keys`` of the payload."""
+        """Yields ``(sample_id, payload)`` for every point (matching
+        ``filter``), with only ``keys`` of the payload."""
 
     @abc.abstractmethod
     def get_vectors(

@@ -248,7 +248,10 @@ class EdgeIndex(VectorIndex):
             return shard.count(qe.CountRequest(filter=_to_filter(filter)))
 
     def iter_payloads(
-        self, keys: Sequence[str], batch_size: int = 10000
+        self,
+        keys: Sequence[str],
+        filter: IndexFilter | None = None,
+        batch_size: int = 10000,
     ) -> Iterator[tuple[str, dict]]:
         if not self.exists():
             return
@@ -260,6 +263,7 @@ class EdgeIndex(VectorIndex):
                     qe.ScrollRequest(
                         offset=offset,
                         limit=batch_size,
+                        filter=_to_filter(filter),
                         with_payload=list(keys),
                         with_vector=False,
                     )
@@ -343,6 +347,8 @@ def _to_filter(f: IndexFilter | None):
                 {base.to_point_id(s) for s in f.exclude_sample_ids}
             )
         )
+    for key, value in f.match:
+        must.append(qe.FieldCondition(key, match=qe.MatchValue(value)))
     return qe.Filter(must=must or None, must_not=must_not or None)
 
 

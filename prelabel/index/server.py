@@ -203,7 +203,10 @@ class ServerIndex(VectorIndex):
         ).count
 
     def iter_payloads(
-        self, keys: Sequence[str], batch_size: int = 10000
+        self,
+        keys: Sequence[str],
+        filter: IndexFilter | None = None,
+        batch_size: int = 10000,
     ) -> Iterator[tuple[str, dict]]:
         if not self.exists():
             return
@@ -213,6 +216,7 @@ class ServerIndex(VectorIndex):
                 self.collection_name,
                 limit=batch_size,
                 offset=offset,
+                scroll_filter=_to_filter(filter),
                 with_payload=list(keys),
                 with_vectors=False,
             )
@@ -305,4 +309,6 @@ def _to_filter(f: IndexFilter | None):
                 has_id=[base.to_point_id(s) for s in f.exclude_sample_ids]
             )
         )
+    for key, value in f.match:
+        must.append(m.FieldCondition(key=key, match=m.MatchValue(value=value)))
     return m.Filter(must=must or None, must_not=must_not or None)

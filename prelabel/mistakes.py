@@ -1,0 +1,250 @@
+"""Where the labels or the pre-labels are most likely wrong.
+
+Two rankings:
+
+- :func:`high_confidence_mistakes`: pre-labels that disagree with ground
+  truth, most confident first (a confident disagreement is either a bad
+  pre-label worth understanding or a wrong ground-truth label);
+- :func:`find_label_mistakes`: for labeled samples, the leave-one-out vote
+  of their labeled neighbors against their own label.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import fiftyone as fo
+from fiftyone import ViewField as F
+
+from prelabel import constants, knn, validation
+from prelabel.index.base import IndexFilter
+from prelabel.preannotate import (
+    _drop_self,
+    _natural_key,
+    _read_vectors,
+    resolve_index,
+)
+from prelabel.progress import Progress, ProgressArg
+
+
+def high_confidence_mistakes(
+    samples,
+    pred_field: str = constants.DEFAULT_PRED_FIELD,
+    gt_field: str = constants.DEFAULT_LABEL_FIELD,
+    min_confidence: float = 0.0,
+):
+    """The samples whose pre-label disagrees with ground truth, most
+    confident first.
+
+    Args:
+        samples: a dataset or view
+        pred_field ("prelabel"): the Classification field of pre-labels
+        gt_field ("ground_truth"): the Classification field of ground truth
+        min_confidence (0.0): keep only mistakes at least this confident
+
+    Returns:
+        a :class:`fiftyone.core.view.DatasetView`
+    """
+    validation.check_classification_field(samples, pred_field, "pred_field")
+    validation.check_classification_field(samples, gt_field, "gt_field")
+    if pred_field == gt_field:
+        raise ValueError(
+            f"pred_field and gt_field are both {pred_field!r}; pass the "
+            "pre-label field and the ground-truth field"
+        )
+    pred, gt = F(f"{pred_field}.label"), F(f"{gt_field}.label")
+    conf = F(f"{pred_field}.confidence")
+    view = samples.match(pred.exists() & gt.exists() & (pred != gt))
+    if min_confidence:
+        view = view.match(conf >= float(min_confidence))
+    return view.sort_by(conf, reverse=True)
+
+
+@dataclass
+class LabelMistakesResult:
+    """What :func:`find_label_mistakes` did.
+
+    Attributes:
+        score_field: the float field written (higher = more suspicious)
+        label_field: the neighbors' majority label field written
+        num_scored: labeled samples scored
+        num_disagree: samples whose neighbors' majority is another label
+        seconds: timings
+    """
+
+    score_field: str
+    label_field: str
+    num_scored: int = 0
+    num_disagree: int = 0
+    seconds: dict = field(default_factory=dict)
+
+
+def find_label_mistakes(
+    samples,
+    index=None,
+    label_field: str = constants.DEFAULT_LABEL_FIELD,
+    k: int = constants.DEFAULT_K,
+    score_field: str = constants.DEFAULT_SCORE_FIELD,
+    neighbors_field: str | None = None,
+    vote: str = "majority",
+    brain_key: str | None = None,
+    batch_size: int = 1000,
+    progress: ProgressArg = True,
+) -> LabelMistakesResult:
+    """Scores every labeled sample by how much its labeled neighbors
+    disagree with its own label (leave-one-out: a sample never votes for
+    itself).
+
+    Writes ``score_field`` (``1 - share of the vote for the sample's own
+    label``; higher = more likely mislabeled) and ``neighbors_field``, a
+    Classification with the neighbors' majority label, its share and the
+    vote. Sort by ``score_field`` (descending) to review.
+
+    Args:
+        samples: the labeled samples to score (a dataset or view)
+        index (None): the results of :func:`prelabel.sync_index`, or a
+            brain key
+        label_field ("ground_truth"): the labels under test
+        k (15): neighbors that vote
+        score_field ("mistake_score"): the float field to write
+        neighbors_field (None): the Classification field for the
+            neighbors' label; default ``<score_field>_label``
+        vote ("majority"): ``"majority"`` or ``"weighted"``
+        brain_key (None): the brain key, when ``index`` is not given
+        batch_size (1000): samples per query batch
+        progress (True): a bar, nothing, or ``progress(fraction, label)``
+
+    Returns:
+        a :class:`LabelMistakesResult`
+    """
+    t0 = time.perf_counter()
+    neighbors_field = neighbors_field or f"{score_field}_label"
+    validation.check_identifier(score_field, "score_field")
+    validation.check_identifier(neighbors_field, "neighbors_field")
+    for name, value in (
+        ("score_field", score_field),
+        ("neighbors_field", neighbors_field),
+    ):
+        if value == label_field or value in validation.RESERVED_FIELDS:
+            raise ValueError(
+                f"{name}={value!r} would overwrite {value!r}; choose a new "
+                "field name"
+            )
+    if vote not in knn.VOTES:
+        raise ValueError(f"vote={vote!r} is not supported; use {knn.VOTES}")
+    results = resolve_index(samples, index, brain_key)
+    if results.config.label_field != label_field:
+        raise ValueError(
+            f"label_field={label_field!r} but the index stores labels of "
+            f"{results.config.label_field!r}; sync an index with this field"
+        )
+    validation.check_classification_field(samples, label_field)
+    validation.check_classification_field(
+        samples, neighbors_field, "neighbors_field", required=False
+    )
+    schema = samples.get_field_schema()
+    if score_field in schema and not isinstance(
+        schema[score_field], fo.FloatField
+    ):
+        raise ValueError(
+            f"score_field={score_field!r} exists and is not a float field; "
+            "choose another name"
+        )
+    emb_field = results.config.embeddings_field
+    validation.check_embeddings_field(samples, emb_field)
+
+    labeled = validation.labeled(samples, label_field).exists(emb_field)
+    flt = IndexFilter(labeled=True)
+    num_ref = results.index.count(flt)
+    validation.check_k(k, max(num_ref - 1, 0))
+    classes = sorted(
+        {
+            p.get("label")
+            for _, p in results.index.iter_payloads(["label"], flt)
+        }
+        - {None},
+        key=_natural_key,
+    )
+
+    dataset = samples._dataset
+    ids, own = labeled.values(["id", f"{label_field}.label"])
+    own_by_id = dict(zip(ids, own, strict=True))
+    tag = uuid.uuid4().hex[:8]
+    tmp_score, tmp_label = (
+        f"prelabel_tmp_score_{tag}",
+        f"prelabel_tmp_label_{tag}",
+    )
+    out = LabelMistakesResult(score_field, neighbors_field)
+    try:
+        dataset.add_sample_field(tmp_score, fo.FloatField)
+        dataset.add_sample_field(
+            tmp_label,
+            fo.EmbeddedDocumentField,
+            embedded_doc_type=fo.Classification,
+        )
+        with Progress(progress, len(ids), "Scoring labels") as bar:
+            for start in range(0, len(ids), batch_size):
+                chunk = ids[start : start + batch_size]
+                chunk_ids, vectors = _read_vectors(dataset, chunk, emb_field)
+                res = results.index.query(vectors, k + 1, flt)
+                nb_ids, nb_labels, sims = _drop_self(res, chunk_ids, k)
+                votes = knn.vote(nb_labels, sims, classes, k, vote)
+                mine = [own_by_id[s] for s in chunk_ids]
+                scores = knn.own_label_scores(votes, mine)
+                majority = [
+                    (
+                        fo.Classification(
+                            label=lbl,
+                            confidence=float(votes.confidence[i]),
+                            votes=votes.summary(i),
+                            neighbors=list(nb_ids[i]),
+                        )
+                        if lbl is not None
+                        else None
+                    )
+                    for i, lbl in enumerate(votes.labels)
+                ]
+                out.num_disagree += sum(
+                    lbl is not None and lbl != m
+                    for lbl, m in zip(votes.labels, mine, strict=True)
+                )
+                dataset.set_values(
+                    tmp_score,
+                    dict(zip(chunk_ids, map(float, scores), strict=True)),
+                    key_field="id",
+                )
+                dataset.set_values(
+                    tmp_label,
+                    dict(zip(chunk_ids, majority, strict=True)),
+                    key_field="id",
+                )
+                bar.update(len(chunk))
+        for tmp, final in (
+            (tmp_score, score_field),
+            (tmp_label, neighbors_field),
+        ):
+            if dataset.has_sample_field(final):
+                dataset.delete_sample_field(final)
+            dataset.rename_sample_field(tmp, final)
+    except BaseException:
+        for tmp in (tmp_score, tmp_label):
+            if dataset.has_sample_field(tmp):
+                dataset.delete_sample_field(tmp)
+        raise
+    out.num_scored = len(ids)
+    out.seconds["total"] = time.perf_counter() - t0
+    return out
+
+
+def suspicious_labels(
+    samples,
+    score_field: str = constants.DEFAULT_SCORE_FIELD,
+    min_score: float = 0.0,
+):
+    """The scored samples, most suspicious first."""
+    view = samples.exists(score_field)
+    if min_score:
+        view = view.match(F(score_field) >= float(min_score))
+    return view.sort_by(score_field, reverse=True)
