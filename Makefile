@@ -1,0 +1,38 @@
+# The two commands: `make demo` and `make test`. Each installs what is
+# missing first (scripts/setup.sh is a no-op once the environment is ready).
+
+PY := .venv/bin/python
+export FIFTYONE_DO_NOT_TRACK := true
+export PYTHONUNBUFFERED := 1
+
+DEMO_ARGS ?=
+ifdef APP
+DEMO_ARGS += --app
+endif
+
+.PHONY: setup demo test test-fast lint format bench clean-index
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(PY) -m prelabel.demo $(DEMO_ARGS)
+
+test: setup
+	@bash scripts/setup-browser.sh
+	$(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+# everything but the browser tests
+test-fast: setup
+	$(PY) -m pytest -p no:cacheprovider -m "not browser" $(PYTEST_ARGS)
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m black --check -q -l 79 prelabel operators panels tests benchmarks __init__.py
+
+format: setup
+	$(PY) -m ruff check --fix -q .
+	$(PY) -m black -q -l 79 prelabel operators panels tests benchmarks __init__.py
+
+bench: setup
+	$(PY) benchmarks/run.py $(if $(QUICK),--quick)
