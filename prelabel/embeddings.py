@@ -156,9 +156,9 @@ def compute_embeddings(
             f"num_workers={num_workers} is negative; pass 0 to decode "
             f"images in this process or a positive number of workers."
         )
-    _check_media_type(samples)
+    check_image_collection(samples)
     dataset = samples._dataset
-    _check_field_name(dataset, embeddings_field)
+    check_embeddings_field(dataset, embeddings_field)
 
     if isinstance(model, EmbeddingModel):
         emb_model = model
@@ -169,7 +169,6 @@ def compute_embeddings(
     existing = dataset.get_field(embeddings_field)
     if existing is not None and skip_existing:
         _check_compatible(dataset, embeddings_field, existing, emb_model)
-    if existing is not None and skip_existing:
         todo = samples.exists(embeddings_field, False)
     else:
         todo = samples
@@ -229,7 +228,12 @@ def _check_positive(name: str, value: int, example: int) -> None:
         )
 
 
-def _check_media_type(samples: foc.SampleCollection) -> None:
+def check_image_collection(samples: foc.SampleCollection) -> None:
+    """Raises a ``ValueError`` unless ``samples`` holds whole images.
+
+    Args:
+        samples: a FiftyOne dataset or view
+    """
     media_type = samples.media_type
     if media_type == "group":
         raise ValueError(
@@ -242,9 +246,24 @@ def _check_media_type(samples: foc.SampleCollection) -> None:
             f"Embeddings are computed on images, but this collection holds "
             f"{media_type} samples; pass a dataset or view of images."
         )
+    if samples._is_patches:
+        # a patch's filepath is its whole image: the vectors would be wrong
+        raise ValueError(
+            "Embeddings are computed on whole images, not object patches; "
+            "pass the dataset (or a view of it) the patches came from."
+        )
 
 
-def _check_field_name(dataset: fo.Dataset, field_name: str) -> None:
+def check_embeddings_field(dataset: fo.Dataset, field_name: str) -> None:
+    """Raises a ``ValueError`` unless ``field_name`` can hold embeddings.
+
+    It must be a plain top-level name that is not a built-in field and
+    either absent or already a ``VectorField``.
+
+    Args:
+        dataset: the dataset the field belongs to
+        field_name: the proposed embeddings field
+    """
     if not isinstance(field_name, str) or not field_name:
         raise ValueError(
             f"embeddings_field must be a non-empty field name, got "
@@ -272,6 +291,11 @@ def _check_field_name(dataset: fo.Dataset, field_name: str) -> None:
             f"dataset, not a VectorField; choose another name, e.g. "
             f"embeddings_field='embeddings', so it is not overwritten."
         )
+
+
+# the names the operators used first
+_check_media_type = check_image_collection
+_check_field_name = check_embeddings_field
 
 
 def _check_compatible(

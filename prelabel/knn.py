@@ -36,7 +36,12 @@ class Votes:
 
     def summary(self, i: int, top: int = 3) -> str:
         """The vote of query ``i`` as a person reads it: ``"7: 12, 1: 3"``."""
-        order = np.argsort(-self.counts[i], kind="stable")[:top]
+        order = list(np.argsort(-self.counts[i], kind="stable")[:top])
+        winner = self.labels[i]
+        if winner is not None:
+            # the winner first, even when it won a tie on similarity
+            w = self.classes.index(winner)
+            order = [w] + [c for c in order if c != w][: top - 1]
         return ", ".join(
             f"{self.classes[c]}: {self.counts[i, c]}"
             for c in order
@@ -117,8 +122,10 @@ def vote(
 
     if method == "majority":
         weights = counts.astype(np.float64)
-        # ties: the class whose voters are closer wins (sims < 1 per voter)
-        rank = weights + sim_sums / (k + 1.0) * 1e-3
+        # ties: among the most-voted classes, the one whose voters are
+        # closer wins (scores may be unbounded, e.g. dot products)
+        top = counts == counts.max(axis=1, keepdims=True, initial=0)
+        rank = np.where(top, sim_sums, -np.inf)
     else:
         floor = 1e-3
         w = np.where(valid, np.clip(np.nan_to_num(sims), floor, None), 0.0)

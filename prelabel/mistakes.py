@@ -81,6 +81,69 @@ class LabelMistakesResult:
     seconds: dict = field(default_factory=dict)
 
 
+def check_find_label_mistakes(
+    samples,
+    index=None,
+    label_field: str = constants.DEFAULT_LABEL_FIELD,
+    k: int = constants.DEFAULT_K,
+    score_field: str = constants.DEFAULT_SCORE_FIELD,
+    neighbors_field: str | None = None,
+    vote: str = "majority",
+    brain_key: str | None = None,
+):
+    """Runs every check of :func:`find_label_mistakes` without writing
+    anything, so that operator forms can show the reason up front.
+
+    Args: as :func:`find_label_mistakes`
+
+    Returns:
+        ``(results, neighbors_field, filter)``: the similarity results, the
+        resolved neighbors field and the payload filter of labeled points
+
+    Raises:
+        ValueError: one sentence saying what is wrong and what to do
+    """
+    neighbors_field = neighbors_field or f"{score_field}_label"
+    validation.check_identifier(score_field, "score_field")
+    validation.check_identifier(neighbors_field, "neighbors_field")
+    for name, value in (
+        ("score_field", score_field),
+        ("neighbors_field", neighbors_field),
+    ):
+        if value == label_field or value in validation.RESERVED_FIELDS:
+            raise ValueError(
+                f"{name}={value!r} would overwrite {value!r}; choose a new "
+                "field name"
+            )
+    if vote not in knn.VOTES:
+        raise ValueError(f"vote={vote!r} is not supported; use {knn.VOTES}")
+    results = resolve_index(samples, index, brain_key)
+    if results.config.label_field != label_field:
+        raise ValueError(
+            f"label_field={label_field!r} but the index stores labels of "
+            f"{results.config.label_field!r}; sync an index with this field"
+        )
+    validation.check_classification_field(samples, label_field)
+    validation.check_classification_field(
+        samples, neighbors_field, "neighbors_field", required=False
+    )
+    schema = samples.get_field_schema()
+    if score_field in schema and not isinstance(
+        schema[score_field], fo.FloatField
+    ):
+        raise ValueError(
+            f"score_field={score_field!r} exists and is not a float field; "
+            "choose another name"
+        )
+    emb_field = results.config.embeddings_field
+    validation.check_embeddings_field(samples, emb_field)
+
+    flt = IndexFilter(labeled=True)
+    num_ref = results.index.count(flt)
+    validation.check_k(k, max(num_ref - 1, 0))
+    return results, neighbors_field, flt
+
+
 def find_label_mistakes(
     samples,
     index=None,
@@ -120,45 +183,18 @@ def find_label_mistakes(
         a :class:`LabelMistakesResult`
     """
     t0 = time.perf_counter()
-    neighbors_field = neighbors_field or f"{score_field}_label"
-    validation.check_identifier(score_field, "score_field")
-    validation.check_identifier(neighbors_field, "neighbors_field")
-    for name, value in (
-        ("score_field", score_field),
-        ("neighbors_field", neighbors_field),
-    ):
-        if value == label_field or value in validation.RESERVED_FIELDS:
-            raise ValueError(
-                f"{name}={value!r} would overwrite {value!r}; choose a new "
-                "field name"
-            )
-    if vote not in knn.VOTES:
-        raise ValueError(f"vote={vote!r} is not supported; use {knn.VOTES}")
-    results = resolve_index(samples, index, brain_key)
-    if results.config.label_field != label_field:
-        raise ValueError(
-            f"label_field={label_field!r} but the index stores labels of "
-            f"{results.config.label_field!r}; sync an index with this field"
-        )
-    validation.check_classification_field(samples, label_field)
-    validation.check_classification_field(
-        samples, neighbors_field, "neighbors_field", required=False
+    results, neighbors_field, flt = check_find_label_mistakes(
+        samples,
+        index=index,
+        label_field=label_field,
+        k=k,
+        score_field=score_field,
+        neighbors_field=neighbors_field,
+        vote=vote,
+        brain_key=brain_key,
     )
-    schema = samples.get_field_schema()
-    if score_field in schema and not isinstance(
-        schema[score_field], fo.FloatField
-    ):
-        raise ValueError(
-            f"score_field={score_field!r} exists and is not a float field; "
-            "choose another name"
-        )
     emb_field = results.config.embeddings_field
-    validation.check_embeddings_field(samples, emb_field)
-
     labeled = validation.labeled(samples, label_field).exists(emb_field)
-    flt = IndexFilter(labeled=True)
-    num_ref = results.index.count(flt)
-    validation.check_k(k, max(num_ref - 1, 0))
     classes = sorted(
         {
             p.get("label")

@@ -91,10 +91,95 @@ def reference_filter(
         flt = IndexFilter.reference(reference)
     else:
         ref_ids = validation.labeled(reference, label_field).values("id")
+        # only points can be marked: a sample added or embedded after the
+        # last sync is not in the index (and setting a payload on it fails)
+        present = [
+            sid
+            for start in range(0, len(ref_ids), 10000)
+            for sid, _ in index.iter_payloads(
+                [],
+                IndexFilter(sample_ids=tuple(ref_ids[start : start + 10000])),
+            )
+        ]
         token = uuid.uuid4().hex[:12]
-        index.set_payload(ref_ids, {"refset": token})
+        index.set_payload(present, {"refset": token})
         flt = IndexFilter(labeled=True, match=(("refset", token),))
     return flt, index.count(flt)
+
+
+def check_preannotate(
+    targets,
+    index=None,
+    reference: (
+        str | Sequence[str] | fo.core.collections.SampleCollection | None
+    ) = None,
+    label_field: str = constants.DEFAULT_LABEL_FIELD,
+    pred_field: str = constants.DEFAULT_PRED_FIELD,
+    k: int = constants.DEFAULT_K,
+    vote: str = "majority",
+    brain_key: str | None = None,
+    min_confidence: float | None = None,
+    eval_key: str | None = None,
+):
+    """Runs every check of :func:`preannotate` without writing a label, so
+    that operator forms can show the reason before anything runs (a
+    reference given as a view is marked in the payloads, as
+    :func:`reference_filter` does).
+
+    Args: as :func:`preannotate`
+
+    Returns:
+        ``(results, filter, num_reference)``: the similarity results, the
+        payload filter of the reference set and its size
+
+    Raises:
+        ValueError: one sentence saying what is wrong and what to do
+    """
+    if vote not in knn.VOTES:
+        raise ValueError(
+            f"vote={vote!r} is not supported; use one of {knn.VOTES}"
+        )
+    if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
+        raise ValueError(
+            f"min_confidence must be between 0 and 1; got {min_confidence}"
+        )
+    if eval_key is not None:
+        validation.check_identifier(eval_key, "eval_key")
+    results = resolve_index(targets, index, brain_key)
+    config = results.config
+    if config.label_field != label_field:
+        raise ValueError(
+            f"label_field={label_field!r} but the index stores labels of "
+            f"{config.label_field!r}; pass label_field="
+            f"{config.label_field!r} or sync an index with this field"
+        )
+    validation.check_classification_field(targets, label_field)
+    validation.check_pred_field(targets, pred_field, label_field)
+    emb_field = config.embeddings_field
+    dim = validation.check_embeddings_field(targets, emb_field)
+    if results.index.dim is not None and dim != results.index.dim:
+        raise ValueError(
+            f"the targets' {emb_field!r} are {dim}-d but the index holds "
+            f"{results.index.dim}-d vectors; recompute embeddings with the "
+            "index's model or sync a new brain key"
+        )
+    missing = len(targets.exists(emb_field, False))
+    if missing:
+        raise ValueError(
+            f"{missing} targets have no {emb_field!r}; run "
+            "compute_embeddings on them first"
+        )
+
+    flt, num_ref = reference_filter(results, reference, label_field)
+    if num_ref == 0:
+        raise ValueError(
+            "the reference set is empty: no sample in the index has a "
+            f"label in {label_field!r}"
+            + (f" and the tag(s) {reference!r}" if reference else "")
+            + "; label some samples (and sync the index) first"
+        )
+    validation.check_k(k, num_ref)
+    return results, flt, num_ref
 
 
 def preannotate(
@@ -147,50 +232,19 @@ def preannotate(
         a :class:`PreannotationResult`
     """
     t0 = time.perf_counter()
-    if vote not in knn.VOTES:
-        raise ValueError(
-            f"vote={vote!r} is not supported; use one of {knn.VOTES}"
-        )
-    if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
-        raise ValueError(
-            f"min_confidence must be between 0 and 1; got {min_confidence}"
-        )
-    if eval_key is not None:
-        validation.check_identifier(eval_key, "eval_key")
-    results = resolve_index(targets, index, brain_key)
-    config = results.config
-    if config.label_field != label_field:
-        raise ValueError(
-            f"label_field={label_field!r} but the index stores labels of "
-            f"{config.label_field!r}; pass label_field="
-            f"{config.label_field!r} or sync an index with this field"
-        )
-    validation.check_classification_field(targets, label_field)
-    validation.check_pred_field(targets, pred_field, label_field)
-    emb_field = config.embeddings_field
-    dim = validation.check_embeddings_field(targets, emb_field)
-    if results.index.dim is not None and dim != results.index.dim:
-        raise ValueError(
-            f"the targets' {emb_field!r} are {dim}-d but the index holds "
-            f"{results.index.dim}-d vectors; recompute embeddings with the "
-            "index's model or sync a new brain key"
-        )
-    missing = len(targets.exists(emb_field, False))
-    if missing:
-        raise ValueError(
-            f"{missing} targets have no {emb_field!r}; run "
-            "compute_embeddings on them first"
-        )
-
-    flt, num_ref = reference_filter(results, reference, label_field)
-    if num_ref == 0:
-        raise ValueError(
-            "the reference set is empty: no sample in the index has a "
-            f"label in {label_field!r}"
-            + (f" and the tag(s) {reference!r}" if reference else "")
-            + "; label some samples (and sync the index) first"
-        )
-    validation.check_k(k, num_ref)
+    results, flt, num_ref = check_preannotate(
+        targets,
+        index=index,
+        reference=reference,
+        label_field=label_field,
+        pred_field=pred_field,
+        k=k,
+        vote=vote,
+        brain_key=brain_key,
+        min_confidence=min_confidence,
+        eval_key=eval_key,
+    )
+    emb_field = results.config.embeddings_field
     classes = _reference_classes(results, flt)
     out = PreannotationResult(pred_field=pred_field, classes=classes)
 

@@ -92,6 +92,16 @@ def payloads_for(dataset, ids, vectors, label_field) -> list[dict]:
     ]
 
 
+def check_index_dim(index: VectorIndex, dim: int, embeddings_field: str):
+    """Raises if an existing ``index`` holds vectors of another length."""
+    if index.dim is not None and index.dim != dim:
+        raise ValueError(
+            f"embeddings_field={embeddings_field!r} holds {dim}-d "
+            f"vectors but the index {index.name} holds {index.dim}-d "
+            "ones; use a new brain key for embeddings of another model"
+        )
+
+
 def sync_points(
     index: VectorIndex,
     samples,
@@ -119,12 +129,7 @@ def sync_points(
     if label_field:
         validation.check_classification_field(samples, label_field)
     if index.exists():
-        if index.dim != dim:
-            raise ValueError(
-                f"embeddings_field={embeddings_field!r} holds {dim}-d "
-                f"vectors but the index {index.name} holds {index.dim}-d "
-                "ones; use a new brain key for embeddings of another model"
-            )
+        check_index_dim(index, dim, embeddings_field)
     else:
         index.create(dim)
 
@@ -209,6 +214,66 @@ def sync_points(
     return stats
 
 
+def check_sync_index(
+    samples,
+    embeddings_field: str = constants.DEFAULT_EMBEDDINGS_FIELD,
+    label_field: str | None = constants.DEFAULT_LABEL_FIELD,
+    brain_key: str = constants.DEFAULT_BRAIN_KEY,
+    url: str | None = None,
+    api_key: str | None = None,
+    require_embeddings: bool = True,
+):
+    """Runs every check of :func:`sync_index` without writing anything, so
+    that operator forms can show the reason up front.
+
+    Args: as :func:`sync_index`, and
+        require_embeddings (True): ``False`` skips the checks of the
+            embeddings themselves, for a caller that computes them first
+
+    Returns:
+        the existing
+        :class:`prelabel.index.brain.PrelabelQdrantSimilarityIndex` of
+        ``brain_key``, or None when the sync would create a new run
+
+    Raises:
+        ValueError: one sentence saying what is wrong and what to do
+    """
+    from prelabel.index.brain import PrelabelQdrantSimilarityIndex
+
+    validation.check_identifier(brain_key, "brain_key")
+    dim = None
+    if require_embeddings:
+        dim = validation.check_embeddings_field(samples, embeddings_field)
+    if label_field:
+        validation.check_classification_field(samples, label_field)
+    dataset = samples._root_dataset
+    if brain_key not in dataset.list_brain_runs():
+        return None
+
+    results = dataset.load_brain_results(brain_key, url=url, api_key=api_key)
+    if not isinstance(results, PrelabelQdrantSimilarityIndex):
+        raise ValueError(
+            f"brain_key={brain_key!r} is a run of another backend "
+            f"({type(results.config).__name__}); choose another key"
+        )
+    config = results.config
+    if config.embeddings_field != embeddings_field:
+        raise ValueError(
+            f"brain_key={brain_key!r} indexes "
+            f"{config.embeddings_field!r}, not {embeddings_field!r}; "
+            "use another brain key for other embeddings"
+        )
+    if config.label_field != label_field:
+        raise ValueError(
+            f"brain_key={brain_key!r} stores labels of "
+            f"{config.label_field!r}, not {label_field!r}; use another "
+            "brain key, or delete this run first"
+        )
+    if dim is not None:
+        check_index_dim(results.index, dim, embeddings_field)
+    return results
+
+
 def sync_index(
     samples,
     embeddings_field: str = constants.DEFAULT_EMBEDDINGS_FIELD,
@@ -252,40 +317,19 @@ def sync_index(
         the :class:`prelabel.index.brain.PrelabelQdrantSimilarityIndex`; its
         ``last_sync`` property holds the :class:`SyncStats`
     """
-    from prelabel.index.brain import (
-        PrelabelQdrantSimilarityConfig,
-        PrelabelQdrantSimilarityIndex,
-    )
+    from prelabel.index.brain import PrelabelQdrantSimilarityConfig
 
-    validation.check_identifier(brain_key, "brain_key")
-    validation.check_embeddings_field(samples, embeddings_field)
-    if label_field:
-        validation.check_classification_field(samples, label_field)
+    results = check_sync_index(
+        samples,
+        embeddings_field=embeddings_field,
+        label_field=label_field,
+        brain_key=brain_key,
+        url=url,
+        api_key=api_key,
+    )
     dataset = samples._root_dataset
 
-    if brain_key in dataset.list_brain_runs():
-        results = dataset.load_brain_results(
-            brain_key, url=url, api_key=api_key
-        )
-        if not isinstance(results, PrelabelQdrantSimilarityIndex):
-            raise ValueError(
-                f"brain_key={brain_key!r} is a run of another backend "
-                f"({type(results.config).__name__}); choose another key"
-            )
-        config = results.config
-        if config.embeddings_field != embeddings_field:
-            raise ValueError(
-                f"brain_key={brain_key!r} indexes "
-                f"{config.embeddings_field!r}, not {embeddings_field!r}; "
-                "use another brain key for other embeddings"
-            )
-        if config.label_field != label_field:
-            raise ValueError(
-                f"brain_key={brain_key!r} stores labels of "
-                f"{config.label_field!r}, not {label_field!r}; use another "
-                "brain key, or delete this run first"
-            )
-    else:
+    if results is None:
         config = PrelabelQdrantSimilarityConfig(
             embeddings_field=embeddings_field,
             label_field=label_field,
@@ -300,6 +344,9 @@ def sync_index(
         method.ensure_requirements()
         method.register_run(dataset, brain_key, overwrite=False)
         results = method.initialize(dataset, brain_key)
+        # saved before the long sync: a sync killed half way must leave a
+        # run that the next sync_index can load and resume
+        results.save()
 
     try:
         stats = results.sync(samples, progress=progress)

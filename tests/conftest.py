@@ -1,8 +1,11 @@
 """Shared fixtures: an isolated FiftyOne database and real images on disk.
 
-The environment is set before FiftyOne is imported, so every test talks to
-the real MongoDB but in a database of its own, and every embedded index
-lives in a temporary folder.
+The environment is set before FiftyOne is imported. Unless
+``FIFTYONE_DATABASE_URI`` is set, the session starts a private ``mongod``
+(the one FiftyOne uses, on a free port, data in a temp folder): the tests
+and the subprocesses they start talk to a real MongoDB that no other
+process starts or stops under them, and a user's datasets are never
+touched. Every embedded index lives in a temporary folder.
 """
 
 import os
@@ -16,6 +19,61 @@ os.environ["PRELABEL_HOME"] = os.path.join(_SESSION_DIR, "home")
 os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
 
 import fiftyone as fo  # noqa: E402
+
+
+def _start_private_mongod() -> None:
+    import atexit
+    import socket
+    import subprocess
+    import time
+
+    import pymongo
+    from fiftyone.core.service import DatabaseService
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    db_dir = os.path.join(_SESSION_DIR, "mongo")
+    os.makedirs(db_dir)
+    proc = subprocess.Popen(
+        [
+            DatabaseService.find_mongod(),
+            "--dbpath",
+            db_dir,
+            "--port",
+            str(port),
+            "--bind_ip",
+            "127.0.0.1",
+            "--nounixsocket",
+            "--logpath",
+            os.path.join(db_dir, "mongod.log"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    atexit.register(proc.terminate)
+    uri = f"mongodb://127.0.0.1:{port}"
+    client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=500)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            client.admin.command("ping")
+            break
+        except pymongo.errors.PyMongoError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    "could not start a private mongod for the tests; see "
+                    + os.path.join(db_dir, "mongod.log")
+                ) from None
+            time.sleep(0.2)
+    client.close()
+    os.environ["FIFTYONE_DATABASE_URI"] = uri
+    fo.config.database_uri = uri
+    fo.config.database_validation = False
+
+
+if not os.environ.get("FIFTYONE_DATABASE_URI"):
+    _start_private_mongod()
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402

