@@ -3,6 +3,8 @@
 
 PY := .venv/bin/python
 export FIFTYONE_DO_NOT_TRACK := true
+# the offline MongoDB fallback is 6.0, which FiftyOne accepts with a warning
+export FIFTYONE_DATABASE_VALIDATION ?= false
 export PYTHONUNBUFFERED := 1
 
 DEMO_ARGS ?=
