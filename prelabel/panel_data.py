@@ -38,7 +38,10 @@ MODES = {
 }
 
 #: what one row of each mode is called in the summary
-NOUNS = {"prelabel": ("mistake", "mistakes"), "suspicious": ("label", "labels")}
+NOUNS = {
+    "prelabel": ("mistake", "mistakes"),
+    "suspicious": ("label", "labels"),
+}
 
 #: the tags the panel's bulk actions write
 TAGS = ("label_error", "prelabel_ok", constants.REVIEW_TAG)
@@ -115,7 +118,9 @@ class Summary:
         noun = one if self.count == 1 else many
         if self.mode == "suspicious":
             noun = f"suspicious {noun}"
-        return f"{self.count:,} {noun}, {self.high_count:,} above {self.high:g}"
+        return (
+            f"{self.count:,} {noun}, {self.high_count:,} above {self.high:g}"
+        )
 
 
 @dataclass

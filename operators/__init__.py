@@ -1,0 +1,26 @@
+"""The operators of the @prelabel/qdrant plugin, one per module, in the
+order of the workflow."""
+
+from .compute_embeddings import ComputeEmbeddings
+from .find_label_mistakes import FindLabelMistakes
+from .knn_preannotate import KnnPreannotate
+from .open_mistakes_panel import OpenMistakesPanel
+from .sync_index import SyncIndex
+
+#: the operators in workflow order, as ``register`` adds them
+OPERATORS = (
+    ComputeEmbeddings,
+    SyncIndex,
+    KnnPreannotate,
+    FindLabelMistakes,
+    OpenMistakesPanel,
+)
+
+__all__ = [
+    "OPERATORS",
+    "ComputeEmbeddings",
+    "FindLabelMistakes",
+    "KnnPreannotate",
+    "OpenMistakesPanel",
+    "SyncIndex",
+]

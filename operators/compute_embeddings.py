@@ -1,0 +1,253 @@
+"""Step 1 of the workflow: compute an embedding for every image.
+
+Writes a ``VectorField`` (default ``embeddings``) on the target samples,
+whose ``info`` records the model, its input size and weights. With
+``skip_existing`` only samples without a vector are embedded, so an
+interrupted run resumes where it stopped.
+"""
+
+import os
+
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
+
+from prelabel import constants
+
+from . import _common as c
+
+NAME = "compute_embeddings"
+
+
+def _default_workers():
+    return min(2, os.cpu_count() or 1)
+
+
+def _params(ctx):
+    """The parameters as execution sees them (absent ones defaulted)."""
+    p = ctx.params
+    return {
+        "model": p.get("model") or constants.DEFAULT_MODEL,
+        "embeddings_field": p.get("embeddings_field")
+        or constants.DEFAULT_EMBEDDINGS_FIELD,
+        "batch_size": p.get("batch_size") or 64,
+        "num_workers": p.get("num_workers"),
+        "skip_existing": p.get("skip_existing", True),
+        "image_size": p.get("image_size"),
+    }
+
+
+class ComputeEmbeddings(foo.Operator):
+    @property
+    def config(self):
+        return c.operator_config(
+            NAME,
+            label="Compute embeddings",
+            description=(
+                "Embeds every image with a model of the prelabel registry "
+                "and stores the vectors in a field"
+            ),
+            icon="compute_embeddings",
+        )
+
+    def resolve_input(self, ctx):
+        from prelabel import embeddings as pe
+        from prelabel.models import check_model_name, list_models
+
+        inputs = types.Object()
+        last = c.remembered(ctx, NAME)
+
+        c.header(inputs, "targets_header", "Images")
+        target = c.target_input(ctx, inputs, "Embed")
+
+        c.header(
+            inputs,
+            "model_header",
+            "Model",
+            "Vectors of one field must all come from one model.",
+        )
+        models = list_models()
+        model_view = types.Dropdown()
+        for name in models:
+            model_view.add_choice(name, label=name)
+        inputs.enum(
+            "model",
+            models,
+            default=c.choose(last.get("model"), models)
+            or constants.DEFAULT_MODEL,
+            required=False,
+            label="Model",
+            description=(
+                "efficientnet_lite0 ships ImageNet weights; pixels is the "
+                "resized image itself (fast, good for digits)"
+            ),
+            view=model_view,
+        )
+        inputs.int(
+            "image_size",
+            min=8,
+            default=last.get("image_size"),
+            required=False,
+            label="Input size (pixels)",
+            description=(
+                "Side of the square image the model sees; empty for the "
+                "model's default. Smaller is faster"
+            ),
+        )
+        fields = c.vector_fields(ctx.dataset)
+        c.field_input(
+            inputs,
+            "embeddings_field",
+            fields,
+            last.get("embeddings_field") or constants.DEFAULT_EMBEDDINGS_FIELD,
+            "Embeddings field",
+            "The vector field to write; a new name creates it",
+            allow_new=True,
+        )
+        inputs.bool(
+            "skip_existing",
+            default=True,
+            label="Skip samples that already have a vector",
+            description=(
+                "Embeds only what is missing, so an interrupted run resumes"
+            ),
+        )
+
+        c.header(inputs, "perf_header", "Speed")
+        inputs.int(
+            "batch_size",
+            min=1,
+            default=last.get("batch_size") or 64,
+            label="Batch size",
+            description="Images the model sees at once",
+        )
+        inputs.int(
+            "num_workers",
+            min=0,
+            default=last.get("num_workers", _default_workers()),
+            required=False,
+            label="Decoding workers",
+            description="Processes that decode images; 0 decodes in-process",
+        )
+
+        p = _params(ctx)
+        ok, _ = c.run_check(inputs, check_model_name, p["model"])
+        ok = ok and c.run_check(inputs, pe._check_media_type, target)[0]
+        ok = (
+            ok
+            and c.run_check(
+                inputs,
+                pe._check_field_name,
+                ctx.dataset,
+                p["embeddings_field"],
+            )[0]
+        )
+        if ok:
+            _describe_field(inputs, target, p["embeddings_field"])
+
+        return types.Property(
+            inputs, view=types.View(label="Compute embeddings")
+        )
+
+    def execute(self, ctx):
+        from prelabel.embeddings import compute_embeddings
+
+        p = _params(ctx)
+        target = ctx.target_view(require_flat=True)
+        num = compute_embeddings(
+            target,
+            model=p["model"],
+            embeddings_field=p["embeddings_field"],
+            batch_size=p["batch_size"],
+            num_workers=p["num_workers"],
+            skip_existing=p["skip_existing"],
+            progress=c.ProgressReporter(ctx),
+            image_size=p["image_size"],
+        )
+        c.remember(ctx, NAME, p)
+        c.show_in_app(ctx)
+        return {
+            "embedded": num,
+            "num_targets": len(target),
+            "with_embeddings": target.exists(p["embeddings_field"]).count(),
+            "embeddings_field": p["embeddings_field"],
+            "model": p["model"],
+        }
+
+    def resolve_output(self, ctx):
+        return c.summary_output(
+            ctx,
+            "Embeddings computed",
+            [
+                ("embedded", "Samples embedded in this run"),
+                ("with_embeddings", "Targets with a vector now"),
+                ("num_targets", "Targets"),
+                ("embeddings_field", "Field"),
+                ("model", "Model"),
+            ],
+        )
+
+    def __call__(
+        self,
+        sample_collection,
+        model=constants.DEFAULT_MODEL,
+        embeddings_field=constants.DEFAULT_EMBEDDINGS_FIELD,
+        batch_size=64,
+        num_workers=None,
+        skip_existing=True,
+        image_size=None,
+        delegate=False,
+    ):
+        """Computes embeddings of ``sample_collection``.
+
+        Args:
+            sample_collection: a dataset or view of images
+            model ("efficientnet_lite0"): a name from
+                :func:`prelabel.models.list_models`
+            embeddings_field ("embeddings"): the vector field to write
+            batch_size (64): images per batch
+            num_workers (None): decoding processes (package default)
+            skip_existing (True): embed only samples without a vector
+            image_size (None): the model input size; its default if None
+            delegate (False): queue a delegated operation instead
+
+        Returns:
+            an ``ExecutionResult``; ``.result`` is the summary dict
+        """
+        params = dict(
+            model=model,
+            embeddings_field=embeddings_field,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            skip_existing=skip_existing,
+            image_size=image_size,
+        )
+        return c.execute(self, sample_collection, params, delegate=delegate)
+
+
+def _describe_field(inputs, target, field):
+    """A line on what the field holds now (model, coverage)."""
+    dataset = target._root_dataset
+    existing = dataset.get_field(field)
+    if existing is None:
+        inputs.view(
+            "field_status",
+            types.Notice(label=f"'{field}' is new; it will be created"),
+        )
+        return
+    info = dict(existing.info or {})
+    done = target.exists(field).count()
+    source = (
+        f" by {info.get('model')} at {info.get('image_size')} px"
+        if info.get("model")
+        else ""
+    )
+    inputs.view(
+        "field_status",
+        types.Notice(
+            label=(f"{done} of {len(target)} targets have '{field}'{source}"),
+            description=(
+                "Another model with 'skip existing' on is refused; turn "
+                "it off to recompute every target"
+            ),
+        ),
+    )

@@ -1,0 +1,220 @@
+"""Step 4 of the workflow: find labels that are probably wrong.
+
+For each labeled target sample, its labeled neighbors in the Qdrant index
+vote (leave-one-out: a sample never votes for itself). Writes a float
+field (default ``mistake_score``: 1 - the share of the vote for the
+sample's own label; higher = more likely mislabeled) and a Classification
+field ``<score_field>_label`` with the neighbors' majority label; never
+touches the labels under test. The App then shows the most suspicious
+samples first.
+"""
+
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
+
+from prelabel import constants
+from prelabel.knn import VOTES
+
+from . import _common as c
+
+NAME = "find_label_mistakes"
+
+
+def _params(ctx, last):
+    """The parameters as execution sees them (absent ones defaulted)."""
+    p = ctx.params
+    dataset = ctx.dataset
+    brain_key = p.get("brain_key") or c.default_brain_key(dataset, last)
+    return {
+        "brain_key": brain_key,
+        "label_field": p.get("label_field")
+        or c.run_label_field(dataset, brain_key)
+        or constants.DEFAULT_LABEL_FIELD,
+        "k": p.get("k", constants.DEFAULT_K),
+        "score_field": p.get("score_field") or constants.DEFAULT_SCORE_FIELD,
+        "vote": p.get("vote") or "majority",
+    }
+
+
+class FindLabelMistakes(foo.Operator):
+    @property
+    def config(self):
+        return c.operator_config(
+            NAME,
+            label="Find label mistakes",
+            description=(
+                "Scores every labeled sample by how much its neighbors "
+                "disagree with its label"
+            ),
+            icon="find_label_mistakes",
+        )
+
+    def resolve_input(self, ctx):
+        from prelabel.mistakes import check_find_label_mistakes
+
+        inputs = types.Object()
+        dataset = ctx.dataset
+        last = c.remembered(ctx, NAME)
+
+        c.header(
+            inputs,
+            "targets_header",
+            "Samples to check",
+            "Only samples with a label are scored.",
+        )
+        targets = c.target_input(ctx, inputs, "Check the labels of")
+
+        c.header(inputs, "index_header", "Neighbors")
+        brain_key = c.brain_key_input(ctx, inputs, last)
+        if brain_key is None:
+            return _form(inputs)
+        labels = c.classification_fields(dataset)
+        c.field_input(
+            inputs,
+            "label_field",
+            labels,
+            c.run_label_field(dataset, brain_key)
+            or c.choose(last.get("label_field"), labels),
+            "Label field",
+            "The labels under test (the ones stored in the index)",
+        )
+        inputs.int(
+            "k",
+            min=1,
+            default=last.get("k") or constants.DEFAULT_K,
+            label="Neighbors (k)",
+            description="How many nearest labeled samples vote",
+        )
+        vote_view = types.RadioGroup()
+        vote_view.add_choice(
+            "majority", label="Majority", description="One vote each"
+        )
+        vote_view.add_choice(
+            "weighted",
+            label="Distance-weighted",
+            description="Closer neighbors weigh more",
+        )
+        inputs.enum(
+            "vote",
+            list(VOTES),
+            default=c.choose(last.get("vote"), VOTES, "majority"),
+            label="Vote",
+            view=vote_view,
+        )
+
+        c.header(inputs, "output_header", "Output")
+        inputs.str(
+            "score_field",
+            default=last.get("score_field") or constants.DEFAULT_SCORE_FIELD,
+            required=False,
+            label="Score field",
+            description=(
+                "Float field to write: higher means more likely "
+                "mislabeled. The neighbors' label goes to "
+                "<score field>_label"
+            ),
+        )
+
+        p = _params(ctx, last)
+        try:
+            results = c.load_index(ctx, dataset, p["brain_key"])
+            check_find_label_mistakes(
+                targets,
+                index=results,
+                label_field=p["label_field"],
+                k=p["k"],
+                score_field=p["score_field"],
+                vote=p["vote"],
+            )
+        except ValueError as e:
+            c.show_error(inputs, e)
+            return _form(inputs)
+
+        num = targets.exists(p["label_field"]).count()
+        inputs.view(
+            "summary",
+            types.Notice(label=f"{num} labeled samples will be scored"),
+        )
+        return _form(inputs)
+
+    def execute(self, ctx):
+        from prelabel.mistakes import find_label_mistakes, suspicious_labels
+
+        dataset = ctx.dataset
+        p = _params(ctx, c.remembered(ctx, NAME))
+        targets = ctx.target_view(require_flat=True)
+        results = c.load_index(ctx, dataset, p["brain_key"])
+        out = find_label_mistakes(
+            targets,
+            index=results,
+            label_field=p["label_field"],
+            k=p["k"],
+            score_field=p["score_field"],
+            vote=p["vote"],
+            progress=c.ProgressReporter(ctx),
+        )
+        c.remember(ctx, NAME, p)
+
+        view = suspicious_labels(targets, out.score_field)
+        c.show_in_app(
+            ctx,
+            view=view,
+            fields=[p["label_field"], out.label_field, out.score_field],
+        )
+        return {
+            "score_field": out.score_field,
+            "neighbors_field": out.label_field,
+            "num_scored": out.num_scored,
+            "num_disagree": out.num_disagree,
+            "brain_key": p["brain_key"],
+        }
+
+    def resolve_output(self, ctx):
+        return c.summary_output(
+            ctx,
+            "Labels scored",
+            [
+                ("num_scored", "Samples scored"),
+                ("num_disagree", "Neighbors' majority disagrees"),
+                ("score_field", "Score field (sort descending)"),
+                ("neighbors_field", "Neighbors' label field"),
+            ],
+        )
+
+    def __call__(
+        self,
+        sample_collection,
+        brain_key=constants.DEFAULT_BRAIN_KEY,
+        label_field=None,
+        k=constants.DEFAULT_K,
+        score_field=constants.DEFAULT_SCORE_FIELD,
+        vote="majority",
+        delegate=False,
+    ):
+        """Scores the labels of ``sample_collection``.
+
+        Args:
+            sample_collection: the samples to check, a dataset or view
+            brain_key ("prelabel_qdrant"): the prelabel index to query
+            label_field (None): the labels under test; default the index's
+                label field
+            k (15): neighbors that vote
+            score_field ("mistake_score"): the float field to write
+            vote ("majority"): ``"majority"`` or ``"weighted"``
+            delegate (False): queue a delegated operation instead
+
+        Returns:
+            an ``ExecutionResult``; ``.result`` is the summary dict
+        """
+        params = dict(
+            brain_key=brain_key,
+            label_field=label_field,
+            k=k,
+            score_field=score_field,
+            vote=vote,
+        )
+        return c.execute(self, sample_collection, params, delegate=delegate)
+
+
+def _form(inputs):
+    return types.Property(inputs, view=types.View(label="Find label mistakes"))

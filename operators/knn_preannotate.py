@@ -1,0 +1,294 @@
+"""Step 3 of the workflow: pre-annotate the targets by a vote of their
+nearest labeled neighbors in the Qdrant index.
+
+Writes a ``Classification`` field (default ``prelabel``) on the target
+samples (label, confidence, logits, votes, neighbor ids); never touches the
+ground-truth field. Targets below ``min_confidence`` get no label and the
+``needs_review`` tag. With an ``eval_key``, the pre-labels of targets that
+have ground truth are evaluated and the evaluation is stored under that key.
+"""
+
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
+
+from prelabel import constants
+from prelabel.knn import VOTES
+
+from . import _common as c
+
+NAME = "knn_preannotate"
+
+
+def _params(ctx, last):
+    """The parameters as execution sees them (absent ones defaulted)."""
+    p = ctx.params
+    dataset = ctx.dataset
+    brain_key = p.get("brain_key") or c.default_brain_key(dataset, last)
+    return {
+        "brain_key": brain_key,
+        "label_field": p.get("label_field")
+        or c.run_label_field(dataset, brain_key)
+        or constants.DEFAULT_LABEL_FIELD,
+        "reference_tag": p.get("reference_tag") or None,
+        "pred_field": p.get("pred_field") or constants.DEFAULT_PRED_FIELD,
+        "k": p.get("k", constants.DEFAULT_K),
+        "vote": p.get("vote") or "majority",
+        "eval_key": p.get("eval_key") or None,
+        "min_confidence": p.get("min_confidence"),
+    }
+
+
+class KnnPreannotate(foo.Operator):
+    @property
+    def config(self):
+        return c.operator_config(
+            NAME,
+            label="kNN pre-annotate",
+            description=(
+                "Labels the targets by a vote of their nearest labeled "
+                "neighbors in the Qdrant index"
+            ),
+            icon="knn_preannotate",
+        )
+
+    def resolve_input(self, ctx):
+        from prelabel.preannotate import check_preannotate
+
+        inputs = types.Object()
+        dataset = ctx.dataset
+        last = c.remembered(ctx, NAME)
+
+        c.header(inputs, "targets_header", "Samples to pre-annotate")
+        targets = c.target_input(ctx, inputs, "Pre-annotate")
+
+        c.header(
+            inputs,
+            "reference_header",
+            "Who votes",
+            "Labeled samples in the index vote for their neighbors.",
+        )
+        brain_key = c.brain_key_input(ctx, inputs, last)
+        if brain_key is None:
+            return _form(inputs)
+        run_label = c.run_label_field(dataset, brain_key)
+        labels = c.classification_fields(dataset)
+        c.field_input(
+            inputs,
+            "label_field",
+            labels,
+            run_label or c.choose(last.get("label_field"), labels),
+            "Label field",
+            "The labels that vote (the ones stored in the index); also "
+            "the ground truth for evaluation",
+        )
+        tags = sorted(dataset.distinct("tags"))
+        c.field_input(
+            inputs,
+            "reference_tag",
+            tags,
+            c.choose(last.get("reference_tag"), tags),
+            "Reference tag",
+            "Only labeled samples with this tag vote; empty for every "
+            "labeled sample in the index",
+            required=False,
+        )
+
+        c.header(inputs, "vote_header", "Vote")
+        inputs.int(
+            "k",
+            min=1,
+            default=last.get("k") or constants.DEFAULT_K,
+            label="Neighbors (k)",
+            description="How many nearest labeled samples vote",
+        )
+        vote_view = types.RadioGroup()
+        vote_view.add_choice(
+            "majority", label="Majority", description="One vote each"
+        )
+        vote_view.add_choice(
+            "weighted",
+            label="Distance-weighted",
+            description="Closer neighbors weigh more",
+        )
+        inputs.enum(
+            "vote",
+            list(VOTES),
+            default=c.choose(last.get("vote"), VOTES, "majority"),
+            label="Vote",
+            view=vote_view,
+        )
+        inputs.float(
+            "min_confidence",
+            min=0.0,
+            max=1.0,
+            default=last.get("min_confidence"),
+            required=False,
+            label="Minimum confidence",
+            description=(
+                "Below this share of the vote no label is written and the "
+                f"sample is tagged '{constants.REVIEW_TAG}'. Higher is "
+                "stricter; empty labels everything"
+            ),
+        )
+
+        c.header(inputs, "output_header", "Output")
+        inputs.str(
+            "pred_field",
+            default=last.get("pred_field") or constants.DEFAULT_PRED_FIELD,
+            required=False,
+            label="Prediction field",
+            description="The Classification field to write; replaced if it "
+            "exists, never the ground truth",
+        )
+        p = _params(ctx, last)
+        has_truth = bool(
+            p["label_field"] in labels
+            and targets.exists(p["label_field"]).limit(1).count()
+        )
+        inputs.str(
+            "eval_key",
+            default=(
+                (last.get("eval_key") or constants.DEFAULT_EVAL_KEY)
+                if has_truth
+                else None
+            ),
+            required=False,
+            label="Evaluation key",
+            description=(
+                "Evaluates the pre-labels against the targets' ground "
+                "truth and stores it under this key; empty to skip"
+            ),
+        )
+
+        try:
+            results = c.load_index(ctx, dataset, p["brain_key"])
+            _, _, num_ref = check_preannotate(
+                targets,
+                index=results,
+                reference=p["reference_tag"],
+                label_field=p["label_field"],
+                pred_field=p["pred_field"],
+                k=p["k"],
+                vote=p["vote"],
+                min_confidence=p["min_confidence"],
+                eval_key=p["eval_key"],
+            )
+        except ValueError as e:
+            c.show_error(inputs, e)
+            return _form(inputs)
+
+        inputs.view(
+            "summary",
+            types.Notice(
+                label=(
+                    f"{len(targets)} targets; {num_ref} labeled samples "
+                    "vote"
+                    + (
+                        f" (tag '{p['reference_tag']}')"
+                        if p["reference_tag"]
+                        else ""
+                    )
+                )
+            ),
+        )
+        return _form(inputs)
+
+    def execute(self, ctx):
+        from prelabel.preannotate import preannotate
+
+        dataset = ctx.dataset
+        p = _params(ctx, c.remembered(ctx, NAME))
+        targets = ctx.target_view(require_flat=True)
+        results = c.load_index(ctx, dataset, p["brain_key"])
+        out = preannotate(
+            targets,
+            index=results,
+            reference=p["reference_tag"],
+            label_field=p["label_field"],
+            pred_field=p["pred_field"],
+            k=p["k"],
+            vote=p["vote"],
+            min_confidence=p["min_confidence"],
+            eval_key=p["eval_key"],
+            progress=c.ProgressReporter(ctx),
+        )
+        c.remember(ctx, NAME, p)
+
+        pred = p["pred_field"]
+        view = targets.exists(pred).sort_by(f"{pred}.confidence", reverse=True)
+        c.show_in_app(ctx, view=view, fields=[pred, p["label_field"]])
+        return {
+            "pred_field": pred,
+            "num_targets": out.num_targets,
+            "num_labeled": out.num_labeled,
+            "num_review": out.num_review,
+            "review_tag": constants.REVIEW_TAG if out.num_review else None,
+            "num_classes": len(out.classes),
+            "eval_key": out.eval_key if out.accuracy is not None else None,
+            "accuracy": out.accuracy,
+            "brain_key": p["brain_key"],
+        }
+
+    def resolve_output(self, ctx):
+        return c.summary_output(
+            ctx,
+            "Pre-annotation done",
+            [
+                ("pred_field", "Prediction field"),
+                ("num_targets", "Targets"),
+                ("num_labeled", "Pre-labeled"),
+                ("num_review", "Left for review"),
+                ("review_tag", "Review tag"),
+                ("num_classes", "Classes"),
+                ("accuracy", "Accuracy on targets with ground truth"),
+                ("eval_key", "Evaluation key (open in Model Evaluation)"),
+            ],
+        )
+
+    def __call__(
+        self,
+        sample_collection,
+        brain_key=constants.DEFAULT_BRAIN_KEY,
+        label_field=None,
+        reference_tag=None,
+        pred_field=constants.DEFAULT_PRED_FIELD,
+        k=constants.DEFAULT_K,
+        vote="majority",
+        eval_key=None,
+        min_confidence=None,
+        delegate=False,
+    ):
+        """Pre-annotates ``sample_collection`` (the targets).
+
+        Args:
+            sample_collection: the targets, a dataset or view
+            brain_key ("prelabel_qdrant"): the prelabel index to query
+            label_field (None): the labels that vote; default the
+                index's label field
+            reference_tag (None): only labeled samples with this tag vote
+            pred_field ("prelabel"): the Classification field to write
+            k (15): neighbors that vote
+            vote ("majority"): ``"majority"`` or ``"weighted"``
+            eval_key (None): evaluate against ``label_field`` under this key
+            min_confidence (None): below it, no label and the
+                ``needs_review`` tag
+            delegate (False): queue a delegated operation instead
+
+        Returns:
+            an ``ExecutionResult``; ``.result`` is the summary dict
+        """
+        params = dict(
+            brain_key=brain_key,
+            label_field=label_field,
+            reference_tag=reference_tag,
+            pred_field=pred_field,
+            k=k,
+            vote=vote,
+            eval_key=eval_key,
+            min_confidence=min_confidence,
+        )
+        return c.execute(self, sample_collection, params, delegate=delegate)
+
+
+def _form(inputs):
+    return types.Property(inputs, view=types.View(label="kNN pre-annotate"))

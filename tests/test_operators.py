@@ -1,0 +1,648 @@
+"""The plugin as FiftyOne runs it: loaded from a plugins directory by
+FiftyOne's plugin system, every operator executed on real images through
+``foo.execute_operator`` (immediately and delegated, the latter run to
+completion by FiftyOne's own delegated-operation service), the forms
+resolved with real execution contexts.
+
+Progress is observed where FiftyOne sends it: an immediate run's
+``ctx.set_progress`` becomes ``console_log`` requests of its executor, a
+delegated run's goes to ``DelegatedOperationService.set_progress``.
+"""
+
+import os
+import re
+import shutil
+import sys
+
+import fiftyone as fo
+import fiftyone.brain as fob
+import fiftyone.operators as foo
+import fiftyone.plugins as fop
+import pytest
+from conftest import make_digits_dataset
+from fiftyone.operators.delegated import DelegatedOperationService
+from fiftyone.operators.executor import (
+    ExecutionContext,
+    ExecutionError,
+    ExecutionRunState,
+)
+from fiftyone.operators.registry import OperatorRegistry
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PLUGIN = "@prelabel/qdrant"
+#: what a plugin install needs besides ``pip install`` of the package
+PLUGIN_FILES = (
+    "fiftyone.yml",
+    "__init__.py",
+    "operators",
+    "panels",
+    "assets",
+)
+#: the synthetic module name FiftyOne imports the plugin under
+PLUGIN_MODULE = "fiftyone.plugins.orgs.prelabel.qdrant"
+OPERATORS = (
+    "compute_embeddings",
+    "sync_index",
+    "knn_preannotate",
+    "find_label_mistakes",
+    "open_mistakes_panel",
+)
+PIXELS = dict(model="pixels", image_size=12, num_workers=0)
+_PROGRESS = re.compile(r"^Progress: (\S+) - (.*)$")
+
+
+def uri(name):
+    return f"{PLUGIN}/{name}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def plugins_dir(session_dir):
+    """A plugins dir holding this repo as a plugin (a symlink, as a
+    developer installs it); FiftyOne reads ``plugins_dir`` on every
+    lookup, so setting the config here is enough."""
+    path = os.path.join(session_dir, "plugins")
+    os.makedirs(path, exist_ok=True)
+    link = os.path.join(path, "prelabel-qdrant")
+    if not os.path.islink(link):
+        os.symlink(REPO, link)
+    old = fo.config.plugins_dir
+    fo.config.plugins_dir = path
+    yield path
+    fo.config.plugins_dir = old
+
+
+@pytest.fixture
+def small_dataset(digit_images):
+    """120 real digits: 60 tagged ``train``, 60 ``test``."""
+    dataset = make_digits_dataset(digit_images, n=120)
+    yield dataset
+    if fo.dataset_exists(dataset.name):
+        dataset.delete()
+
+
+@pytest.fixture
+def indexed(small_dataset):
+    """The small dataset with pixel embeddings and a prelabel index,
+    made by the plugin's own operators."""
+    run("compute_embeddings", small_dataset, **PIXELS)
+    run("sync_index", small_dataset)
+    return small_dataset
+
+
+def run(name, samples, request_delegation=False, **params):
+    result = foo.execute_operator(
+        uri(name),
+        ctx=dict(view=samples.view()),
+        params=params,
+        request_delegation=request_delegation,
+    )
+    assert result.error is None, result.error
+    return result
+
+
+def requests(result):
+    return result.executor.to_json()["requests"]
+
+
+def progress_of(result):
+    """``(fraction, label)`` of each ``ctx.set_progress`` of an immediate
+    run, as FiftyOne forwarded it (console logs for the App)."""
+    out = []
+    for req in requests(result):
+        if req["operator_uri"] == "console_log":
+            match = _PROGRESS.match(req["params"]["message"])
+            if match:
+                out.append((float(match.group(1)), match.group(2)))
+    return out
+
+
+def triggered(result, op_name):
+    return [
+        r["params"] for r in requests(result) if r["operator_uri"] == op_name
+    ]
+
+
+def form(name, samples, **params):
+    """The operator's form for ``params``, resolved as the App does."""
+    operator = foo.get_operator(uri(name))
+    view = samples.view()
+    ctx = ExecutionContext(
+        request_params={
+            "dataset_name": view._root_dataset.name,
+            "view": view._serialize(),
+            "params": params,
+        },
+        operator_uri=operator.uri,
+        required_secrets=operator._plugin_secrets,
+    )
+    prop = operator.resolve_type(ctx, "inputs")
+    prop.to_json()  # what the App receives must serialize
+    return prop.type.properties
+
+
+def errors(properties):
+    return {
+        name: prop.error_message
+        for name, prop in properties.items()
+        if prop.invalid
+    }
+
+
+class RecordingService(DelegatedOperationService):
+    """FiftyOne's delegated-operation service, noting each progress
+    report it stores."""
+
+    def __init__(self):
+        super().__init__()
+        self.progress = []
+
+    def set_progress(self, doc_id, progress):
+        self.progress.append((progress.progress, progress.label))
+        return super().set_progress(doc_id, progress)
+
+
+def assert_progress(progress, label):
+    fractions = [f for f, _ in progress]
+    assert fractions, "no progress was reported"
+    assert fractions == sorted(fractions)
+    assert fractions[-1] == pytest.approx(1.0)
+    assert any(label in lbl for _, lbl in progress)
+
+
+# ---- the plugin --------------------------------------------------------
+
+
+def test_plugin_is_found_by_its_manifest_and_registers_every_operator():
+    names = [p.name for p in fop.list_plugins()]
+    assert PLUGIN in names
+    definition = fop.get_plugin(PLUGIN)
+    assert set(definition.secrets) == {
+        "PRELABEL_QDRANT_URL",
+        "PRELABEL_QDRANT_API_KEY",
+    }
+    assert OperatorRegistry().list_errors() == []
+
+    listed = {op.uri: op for op in foo.list_operators(builtin=False)}
+    for name in OPERATORS:
+        operator = listed[uri(name)]
+        config = operator.config
+        assert config.dynamic
+        assert config.allow_immediate_execution
+        icon = os.path.join(REPO, config.icon.lstrip("/"))
+        assert os.path.isfile(icon), icon
+        assert callable(operator)
+        assert set(operator._plugin_secrets) == set(definition.secrets)
+    for name in OPERATORS[:4]:
+        config = listed[uri(name)].config
+        assert config.allow_delegated_execution
+        assert config.default_choice_to_delegated
+    # opening a panel needs the App: immediate only
+    assert not listed[
+        uri("open_mistakes_panel")
+    ].config.allow_delegated_execution
+
+
+def test_plugin_installs_by_copying_its_files(tmp_path, small_dataset):
+    """What ``fiftyone plugins download`` leaves: the plugin files in a
+    folder of the plugins dir; the logic comes from the installed
+    ``prelabel`` package."""
+    plugin = tmp_path / "plugins" / "prelabel"
+    plugin.mkdir(parents=True)
+    for name in PLUGIN_FILES:
+        src = os.path.join(REPO, name)
+        if os.path.isdir(src):
+            shutil.copytree(
+                src,
+                plugin / name,
+                ignore=shutil.ignore_patterns("__pycache__"),
+            )
+        else:
+            shutil.copy(src, plugin / name)
+
+    old = fo.config.plugins_dir
+    fo.config.plugins_dir = str(tmp_path / "plugins")
+    # the plugin's submodules must come from the copy, not from an
+    # earlier load of the repo in this process
+    forget_plugin_modules()
+    try:
+        (found,) = [p for p in fop.list_plugins() if p.name == PLUGIN]
+        assert os.path.realpath(found.directory) == str(plugin)
+        assert OperatorRegistry().list_errors() == []
+        uris = {op.uri for op in foo.list_operators(builtin=False)}
+        assert {uri(n) for n in OPERATORS} <= uris
+        assert "mistakes_panel" in {
+            op.name for op in foo.list_operators(type="panel")
+        }
+        loaded = sys.modules[PLUGIN_MODULE + ".operators"].__file__
+        assert loaded.startswith(str(plugin))
+        result = run("compute_embeddings", small_dataset, **PIXELS)
+        assert result.result["embedded"] == len(small_dataset)
+    finally:
+        fo.config.plugins_dir = old
+        forget_plugin_modules()
+
+
+def forget_plugin_modules():
+    for name in list(sys.modules):
+        if name == PLUGIN_MODULE or name.startswith(PLUGIN_MODULE + "."):
+            del sys.modules[name]
+
+
+# ---- compute_embeddings ------------------------------------------------
+
+
+def test_compute_embeddings_writes_vectors_and_reports_progress(
+    small_dataset,
+):
+    result = run("compute_embeddings", small_dataset, **PIXELS)
+
+    field = small_dataset.get_field("embeddings")
+    assert isinstance(field, fo.VectorField)
+    assert field.info["model"] == "pixels"
+    vectors = small_dataset.values("embeddings")
+    assert all(v is not None and len(v) == 144 for v in vectors)
+    assert result.result == {
+        "embedded": 120,
+        "num_targets": 120,
+        "with_embeddings": 120,
+        "embeddings_field": "embeddings",
+        "model": "pixels",
+    }
+    assert_progress(progress_of(result), "Embedding images with pixels")
+    assert triggered(result, "reload_dataset")
+
+    # skip_existing: a second run has nothing to do
+    again = run("compute_embeddings", small_dataset, **PIXELS)
+    assert again.result["embedded"] == 0
+
+
+def test_compute_embeddings_on_selected_samples_with_efficientnet(
+    small_dataset,
+):
+    selected = small_dataset.take(6, seed=1).values("id")
+    result = foo.execute_operator(
+        uri("compute_embeddings"),
+        ctx=dict(view=small_dataset.view(), selected=selected),
+        params=dict(
+            model="efficientnet_lite0",
+            image_size=32,
+            num_workers=0,
+            embeddings_field="eff",
+            view_target="SELECTED_SAMPLES",
+        ),
+    )
+    assert result.result["embedded"] == 6
+    embedded = small_dataset.exists("eff")
+    assert sorted(embedded.values("id")) == sorted(selected)
+    assert {len(v) for v in embedded.values("eff")} == {1280}
+
+
+def test_compute_embeddings_form(small_dataset):
+    props = form("compute_embeddings", small_dataset)
+    assert props["model"].default == "efficientnet_lite0"
+    assert "pixels" in props["model"].type.values
+    assert errors(props) == {}
+
+    props = form(
+        "compute_embeddings", small_dataset, embeddings_field="ground_truth"
+    )
+    assert "not a VectorField" in errors(props)["embeddings_field"]
+
+
+# ---- sync_index ----------------------------------------------------------
+
+
+def test_sync_index_offers_to_compute_missing_embeddings(small_dataset):
+    props = form("sync_index", small_dataset)
+    assert "missing_embeddings" in props
+    assert "compute_missing" in props
+    assert "does not exist" in errors(props)["embeddings_field"]
+    # the API key is a secret, never a form field
+    assert "api_key" not in props
+
+    props = form(
+        "sync_index", small_dataset, compute_missing=True, model="pixels"
+    )
+    assert errors(props) == {}
+    assert props["model"].default == "efficientnet_lite0"
+
+    result = run(
+        "sync_index",
+        small_dataset,
+        compute_missing=True,
+        model="pixels",
+        image_size=12,
+    )
+    assert result.result["embedded"] == 120
+    assert result.result["added"] == 120
+    assert result.result["index_size"] == 120
+    assert result.result["location"] == "embedded"
+    progress = progress_of(result)
+    assert_progress(progress, "Syncing index")
+    assert any("Embedding" in label for _, label in progress)
+
+    assert small_dataset.list_brain_runs() == ["prelabel_qdrant"]
+    info = small_dataset.get_brain_info("prelabel_qdrant")
+    assert info.config.method == "prelabel_qdrant"
+    assert info.config.label_field == "ground_truth"
+
+    # re-running sends only what changed
+    sample = small_dataset.first()
+    sample.ground_truth.label = (
+        "0" if sample.ground_truth.label != "0" else "1"
+    )
+    sample.save()
+    again = run("sync_index", small_dataset)
+    assert again.result["updated_payloads"] == 1
+    assert again.result["added"] == 0
+
+
+def test_sync_index_form_checks(indexed, monkeypatch):
+    indexed.add_sample_field(
+        "dets", fo.EmbeddedDocumentField, embedded_doc_type=fo.Detections
+    )
+    props = form("sync_index", indexed, label_field="dets")
+    assert "holds Detections, not Classification" in (
+        errors(props)["label_field"]
+    )
+
+    props = form("sync_index", indexed, embeddings_field="other")
+    assert "does not exist" in errors(props)["embeddings_field"]
+
+    # an existing run of another backend
+    fob.compute_similarity(
+        indexed, embeddings="embeddings", brain_key="sk", backend="sklearn"
+    )
+    props = form("sync_index", indexed, brain_key="sk")
+    assert "another backend" in errors(props)["brain_key"]
+
+    # a server index needs a URL, from the plugin secret or the form
+    monkeypatch.delenv("PRELABEL_QDRANT_URL", raising=False)
+    props = form("sync_index", indexed, brain_key="new", location="server")
+    assert "PRELABEL_QDRANT_URL" in errors(props)["url"]
+    monkeypatch.setenv("PRELABEL_QDRANT_URL", "http://qdrant.example:6333")
+    props = form("sync_index", indexed, brain_key="new", location="server")
+    assert props["url"].default == "http://qdrant.example:6333"
+    assert errors(props) == {}
+
+    with pytest.raises(ValueError, match="another backend"):
+        foo.get_operator(uri("sync_index"))(indexed, brain_key="sk")
+
+
+# ---- knn_preannotate -----------------------------------------------------
+
+
+def test_knn_preannotate_immediate(indexed):
+    targets = indexed.match_tags("test")
+    result = run(
+        "knn_preannotate",
+        targets,
+        brain_key="prelabel_qdrant",
+        label_field="ground_truth",
+        reference_tag="train",
+        pred_field="prelabel",
+        k=5,
+        vote="majority",
+        eval_key="prelabel_eval",
+    )
+    out = result.result
+    assert out["num_targets"] == 60
+    assert out["num_labeled"] == 60
+    assert out["eval_key"] == "prelabel_eval"
+    assert out["accuracy"] > 0.6  # 60 references, 10 classes
+
+    preds = targets.values("prelabel")
+    assert all(isinstance(p, fo.Classification) for p in preds)
+    assert all(0 < p.confidence <= 1 for p in preds)
+    assert len(indexed.match_tags("train").exists("prelabel")) == 0
+    assert indexed.list_evaluations() == ["prelabel_eval"]
+    info = indexed.get_evaluation_info("prelabel_eval")
+    assert info.config.pred_field == "prelabel"
+    assert info.config.gt_field == "ground_truth"
+
+    assert_progress(progress_of(result), "Pre-annotating")
+    (set_view,) = triggered(result, "set_view")
+    stages = [s["_cls"].rsplit(".", 1)[-1] for s in set_view["view"]]
+    assert stages[-2:] == ["Exists", "SortBy"]
+    assert triggered(result, "reload_dataset")
+    assert triggered(result, "set_active_fields")[0]["fields"] == [
+        "prelabel",
+        "ground_truth",
+    ]
+
+    # the form remembers this run
+    props = form("knn_preannotate", targets)
+    assert props["k"].default == 5
+    assert props["reference_tag"].default == "train"
+    assert props["eval_key"].default == "prelabel_eval"
+
+
+def test_knn_preannotate_call_wrapper_and_min_confidence(indexed):
+    op = foo.get_operator(uri("knn_preannotate"))
+    result = op(
+        indexed.match_tags("test"),
+        brain_key="prelabel_qdrant",
+        reference_tag="train",
+        pred_field="strict",
+        k=7,
+        min_confidence=0.99,
+    )
+    out = result.result
+    assert out["num_labeled"] + out["num_review"] == 60
+    assert out["num_review"] > 0
+    assert out["eval_key"] is None
+    review = indexed.match_tags("needs_review")
+    assert len(review) == out["num_review"]
+    assert len(review.exists("strict")) == 0
+    assert indexed.list_evaluations() == []
+
+
+def test_knn_preannotate_form_and_python_checks(indexed):
+    targets = indexed.match_tags("test")
+    op = foo.get_operator(uri("knn_preannotate"))
+    base = dict(brain_key="prelabel_qdrant", reference_tag="train", k=5)
+    indexed.add_sample_field(
+        "dets", fo.EmbeddedDocumentField, embedded_doc_type=fo.Detections
+    )
+
+    cases = [
+        (dict(k=500), "k", "larger than the reference set"),
+        (dict(reference_tag="nope"), "error", "reference set is empty"),
+        (dict(pred_field="ground_truth"), "pred_field", "ground-truth"),
+        (dict(pred_field="dets"), "pred_field", "holds Detections"),
+        (dict(label_field="dets"), "label_field", "index stores labels"),
+        (dict(brain_key="missing"), "brain_key", "is not a run of"),
+        (dict(eval_key="1bad"), "eval_key", "not a valid name"),
+    ]
+    for change, prop, message in cases:
+        params = {**base, **change}
+        props = form("knn_preannotate", targets, **params)
+        found = errors(props)
+        assert message in found.get(prop, ""), (change, found)
+        assert message in found["error"]
+        with pytest.raises(ValueError, match=re.escape(message)):
+            op(targets, **params)
+        with pytest.raises(ExecutionError, match=re.escape(message)):
+            foo.execute_operator(
+                uri("knn_preannotate"),
+                ctx=dict(view=targets),
+                params=params,
+            )
+    assert not indexed.has_field("prelabel")
+
+    # a run of another backend
+    fob.compute_similarity(
+        indexed, embeddings="embeddings", brain_key="sk", backend="sklearn"
+    )
+    props = form("knn_preannotate", targets, **{**base, "brain_key": "sk"})
+    assert "another backend" in errors(props)["brain_key"]
+    # the dropdown offers prelabel indexes only
+    choices = [c.value for c in props["brain_key"].view.choices]
+    assert choices == ["prelabel_qdrant"]
+
+    # targets embedded with another model than the index's
+    from prelabel.embeddings import compute_embeddings
+
+    compute_embeddings(
+        targets,
+        model="pixels",
+        image_size=8,
+        skip_existing=False,
+        progress=False,
+        num_workers=0,
+    )
+    props = form("knn_preannotate", targets, **base)
+    assert "64-d but the index holds 144-d" in errors(props)["error"]
+
+
+def test_knn_preannotate_without_index_warns(small_dataset):
+    props = form("knn_preannotate", small_dataset)
+    assert "no_index" in props
+    assert "no prelabel Qdrant index" in errors(props)["brain_key"]
+    assert props["open_sync_index"].view.operator == uri("sync_index")
+
+
+def test_knn_preannotate_delegated_runs_to_completion(indexed):
+    targets = indexed.match_tags("test")
+    queued = run(
+        "knn_preannotate",
+        targets,
+        request_delegation=True,
+        brain_key="prelabel_qdrant",
+        reference_tag="train",
+        k=5,
+        eval_key="ev",
+    )
+    assert queued.delegated
+    assert queued.result["run_state"] == ExecutionRunState.QUEUED
+    assert not indexed.has_field("prelabel")
+
+    service = RecordingService()
+    (done,) = service.execute_queued_operations(dataset_name=indexed.name)
+    assert done.error is None, done.error
+    assert done.result["num_labeled"] == 60
+    assert done.result["eval_key"] == "ev"
+
+    doc = service.get(queued.result["id"])
+    assert doc.run_state == ExecutionRunState.COMPLETED
+    assert doc.result.result["accuracy"] == done.result["accuracy"]
+    assert doc.status.progress == pytest.approx(1.0)
+    assert_progress(service.progress, "Pre-annotating")
+
+    indexed.reload()
+    assert len(indexed.exists("prelabel")) == 60
+    assert indexed.list_evaluations() == ["ev"]
+
+
+# ---- find_label_mistakes -------------------------------------------------
+
+
+def test_find_label_mistakes_ranks_flipped_labels_first(indexed):
+    # flip five labels, then bring the index's payloads up to date
+    flipped = indexed.match_tags("train").take(5, seed=3)
+    for sample in flipped:
+        old = sample.ground_truth.label
+        sample.ground_truth.label = str((int(old) + 5) % 10)
+        sample.save()
+    flipped_ids = set(flipped.values("id"))
+    synced = run("sync_index", indexed)
+    assert synced.result["updated_payloads"] == 5
+
+    op = foo.get_operator(uri("find_label_mistakes"))
+    result = op(indexed, brain_key="prelabel_qdrant", k=5)
+    out = result.result
+    assert out["num_scored"] == 120
+    assert out["score_field"] == "mistake_score"
+    assert out["neighbors_field"] == "mistake_score_label"
+    assert out["num_disagree"] >= 4
+
+    top = indexed.sort_by("mistake_score", reverse=True).limit(10)
+    assert len(flipped_ids & set(top.values("id"))) >= 4
+    assert_progress(progress_of(result), "Scoring labels")
+    (set_view,) = triggered(result, "set_view")
+    assert set_view["view"][-1]["_cls"].endswith("SortBy")
+
+    props = form("find_label_mistakes", indexed, score_field="ground_truth")
+    assert "would overwrite" in errors(props)["score_field"]
+    props = form("find_label_mistakes", indexed, k=500)
+    assert "larger than the reference set" in errors(props)["k"]
+
+
+def test_find_label_mistakes_delegated(indexed):
+    op = foo.get_operator(uri("find_label_mistakes"))
+    queued = op(
+        indexed.match_tags("train"),
+        k=5,
+        score_field="suspicion",
+        delegate=True,
+    )
+    assert queued.delegated
+    service = RecordingService()
+    (done,) = service.execute_queued_operations(dataset_name=indexed.name)
+    assert done.error is None, done.error
+    assert service.get(queued.result["id"]).run_state == "completed"
+    assert done.result["num_scored"] == 60
+    assert_progress(service.progress, "Scoring labels")
+    indexed.reload()
+    assert len(indexed.exists("suspicion")) == 60
+
+
+# ---- open_mistakes_panel -------------------------------------------------
+
+
+def test_open_mistakes_panel(indexed):
+    props = form("open_mistakes_panel", indexed)
+    assert "nothing to review yet" in errors(props)["error"]
+
+    run(
+        "knn_preannotate",
+        indexed.match_tags("test"),
+        reference_tag="train",
+        k=5,
+        eval_key="ev",
+    )
+    run("find_label_mistakes", indexed, k=5)
+    props = form("open_mistakes_panel", indexed)
+    assert props["pred_field"].default == "prelabel"
+    assert props["eval_key"].default == "ev"
+    assert props["score_field"].default == "mistake_score"
+    assert errors(props) == {}
+
+    op = foo.get_operator(uri("open_mistakes_panel"))
+    result = op(indexed, pred_field="prelabel", eval_key="ev")
+    (opened,) = triggered(result, "open_panel")
+    assert opened["name"] == "mistakes_panel"
+    assert opened["state"] == {
+        "pred_field": "prelabel",
+        "gt_field": "ground_truth",
+        "eval_key": "ev",
+        "score_field": "mistake_score",
+    }
+    assert result.result == {"panel": "mistakes_panel", **opened["state"]}
+
+    with pytest.raises(ValueError, match="not an evaluation"):
+        op(indexed, pred_field="prelabel", eval_key="nope")
+    with pytest.raises(ValueError, match="does not exist"):
+        op(indexed, pred_field="nothing")
+    with pytest.raises(ValueError, match="not a score written"):
+        op(indexed, score_field="ground_truth")
