@@ -131,12 +131,12 @@ class ComputeEmbeddings(foo.Operator):
 
         p = _params(ctx)
         ok, _ = c.run_check(inputs, check_model_name, p["model"])
-        ok = ok and c.run_check(inputs, pe._check_media_type, target)[0]
+        ok = ok and c.run_check(inputs, pe.check_image_collection, target)[0]
         ok = (
             ok
             and c.run_check(
                 inputs,
-                pe._check_field_name,
+                pe.check_embeddings_field,
                 ctx.dataset,
                 p["embeddings_field"],
             )[0]

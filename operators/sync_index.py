@@ -135,7 +135,9 @@ class SyncIndex(foo.Operator):
 
         # missing embeddings: offer to compute them first, in this run
         emb = p["embeddings_field"]
-        field_ok = c.run_check(inputs, pe._check_field_name, dataset, emb)[0]
+        field_ok = c.run_check(
+            inputs, pe.check_embeddings_field, dataset, emb
+        )[0]
         if not field_ok:
             return _form(inputs)
         num_missing = dataset.exists(emb, False).count()

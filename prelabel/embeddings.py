@@ -293,11 +293,6 @@ def check_embeddings_field(dataset: fo.Dataset, field_name: str) -> None:
         )
 
 
-# the names the operators used first
-_check_media_type = check_image_collection
-_check_field_name = check_embeddings_field
-
-
 def _check_compatible(
     dataset: fo.Dataset,
     field_name: str,
