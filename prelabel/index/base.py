@@ -114,8 +114,9 @@ class QueryResult:
 
     Attributes:
         sample_ids: list (one per query) of lists of neighbor sample ids
-        scores: float array (num_queries, k) of similarities, NaN-padded
-            (cosine: higher is closer)
+        scores: float array (num_queries, k) of similarities, NaN-padded:
+            higher is always closer (cosine similarity, dot product, or the
+            negated euclidean distance)
         labels: list (one per query) of lists of the neighbors' labels
     """
 

@@ -483,9 +483,9 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex):
         scores = np.asarray(scores, dtype=float)
         if self.config.metric == "cosine":
             return list(1.0 - scores)
-        if self.config.metric == "dotproduct":
-            return list(-scores)
-        return list(scores)
+        # dotproduct: negated so that lower is closer; euclidean: the index
+        # reports negated distances
+        return list(-scores)
 
     @classmethod
     def _from_dict(cls, d, samples, config, brain_key):

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -87,8 +88,8 @@ class EdgeIndex(VectorIndex):
         self.quantization = quantization
         if lock_timeout is None:
             lock_timeout = default_lock_timeout()
-        self._lock = FolderLock(self.path + ".lock", timeout=lock_timeout)
-        self._shard = None
+        self._handle = _handle_for(self.path, lock_timeout)
+        self._lock = self._handle.lock
         self._meta: dict | None = None
 
     # ---- what it is ----------------------------------------------------
@@ -128,22 +129,23 @@ class EdgeIndex(VectorIndex):
     @contextlib.contextmanager
     def session(self):
         """Keeps the shard open (and the lock held) for several calls."""
+        handle = self._handle
         with self._lock:
-            if self._shard is not None:
-                yield self._shard
+            if handle.shard is not None:
+                yield handle.shard
                 return
             if not self.exists():
                 raise FileNotFoundError(
                     f"No index at {self.path}; sync the embeddings first "
                     "(prelabel.sync_index)"
                 )
-            self._shard = _edge().EdgeShard.load(
+            handle.shard = _edge().EdgeShard.load(
                 os.path.join(self.path, _SHARD)
             )
             try:
-                yield self._shard
+                yield handle.shard
             finally:
-                shard, self._shard = self._shard, None
+                shard, handle.shard = handle.shard, None
                 try:
                     shard.flush()
                 finally:
@@ -305,11 +307,12 @@ class EdgeIndex(VectorIndex):
         ]
         with self.session() as shard:
             results = shard.query_batch(qe.QueryBatchRequest(requests))
+        sign = -1.0 if self.metric == "euclidean" else 1.0
         hits = [
             [
                 (
                     base.to_sample_id(p.id),
-                    p.score,
+                    sign * p.score,
                     (p.payload or {}).get(base.LABEL),
                 )
                 for p in row
@@ -320,6 +323,29 @@ class EdgeIndex(VectorIndex):
 
     def __repr__(self) -> str:
         return f"EdgeIndex({self.path!r})"
+
+
+class _Handle:
+    """What every ``EdgeIndex`` of one folder shares in this process: the
+    lock and the open shard, so that two objects for the same index (say,
+    two loaded brain results) nest instead of waiting on each other."""
+
+    def __init__(self, path: str, timeout: float):
+        self.lock = FolderLock(path + ".lock", timeout=timeout)
+        self.shard = None
+
+
+_HANDLES: dict[str, _Handle] = {}
+_HANDLES_LOCK = threading.Lock()
+
+
+def _handle_for(path: str, timeout: float) -> _Handle:
+    with _HANDLES_LOCK:
+        handle = _HANDLES.get(path)
+        if handle is None:
+            handle = _HANDLES[path] = _Handle(path, timeout)
+        handle.lock.timeout = timeout
+        return handle
 
 
 def _to_filter(f: IndexFilter | None):

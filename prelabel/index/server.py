@@ -258,11 +258,12 @@ class ServerIndex(VectorIndex):
         responses = self.client.query_batch_points(
             self.collection_name, requests=requests
         )
+        sign = -1.0 if self.metric == "euclidean" else 1.0
         hits = [
             [
                 (
                     base.to_sample_id(p.id),
-                    p.score,
+                    sign * p.score,
                     (p.payload or {}).get(base.LABEL),
                 )
                 for p in r.points

@@ -1,0 +1,579 @@
+"""The vector index, in both places: a Qdrant Edge shard in a tmp folder and
+a collection of qdrant-client's in-memory local mode (the server API).
+
+Every test runs the same checks on both, so the two places behave the same;
+the embedded-only parts (folder, persistence, the inter-process lock) come
+last and talk to a real second process.
+"""
+
+import contextlib
+import json
+import os
+import select
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from prelabel.index import base
+from prelabel.index.base import IndexBusyError, IndexFilter
+from prelabel.index.edge import EdgeIndex
+from prelabel.index.server import ServerIndex, connect
+
+# qdrant-client's local mode searches exactly and says so once per process
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Local mode performs exact:UserWarning"
+)
+
+
+def sid(i: int) -> str:
+    """A FiftyOne-like sample id (24 hex digits)."""
+    return f"{i + 1:024x}"
+
+
+def unit(x):
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def payloads(ids, vectors, labels, tags):
+    return [
+        base.make_payload(s, lbl, t, base.vector_digest(v))
+        for s, v, lbl, t in zip(ids, vectors, labels, tags, strict=True)
+    ]
+
+
+def fill(index, n, dim, seed=0, labels=None, tags=None):
+    """Creates ``index`` and upserts ``n`` random points; returns ids,
+    vectors, labels, tags."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.normal(size=(n, dim)).astype(np.float32)
+    ids = [sid(i) for i in range(n)]
+    labels = labels or [None] * n
+    tags = tags or [[] for _ in range(n)]
+    index.create(dim)
+    index.upsert(ids, vectors, payloads(ids, vectors, labels, tags))
+    return ids, vectors, labels, tags
+
+
+@pytest.fixture(params=["edge", "server"])
+def index(request, tmp_path):
+    """A fresh, not yet created index in each place."""
+    if request.param == "edge":
+        idx = EdgeIndex(str(tmp_path / "index"))
+    else:
+        idx = ServerIndex(connect(":memory:"), "c")
+    yield idx
+    idx.close()
+
+
+# ---- both places ----------------------------------------------------------
+
+
+def test_create_upsert_count(index):
+    assert not index.exists()
+    assert index.dim is None
+    assert index.count() == 0
+    assert list(index.iter_payloads([base.LABEL])) == []
+
+    index.create(8)
+    assert index.exists()
+    assert index.dim == 8
+    assert index.count() == 0
+
+    rng = np.random.default_rng(0)
+    ids = [sid(i) for i in range(10)]
+    vectors = rng.normal(size=(10, 8))
+    index.upsert(ids, vectors, payloads(ids, vectors, ["a"] * 10, [[]] * 10))
+    assert index.count() == 10
+    index.upsert([], np.zeros((0, 8)), [])
+    assert index.count() == 10
+
+    # the same ids again replace (no duplicates); new ids are added
+    more = [sid(i) for i in range(7, 13)]
+    index.upsert(
+        more,
+        rng.normal(size=(6, 8)),
+        [{base.SAMPLE_ID: s, base.LABEL: "b"} for s in more],
+    )
+    assert index.count() == 13
+    got = dict(index.iter_payloads([base.LABEL, base.TAGS, base.SAMPLE_ID]))
+    assert sorted(got) == sorted(set(ids) | set(more))
+    assert {got[s][base.LABEL] for s in ids[:7]} == {"a"}
+    # an upsert replaces the whole payload: the old tags are gone
+    for s in more:
+        assert got[s] == {base.SAMPLE_ID: s, base.LABEL: "b"}
+    assert got[ids[0]][base.SAMPLE_ID] == ids[0]
+
+
+def _filter_fixture(index):
+    n = 30
+    labels = [("a", "b", None)[i % 3] for i in range(n)]
+    tags = [[["x"], ["y"], ["x", "y"], [], ["z"]][i % 5] for i in range(n)]
+    ids, vectors, _, _ = fill(index, n, 6, labels=labels, tags=tags)
+    return ids, vectors, labels, tags
+
+
+def test_filters_count_iter_and_query(index):
+    ids, vectors, labels, tags = _filter_fixture(index)
+    some = tuple(ids[:7])
+    cases = {
+        "labeled": (IndexFilter(labeled=True), lambda i: labels[i]),
+        "labels": (
+            IndexFilter(labels=("b",)),
+            lambda i: labels[i] == "b",
+        ),
+        "labels_none_match": (
+            IndexFilter(labels=("nope",)),
+            lambda i: False,
+        ),
+        "tags": (IndexFilter(tags=("x",)), lambda i: "x" in tags[i]),
+        "tags_any": (
+            IndexFilter(tags=("y", "z")),
+            lambda i: bool({"y", "z"} & set(tags[i])),
+        ),
+        "sample_ids": (
+            IndexFilter(sample_ids=some),
+            lambda i: ids[i] in some,
+        ),
+        "exclude": (
+            IndexFilter(exclude_sample_ids=some),
+            lambda i: ids[i] not in some,
+        ),
+        "match": (
+            IndexFilter(match=((base.LABEL, "a"),)),
+            lambda i: labels[i] == "a",
+        ),
+        "reference": (
+            IndexFilter.reference("y"),
+            lambda i: labels[i] is not None and "y" in tags[i],
+        ),
+        "combined": (
+            IndexFilter(
+                labeled=True,
+                tags=("x",),
+                exclude_sample_ids=some,
+                match=((base.LABEL, "b"),),
+            ),
+            lambda i: labels[i] == "b"
+            and "x" in tags[i]
+            and ids[i] not in some,
+        ),
+        "empty": (IndexFilter(), lambda i: True),
+    }
+    queries = np.random.default_rng(1).normal(size=(3, 6))
+    # one open shard for the whole loop (the filters are what is tested)
+    session = getattr(index, "session", contextlib.nullcontext)
+    with session():
+        for name, (flt, keep) in cases.items():
+            _check_filter(index, name, flt, keep, ids, labels, queries)
+    assert IndexFilter().is_empty()
+    assert not IndexFilter(exclude_sample_ids=("x",)).is_empty()
+    assert IndexFilter.reference() == IndexFilter(labeled=True)
+
+
+def _check_filter(index, name, flt, keep, ids, labels, queries):
+    expected = {ids[i] for i in range(len(ids)) if keep(i)}
+    assert index.count(flt) == len(expected), name
+    got = [s for s, _ in index.iter_payloads([base.LABEL], flt, 16)]
+    assert sorted(got) == sorted(expected), name
+    res = index.query(queries, 40, flt, exact=True)
+    for row in res.sample_ids:
+        assert set(row) == expected, name
+    for row, lbls in zip(res.sample_ids, res.labels, strict=True):
+        assert lbls == [labels[ids.index(s)] for s in row], name
+
+
+def test_query_equals_exact_cosine_neighbors(index):
+    n, dim, k = 500, 32, 10
+    ids, vectors, _, _ = fill(index, n, dim, seed=3)
+    queries = np.random.default_rng(4).normal(size=(25, dim))
+    sims = unit(queries) @ unit(vectors).T
+    truth = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+
+    res = index.query(queries, k, exact=True)
+    assert res.scores.shape == (25, k)
+    assert res.scores.dtype == np.float32
+    for i in range(25):
+        assert res.sample_ids[i] == [ids[j] for j in truth[i]]
+        np.testing.assert_allclose(res.scores[i], sims[i, truth[i]], atol=1e-5)
+        assert np.all(np.diff(res.scores[i]) <= 1e-6)
+
+    # the default (HNSW where the index has a graph) after optimize
+    index.optimize()
+    res = index.query(queries, k)
+    hits = sum(
+        len(set(res.sample_ids[i]) & {ids[j] for j in truth[i]})
+        for i in range(25)
+    )
+    assert hits / (25 * k) >= 0.95
+    res = index.query(queries, k, hnsw_ef=64)
+    assert all(len(row) == k for row in res.sample_ids)
+
+    # a single vector is a batch of one
+    one = index.query(queries[0], k, exact=True)
+    assert one.sample_ids == [[ids[j] for j in truth[0]]]
+
+
+def test_fewer_matches_than_k_are_nan_padded(index):
+    ids, vectors, _, _ = fill(index, 20, 4)
+    res = index.query(
+        vectors[:2], 5, IndexFilter(sample_ids=tuple(ids[:3])), exact=True
+    )
+    assert [len(r) for r in res.sample_ids] == [3, 3]
+    assert [len(r) for r in res.labels] == [3, 3]
+    assert res.scores.shape == (2, 5)
+    assert np.all(np.isfinite(res.scores[:, :3]))
+    assert np.all(np.isnan(res.scores[:, 3:]))
+    # a point is its own closest neighbor
+    assert [r[0] for r in res.sample_ids] == ids[:2]
+    np.testing.assert_allclose(res.scores[:, 0], 1.0, atol=1e-5)
+    # no match at all
+    res = index.query(vectors[:1], 3, IndexFilter(labels=("nope",)))
+    assert res.sample_ids == [[]]
+    assert np.all(np.isnan(res.scores))
+
+
+def test_set_payload_changes_only_given_keys(index):
+    ids, _, _, _ = fill(
+        index, 6, 4, labels=["a"] * 6, tags=[["t"] for _ in range(6)]
+    )
+    before = dict(index.iter_payloads(_ALL_KEYS))
+    index.set_payload(ids[:2], {base.LABEL: "b", "extra": 1})
+    index.set_payload([], {base.LABEL: "c"})
+    after = dict(index.iter_payloads(_ALL_KEYS + ["extra"]))
+    for s in ids[:2]:
+        assert after[s] == {**before[s], base.LABEL: "b", "extra": 1}
+    for s in ids[2:]:
+        assert after[s] == before[s]
+    # the vectors did not move
+    _, vecs = index.get_vectors(ids)
+    assert vecs.shape == (6, 4)
+    assert index.count(IndexFilter(labels=("b",))) == 2
+
+
+_ALL_KEYS = [
+    base.SAMPLE_ID,
+    base.LABEL,
+    base.TAGS,
+    base.VECTOR_DIGEST,
+    base.PAYLOAD_DIGEST,
+]
+
+
+def test_delete_ignores_unknown_ids(index):
+    ids, _, _, _ = fill(index, 10, 4)
+    index.delete([])
+    index.delete([sid(1000), sid(1001)])
+    assert index.count() == 10
+    index.delete(ids[:3] + [sid(1000)])
+    assert index.count() == 7
+    assert sorted(s for s, _ in index.iter_payloads([])) == sorted(ids[3:])
+    index.delete(ids[:3])
+    assert index.count() == 7
+
+
+def test_iter_payloads_yields_every_point_once(index):
+    ids, vectors, labels, tags = fill(
+        index,
+        23,
+        4,
+        labels=[str(i % 4) for i in range(23)],
+        tags=[["t", str(i)] for i in range(23)],
+    )
+    rows = list(index.iter_payloads([base.LABEL, base.TAGS], batch_size=4))
+    got = [s for s, _ in rows]
+    assert len(got) == len(set(got)) == 23
+    assert set(got) == set(ids)
+    for s, payload in rows:
+        i = ids.index(s)
+        # only the asked keys
+        assert payload == {base.LABEL: labels[i], base.TAGS: sorted(tags[i])}
+    # a batch of exactly the number of points, and a larger one
+    for batch_size in (23, 1000):
+        rows = list(index.iter_payloads([base.LABEL], batch_size=batch_size))
+        assert sorted(s for s, _ in rows) == sorted(ids)
+
+
+def test_get_vectors_in_input_order(index):
+    ids, vectors, _, _ = fill(index, 12, 5)
+    want = [ids[7], sid(500), ids[2], ids[11], sid(501), ids[0]]
+    found, vecs = index.get_vectors(want)
+    assert found == [ids[7], ids[2], ids[11], ids[0]]
+    assert vecs.dtype == np.float32
+    assert vecs.shape == (4, 5)
+    # cosine indexes store normalized vectors: compare directions
+    np.testing.assert_allclose(
+        unit(vecs), unit(vectors[[7, 2, 11, 0]]), atol=1e-5
+    )
+    found, vecs = index.get_vectors([])
+    assert found == []
+    assert vecs.shape == (0, 5)
+    found, vecs = index.get_vectors([sid(999)])
+    assert found == [] and vecs.shape == (0, 5)
+
+
+def test_dimension_mismatch_is_a_clear_error(index):
+    ids, _, _, _ = fill(index, 3, 8)
+    message = "dimension 5 but the index holds 8-dimensional vectors"
+    with pytest.raises(ValueError, match=message):
+        index.upsert([sid(10)], np.ones((1, 5)), [{base.SAMPLE_ID: sid(10)}])
+    with pytest.raises(ValueError, match=message):
+        index.query(np.ones((2, 5)), 3)
+    with pytest.raises(ValueError, match="2D array"):
+        index.query(np.ones((2, 2, 8)), 3)
+    assert index.count() == 3
+
+
+def test_nan_vectors_are_refused(index):
+    ids, _, _, _ = fill(index, 3, 4)
+    bad = np.ones((2, 4))
+    bad[1, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        index.upsert(
+            [sid(10), sid(11)],
+            bad,
+            [{base.SAMPLE_ID: sid(10)}, {base.SAMPLE_ID: sid(11)}],
+        )
+    assert index.count() == 3
+    bad[1, 2] = np.inf
+    with pytest.raises(ValueError, match="infinite"):
+        index.query(bad, 2)
+
+
+def test_drop_deletes_everything(index):
+    fill(index, 5, 4)
+    index.drop()
+    assert not index.exists()
+    assert index.dim is None
+    assert index.count() == 0
+    if isinstance(index, EdgeIndex):
+        assert not os.path.exists(index.path)
+    index.drop()  # twice is fine
+    # and it can be created again, with another dimension
+    ids, _, _, _ = fill(index, 2, 3)
+    assert index.dim == 3
+    assert index.count() == 2
+
+
+# ---- the embedded place -----------------------------------------------------
+
+
+def test_edge_create_twice_and_query_before_create(tmp_path):
+    index = EdgeIndex(str(tmp_path / "index"))
+    with pytest.raises(FileNotFoundError, match="sync the embeddings"):
+        index.query(np.ones((1, 4)), 1)
+    index.create(4)
+    with pytest.raises(FileExistsError):
+        index.create(4)
+    with pytest.raises(FileExistsError):
+        EdgeIndex(index.path).create(4)
+    assert index.count() == 0
+
+
+def test_edge_half_created_folder_is_recreated(tmp_path):
+    path = tmp_path / "index"
+    # what a create killed before it wrote index.json leaves behind
+    (path / "shard" / "segments").mkdir(parents=True)
+    (path / "shard" / "junk").write_text("half written")
+    index = EdgeIndex(str(path))
+    assert not index.exists()
+    assert index.count() == 0
+    ids, vectors, _, _ = fill(index, 5, 4)
+    assert not (path / "shard" / "junk").exists()
+    meta = json.loads((path / "index.json").read_text())
+    assert meta["dim"] == 4 and meta["metric"] == "cosine"
+    assert EdgeIndex(str(path)).count() == 5
+
+
+def test_edge_persists_across_objects(tmp_path):
+    path = str(tmp_path / "index")
+    first = EdgeIndex(path, metric="dotproduct")
+    ids, vectors, labels, _ = fill(
+        first, 40, 6, labels=[str(i % 2) for i in range(40)]
+    )
+    first.set_payload(ids[:4], {"extra": "kept"})
+    first.delete(ids[-5:])
+    expected = first.query(vectors[:3], 5, exact=True)
+
+    again = EdgeIndex(path)
+    assert again.exists()
+    assert again.dim == 6
+    assert again.count() == 35
+    res = again.query(vectors[:3], 5, exact=True)
+    assert res.sample_ids == expected.sample_ids
+    np.testing.assert_allclose(res.scores, expected.scores, rtol=1e-6)
+    payloads_again = dict(again.iter_payloads(["extra", base.LABEL]))
+    assert sorted(payloads_again) == sorted(ids[:-5])
+    assert all(payloads_again[s]["extra"] == "kept" for s in ids[:4])
+    # dotproduct keeps the vectors as they were
+    found, vecs = again.get_vectors(ids[:3])
+    np.testing.assert_allclose(vecs, vectors[:3], rtol=1e-6)
+
+
+def test_edge_session_keeps_one_shard_open(tmp_path):
+    index = EdgeIndex(str(tmp_path / "index"))
+    ids, vectors, _, _ = fill(index, 10, 4)
+    with index.session() as shard:
+        assert index._lock.held
+        with index.session() as inner:
+            assert inner is shard
+        index.upsert([sid(100)], np.ones((1, 4)), [{base.SAMPLE_ID: "x"}])
+        assert index.count() == 11
+        assert index._lock.held
+    assert not index._lock.held
+    assert index._handle.shard is None
+    assert EdgeIndex(index.path).count() == 11
+
+
+def test_two_edge_objects_of_one_folder_nest(tmp_path):
+    """Two objects for the same index in one process (say two loaded brain
+    results) share the lock and the open shard instead of deadlocking."""
+    path = str(tmp_path / "index")
+    first = EdgeIndex(path, lock_timeout=2)
+    fill(first, 10, 4)
+    second = EdgeIndex(path, lock_timeout=2)
+    with first.session():
+        assert second.count() == 10
+        second.upsert([sid(100)], np.ones((1, 4)), [{base.SAMPLE_ID: "x"}])
+        assert first.count() == 11
+
+
+def test_edge_hnsw_graph_recall(tmp_path):
+    """Enough data (12 MB of vectors) that optimize() builds a real HNSW
+    segment, so the default query goes through the graph."""
+    rng = np.random.default_rng(7)
+    n, dim, k = 3000, 1024, 10
+    centers = rng.normal(size=(20, dim))
+    vectors = centers[rng.integers(0, 20, n)] + 0.8 * rng.normal(size=(n, dim))
+    ids = [sid(i) for i in range(n)]
+    index = EdgeIndex(str(tmp_path / "index"))
+    index.create(dim)
+    index.upsert(ids, vectors, [{base.SAMPLE_ID: s} for s in ids])
+    index.optimize()
+    kinds = set()
+    segments = tmp_path / "index" / "shard" / "segments"
+    for seg in segments.iterdir():
+        config = json.loads((seg / "segment.json").read_text())["config"]
+        kinds |= {v["index"]["type"] for v in config["vector_data"].values()}
+    assert "hnsw" in kinds
+
+    queries = vectors[:50] + 0.1 * rng.normal(size=(50, dim))
+    sims = unit(queries) @ unit(vectors).T
+    truth = np.argsort(-sims, axis=1)[:, :k]
+    for kwargs in ({}, {"hnsw_ef": 32}):
+        res = index.query(queries, k, **kwargs)
+        hits = sum(
+            len(set(res.sample_ids[i]) & {ids[j] for j in truth[i]})
+            for i in range(50)
+        )
+        assert hits / (50 * k) >= 0.95, kwargs
+    res = index.query(queries, k, exact=True)
+    assert res.sample_ids == [[ids[j] for j in row] for row in truth]
+
+
+_CHILD = textwrap.dedent("""
+    import sys, time
+    from prelabel.index.base import IndexBusyError
+    from prelabel.index.edge import EdgeIndex
+
+    for _ in sys.stdin:
+        t = time.monotonic()
+        try:
+            out = f"ok {EdgeIndex(sys.argv[1]).count()}"
+        except IndexBusyError as e:
+            out = f"busy {type(e).__name__}: {e}"
+        print(f"{time.monotonic() - t:.3f} {out}", flush=True)
+    """)
+
+
+def _ask(proc, timeout=60.0):
+    """Asks the child for a count; returns (seconds it took, answer)."""
+    proc.stdin.write("count\n")
+    proc.stdin.flush()
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, "the child process did not answer"
+    line = proc.stdout.readline()
+    assert line, f"the child process died: {proc.stderr.read()}"
+    seconds, answer = line.rstrip("\n").split(" ", 1)
+    return float(seconds), answer
+
+
+def test_edge_lock_across_processes(tmp_path):
+    path = str(tmp_path / "index")
+    index = EdgeIndex(path)
+    ids, vectors, _, _ = fill(index, 10, 4)
+    env = {
+        **os.environ,
+        "PRELABEL_LOCK_TIMEOUT": "1",
+        "FIFTYONE_DO_NOT_TRACK": "true",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, path],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        # we are idle (the shard is closed between calls): the child works
+        seconds, answer = _ask(proc)
+        assert answer == "ok 10"
+        assert index.count() == 10
+
+        # we hold the shard: the child waits its timeout, then a clear error
+        with index.session():
+            seconds, answer = _ask(proc)
+            assert index.count() == 10  # we still can
+        assert answer.startswith(f"busy {IndexBusyError.__name__}: "), answer
+        assert f"pid {os.getpid()}" in answer
+        assert path in answer
+        assert "PRELABEL_LOCK_TIMEOUT" in answer
+        assert 0.9 <= seconds < 10
+
+        # we release within its timeout: the child waits, then succeeds and
+        # sees what we wrote meanwhile
+        with index.session():
+            proc.stdin.write("count\n")
+            proc.stdin.flush()
+            index.upsert(
+                [sid(50)], np.ones((1, 4)), [{base.SAMPLE_ID: sid(50)}]
+            )
+            time.sleep(0.1)
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready
+        seconds, answer = proc.stdout.readline().rstrip("\n").split(" ", 1)
+        assert answer == "ok 11"
+        assert 0.05 < float(seconds) < 1.0
+
+        # and we can use it again afterwards
+        assert index.count() == 11
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0, proc.stderr.read()
+
+
+@pytest.mark.parametrize("place", ["edge", "server"])
+def test_euclidean_scores_are_similarities(place, tmp_path):
+    """Whatever the metric, a higher score is a closer point, so votes
+    weighted by score favour the nearest neighbors."""
+    if place == "edge":
+        index = EdgeIndex(str(tmp_path / "index"), metric="euclidean")
+    else:
+        index = ServerIndex(connect(":memory:"), "c", metric="euclidean")
+    ids, vectors, _, _ = fill(index, 50, 4)
+    res = index.query(vectors[:3], 5, exact=True)
+    for q in range(3):
+        dists = np.linalg.norm(vectors - vectors[q], axis=1)
+        assert res.sample_ids[q] == [ids[j] for j in np.argsort(dists)[:5]]
+        assert np.all(np.diff(res.scores[q]) <= 1e-6)
+        assert res.scores[q][0] == pytest.approx(0.0, abs=1e-4)
