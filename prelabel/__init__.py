@@ -28,9 +28,29 @@ from prelabel.sync import sync_index
 
 _register_backend()
 
+# torch is imported only when embeddings are computed: the App server and
+# workers that merely load a similarity run never pay for it
+_LAZY = {
+    "compute_embeddings": "prelabel.embeddings",
+    "list_models": "prelabel.models",
+    "load_mnist_dataset": "prelabel.datasets",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'prelabel' has no attribute {name!r}")
+
+
 __all__ = [
     "BACKEND_NAME",
     "PLUGIN_NAME",
+    "compute_embeddings",
+    "list_models",
+    "load_mnist_dataset",
     "evaluate",
     "find_label_mistakes",
     "high_confidence_mistakes",

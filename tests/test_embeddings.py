@@ -1,6 +1,8 @@
 """The model registry and the streaming embedding pipeline, on real digits."""
 
 import os
+import subprocess
+import sys
 import warnings
 
 import fiftyone as fo
@@ -346,3 +348,15 @@ def test_resnet18_uses_torchvision_cache(tmp_path, no_torch_cache):
 def test_missing_weights_file_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="weights="):
         load_model("resnet18", weights=str(tmp_path / "nope.pth"))
+
+
+def test_top_level_api_is_lazy_about_torch():
+    """``import prelabel`` (what the App server does to load a run) must not
+    import torch; ``prelabel.compute_embeddings`` does."""
+    code = (
+        "import sys, prelabel; assert 'torch' not in sys.modules; "
+        "f = prelabel.compute_embeddings; assert 'torch' in sys.modules; "
+        "from prelabel.embeddings import compute_embeddings as g; "
+        "assert f is g"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
