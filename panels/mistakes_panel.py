@@ -370,6 +370,10 @@ class MistakesPanel(Panel):
         ctx.panel.set_data("rows", rows)
         ctx.panel.set_state(
             {
+                # the App copies the table's values into the state and
+                # shows state and data merged index by index: a longer
+                # stale copy would leave old rows under the new ones
+                "rows": None,
                 "row_ids": [r["id"] for r in rows],
                 "summary": summary.text,
                 "count": summary.count,
@@ -398,6 +402,9 @@ class MistakesPanel(Panel):
         ctx.panel.set_data("coverage", _coverage_traces(curve))
         ctx.panel.set_state(
             {
+                # no stale copies of the plots' values (see _load_rows)
+                "confusion": None,
+                "coverage": None,
                 "has_charts": bool(confusion.classes),
                 "confusion_classes": confusion.classes,
                 "coverage_text": curve.text,
@@ -595,7 +602,15 @@ class MistakesPanel(Panel):
             max=1.0,
             default=float(state.get("filters.min_score") or 0.0),
             view=types.SliderView(
-                label=f"Minimum {score_label.lower()}", space=4
+                label=f"Minimum {score_label.lower()}",
+                space=4,
+                # the App's defaults: a 100 px label beside the slider
+                # (cut to "Minimum c...") and a value bubble always shown
+                # with 6 decimals
+                label_position="top",
+                value_label_display="auto",
+                value_precision=2,
+                componentsProps={"slider": {"sx": {"minWidth": 160}}},
             ),
             on_change=self.on_change_filter,
         )
@@ -720,8 +735,11 @@ class MistakesPanel(Panel):
                 "height": 420,
             },
             on_click=self.on_click_cell,
-            height=420,  # pixels; the panel scrolls
-            width=100,
+            # CSS sizes with units: the App reads a bare number as a
+            # percentage of the panel for the grid cell (420 would be the
+            # whole panel) but as pixels for the plot itself
+            height="420px",
+            width="100%",
         )
         panel.md(state.coverage_text or "", name="coverage_md")
         panel.plot(
@@ -736,8 +754,8 @@ class MistakesPanel(Panel):
                 "showlegend": True,
                 "height": 360,
             },
-            height=360,
-            width=100,
+            height="360px",
+            width="100%",
         )
 
 
