@@ -62,7 +62,7 @@ class ComputeEmbeddings(foo.Operator):
         c.header(
             inputs,
             "model_header",
-            "Model",
+            "Embedding model",
             "Vectors of one field must all come from one model.",
         )
         models = list_models()

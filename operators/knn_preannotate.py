@@ -93,7 +93,7 @@ class KnnPreannotate(foo.Operator):
             required=False,
         )
 
-        c.header(inputs, "vote_header", "Vote")
+        c.header(inputs, "vote_header", "Neighbors")
         inputs.int(
             "k",
             min=1,

@@ -66,7 +66,7 @@ class MistakesPanel(Panel):
         return PanelConfig(
             name=NAME,
             label="Prelabel mistakes",
-            icon="/assets/open_mistakes_panel.svg",
+            icon="fact_check",
             category=Categories.CURATE,
             surfaces="grid",
             help_markdown=(
