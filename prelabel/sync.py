@@ -102,6 +102,50 @@ def check_index_dim(index: VectorIndex, dim: int, embeddings_field: str):
         )
 
 
+class _Lease:
+    """Keeps an embedded index open across the chunks of a long job, and
+    gives it back to other processes every ``hold`` seconds.
+
+    Loading a shard costs more as it grows, so opening it per chunk makes a
+    big sync quadratic; holding it for the whole job would make the App wait
+    for minutes. Releasing it briefly every couple of seconds lets a waiting
+    process (which polls at least every 0.1 s) take its turn.
+    """
+
+    def __init__(self, index, hold: float = 2.0, pause: float = 0.15):
+        self._session = getattr(index, "session", None)
+        self._hold, self._pause = hold, pause
+        self._cm = None
+        self._since = 0.0
+
+    def _open(self):
+        if self._session is not None:
+            self._cm = self._session()
+            self._cm.__enter__()
+            self._since = time.monotonic()
+
+    def _close(self, *exc):
+        if self._cm is not None:
+            cm, self._cm = self._cm, None
+            cm.__exit__(*(exc or (None, None, None)))
+
+    def tick(self) -> None:
+        if (
+            self._cm is not None
+            and time.monotonic() - self._since > self._hold
+        ):
+            self._close()
+            time.sleep(self._pause)
+            self._open()
+
+    def __enter__(self):
+        self._open()
+        return self
+
+    def __exit__(self, *exc):
+        self._close(*exc)
+
+
 def sync_points(
     index: VectorIndex,
     samples,
@@ -145,8 +189,12 @@ def sync_points(
     all_ids = samples.values("id")
     seen: set[str] = set()
     t1 = time.perf_counter()
-    with Progress(progress, len(all_ids), "Syncing index") as bar:
+    with (
+        Progress(progress, len(all_ids), "Syncing index") as bar,
+        _Lease(index) as lease,
+    ):
         for start in range(0, len(all_ids), batch_size):
+            lease.tick()
             chunk = all_ids[start : start + batch_size]
             ids, vecs, labels, tags = read_chunk(
                 dataset, chunk, embeddings_field, label_field
