@@ -36,5 +36,9 @@ format: setup
 	$(PY) -m ruff check --fix -q .
 	$(PY) -m black -q -l 79 prelabel operators panels tests benchmarks __init__.py
 
+# QUICK=1: small sizes, one run each (a few minutes); the full run takes
+# about half an hour on 2 cores. Writes BENCHMARKS.md.
 bench: setup
+	@$(PY) -c "import cleanlab, datasets" 2>/dev/null || \
+		$(PY) -m pip install -q -c requirements/env.txt -e ".[bench]"
 	$(PY) benchmarks/run.py $(if $(QUICK),--quick)

@@ -14,8 +14,19 @@ The workflow::
     view = prelabel.high_confidence_mistakes(
         dataset, "prelabel", "ground_truth"
     )
+
+Pre-labels that can be accepted without review (learned from the
+references alone: embeddings adapted to their labels, calibrated
+confidence, and the threshold that keeps 99 % precision)::
+
+    result = prelabel.preannotate(
+        dataset.match_tags("test"), index=index, reference="train",
+        mode="adapted", target_precision=0.99,
+    )
+    result.expected_coverage, result.num_accepted  # the rest: needs_review
 """
 
+from prelabel.adapt import adapt_embeddings
 from prelabel.constants import BACKEND_NAME, PLUGIN_NAME
 from prelabel.index.brain import register_backend as _register_backend
 from prelabel.mistakes import (
@@ -48,6 +59,7 @@ def __getattr__(name):
 __all__ = [
     "BACKEND_NAME",
     "PLUGIN_NAME",
+    "adapt_embeddings",
     "compute_embeddings",
     "list_models",
     "load_mnist_dataset",

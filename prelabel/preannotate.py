@@ -40,6 +40,29 @@ class PreannotationResult:
         eval_key: the evaluation key, if the run was evaluated
         accuracy: accuracy against ground truth, if evaluated
         seconds: per stage timings
+
+    With ``calibrate``, ``target_precision``, ``propagate`` or
+    ``mode="adapted"`` (estimated from the references, each scored without
+    its own label; see :mod:`prelabel.scored`):
+
+    Attributes:
+        mode: ``"knn"`` or ``"adapted"``
+        brain_key: the index that voted (the adapted one in that mode)
+        calibrated: whether ``confidence`` was calibrated
+        reference_accuracy: held-out accuracy on the references
+        ece_raw: calibration error of the raw confidence on the references
+        ece: calibration error of the written confidence on the references
+            (cross-validated when calibrated)
+        num_reference_scored: references scored for these estimates
+        target_precision: the precision asked for
+        accept_threshold: the raw confidence accepted from
+        expected_coverage: the share of references accepted at that
+            threshold: the expected share of targets
+        expected_precision: the references' precision at that threshold
+        num_accepted: targets accepted (the others are tagged for review)
+        coverage: ``num_accepted / num_targets``
+        propagation: what spreading the labels chose, with
+            ``propagate=True``
     """
 
     pred_field: str
@@ -50,6 +73,20 @@ class PreannotationResult:
     eval_key: str | None = None
     accuracy: float | None = None
     seconds: dict = field(default_factory=dict)
+    mode: str = "knn"
+    brain_key: str | None = None
+    calibrated: bool = False
+    reference_accuracy: float | None = None
+    ece_raw: float | None = None
+    ece: float | None = None
+    num_reference_scored: int | None = None
+    target_precision: float | None = None
+    accept_threshold: float | None = None
+    expected_coverage: float | None = None
+    expected_precision: float | None = None
+    num_accepted: int | None = None
+    coverage: float | None = None
+    propagation: dict | None = None
 
 
 def resolve_index(samples, index=None, brain_key=None):
@@ -120,6 +157,10 @@ def check_preannotate(
     brain_key: str | None = None,
     min_confidence: float | None = None,
     eval_key: str | None = None,
+    calibrate: bool = False,
+    target_precision: float | None = None,
+    propagate: bool = False,
+    mode: str = "knn",
 ):
     """Runs every check of :func:`preannotate` without writing a label, so
     that operator forms can show the reason before anything runs (a
@@ -145,6 +186,9 @@ def check_preannotate(
         )
     if eval_key is not None:
         validation.check_identifier(eval_key, "eval_key")
+    from prelabel import scored
+
+    scored.check_scored_args(mode, calibrate, target_precision, propagate)
     results = resolve_index(targets, index, brain_key)
     config = results.config
     if config.label_field != label_field:
@@ -197,6 +241,10 @@ def preannotate(
     eval_key: str | None = None,
     batch_size: int = 1000,
     progress: ProgressArg = True,
+    calibrate: bool = False,
+    target_precision: float | None = None,
+    propagate: bool = False,
+    mode: str = "knn",
 ) -> PreannotationResult:
     """Pre-annotates ``targets`` by a vote of their nearest labeled
     neighbors in the index.
@@ -227,6 +275,25 @@ def preannotate(
             have ground truth with ``evaluate_classifications``
         batch_size (1000): targets per query batch
         progress (True): a bar, nothing, or ``progress(fraction, label)``
+        calibrate (False): write as ``confidence`` the probability that the
+            pre-label is right, estimated from the references (each scored
+            without its own label); the uncalibrated value is kept as
+            ``raw_confidence`` and the vote's share as ``vote_share``.
+            ``min_confidence`` then applies to the calibrated value
+        target_precision (None): e.g. ``0.99``: accept the pre-labels whose
+            confidence reaches the threshold the references say keeps this
+            precision (attribute ``accepted=True``) and tag the others
+            ``needs_review`` (their label is still written); the result
+            reports the threshold and the expected coverage
+        propagate (False): spread the labels over the neighbor graph of
+            references and targets, when the references (hidden folds) say
+            it helps (:mod:`prelabel.propagate`)
+        mode ("knn"): ``"knn"`` votes in ``index``; ``"adapted"`` first
+            learns embeddings adapted to the references' labels (once per
+            reference set, :func:`prelabel.adapt_embeddings`), indexes them
+            under ``<brain_key>_adapted``, votes there together with the
+            learned classifier, and calibrates. An index of adapted
+            embeddings always votes with its classifier
 
     Returns:
         a :class:`PreannotationResult`
@@ -243,7 +310,40 @@ def preannotate(
         brain_key=brain_key,
         min_confidence=min_confidence,
         eval_key=eval_key,
+        calibrate=calibrate,
+        target_precision=target_precision,
+        propagate=propagate,
+        mode=mode,
     )
+    from prelabel import scored
+
+    if scored.wants_scored(
+        results,
+        mode,
+        calibrate,
+        target_precision,
+        propagate,
+        targets._root_dataset,
+    ):
+        return scored.preannotate_scored(
+            targets,
+            results,
+            flt,
+            label_field=label_field,
+            pred_field=pred_field,
+            k=k,
+            vote=vote,
+            min_confidence=min_confidence,
+            eval_key=eval_key,
+            batch_size=batch_size,
+            progress=progress,
+            reference=reference,
+            calibrate=calibrate or mode == "adapted",
+            target_precision=target_precision,
+            propagate=propagate,
+            mode=mode,
+            t0=t0,
+        )
     emb_field = results.config.embeddings_field
     classes = _reference_classes(results, flt)
     out = PreannotationResult(pred_field=pred_field, classes=classes)
@@ -404,6 +504,7 @@ def _save_run_info(
     classes,
     min_confidence,
     reference,
+    extra: dict | None = None,
 ):
     info = dict(dataset.info or {})
     runs = dict(info.get("prelabel_runs") or {})
@@ -417,6 +518,7 @@ def _save_run_info(
         "classes": classes,
         "min_confidence": min_confidence,
         "reference": reference,
+        **(extra or {}),
     }
     info["prelabel_runs"] = runs
     dataset.info = info

@@ -1,0 +1,290 @@
+"""Scale: synthetic 512-d vectors in the embedded index (Qdrant Edge), at
+30k, 100k and 300k points: sync time, size on disk, peak memory, query
+throughput and recall@15 against exact search on 1,000 queries.
+
+Each size runs in a fresh process (so that its peak RSS is its own) that
+writes through ``EdgeIndex.upsert`` in requests of 2,000 points, as a
+sync does, then builds the HNSW graph with ``optimize()``. The vectors are
+generated in chunks of 10,000 and never held all at once, so the peak RSS
+is the index's, not the data's.
+
+The data: 1,000 Gaussian clusters in a random 32-d subspace of R^512 plus
+small isotropic noise (seeded). Real embeddings have a low intrinsic
+dimension like this; uniform noise in 512 dims would have no meaningful
+neighbors and make any approximate index look bad.
+
+    python benchmarks/scale.py [--quick]
+    python benchmarks/scale.py --child 30000     # one size, JSON out
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402
+import numpy as np  # noqa: E402
+from common import K, fmt_int, fmt_mb, fmt_rate, fmt_s  # noqa: E402
+
+DIM = 512
+LATENT = 32
+CLUSTERS = 1000
+CHUNK = 10000
+BATCH = 2000
+NUM_QUERIES = 1000
+SEED = 11
+
+
+def settings(quick: bool) -> dict:
+    if quick:
+        return {"sizes": [30000]}
+    return {"sizes": [30000, 100000, 300000]}
+
+
+class Generator:
+    """Deterministic chunks of the synthetic data set."""
+
+    def __init__(self, seed: int = SEED):
+        rng = np.random.default_rng(seed)
+        self.seed = seed
+        self.W = rng.standard_normal((LATENT, DIM)) / np.sqrt(LATENT)
+        self.centers = rng.standard_normal((CLUSTERS, LATENT))
+
+    def chunk(self, index: int, size: int):
+        rng = np.random.default_rng([self.seed, index])
+        cl = rng.integers(0, CLUSTERS, size)
+        z = self.centers[cl] + 0.5 * rng.standard_normal((size, LATENT))
+        x = z @ self.W + 0.05 * rng.standard_normal((size, DIM))
+        return x.astype(np.float32), cl
+
+    def chunks(self, n: int):
+        for c, start in enumerate(range(0, n, CHUNK)):
+            yield start, self.chunk(c, min(CHUNK, n - start))
+
+    def queries(self):
+        return self.chunk(10**6, NUM_QUERIES)[0]
+
+
+def disk_usage(path: str) -> tuple[int, int]:
+    """Bytes allocated on disk (as ``du`` counts them, not the apparent
+    size of preallocated files) under ``path``, and the write-ahead
+    log's share of them."""
+    total = wal = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                st = os.stat(os.path.join(root, name))
+            except OSError:
+                continue
+            size = st.st_blocks * 512
+            total += size
+            if f"{os.sep}wal" in root:
+                wal += size
+    return total, wal
+
+
+def child(n: int) -> dict:
+    from prelabel.index.edge import EdgeIndex
+
+    out = {"n": n, "rss_start": common.self_peak_rss()}
+    gen = Generator()
+    tmp = tempfile.mkdtemp(prefix="bench-scale-")
+    try:
+        index = EdgeIndex(os.path.join(tmp, "index"))
+        index.create(DIM)
+        gen_s = upsert_s = 0.0
+        # one session: the shard is opened once for all the upserts (the
+        # package's sync re-opens it per request; see the note)
+        with index.session():
+            for start, (x, cl) in gen.chunks(n):
+                t0 = time.perf_counter()
+                ids = [f"{i:024x}" for i in range(start, start + len(x))]
+                payloads = [
+                    {"sample_id": sid, "label": str(c)}
+                    for sid, c in zip(ids, cl, strict=True)
+                ]
+                t1 = time.perf_counter()
+                for b in range(0, len(x), BATCH):
+                    index.upsert(
+                        ids[b : b + BATCH],
+                        x[b : b + BATCH],
+                        payloads[b : b + BATCH],
+                    )
+                t2 = time.perf_counter()
+                gen_s += t1 - t0
+                upsert_s += t2 - t1
+            t0 = time.perf_counter()
+        # leaving the session flushes and closes the shard
+        upsert_s += time.perf_counter() - t0
+        out["rss_upsert"] = common.self_peak_rss()
+        t0 = time.perf_counter()
+        index.optimize()
+        out["optimize_s"] = time.perf_counter() - t0
+        out["rss_optimize"] = common.self_peak_rss()
+        out["upsert_s"] = upsert_s
+        out["generate_s"] = gen_s
+        out["disk_bytes"], out["wal_bytes"] = disk_usage(index.path)
+        t0 = time.perf_counter()
+        assert index.count() == n
+        out["open_count_s"] = time.perf_counter() - t0
+
+        Q = gen.queries()
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            res = index.query(Q, K)
+            times.append(time.perf_counter() - t0)
+        out["query_s"] = min(times)
+        approx = [[int(s, 16) for s in row] for row in res.sample_ids]
+        out["rss_index"] = common.self_peak_rss()
+
+        # exact: the same chunks again, blockwise top-k merged
+        Qn = common.normalize(Q)
+        best_s = np.full((NUM_QUERIES, K), -np.inf, dtype=np.float32)
+        best_i = np.zeros((NUM_QUERIES, K), dtype=np.int64)
+        exact_s = 0.0
+        for start, (x, _) in gen.chunks(n):
+            t0 = time.perf_counter()
+            S = Qn @ common.normalize(x).T
+            part = np.argpartition(-S, K - 1, axis=1)[:, :K]
+            cand_s = np.concatenate(
+                [best_s, np.take_along_axis(S, part, axis=1)], axis=1
+            )
+            cand_i = np.concatenate([best_i, part + start], axis=1)
+            keep = np.argsort(-cand_s, axis=1, kind="stable")[:, :K]
+            best_s = np.take_along_axis(cand_s, keep, axis=1)
+            best_i = np.take_along_axis(cand_i, keep, axis=1)
+            exact_s += time.perf_counter() - t0
+        out["exact_s"] = exact_s
+        out["recall"] = common.recall_at_k(approx, best_i.tolist(), K)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def run(quick: bool) -> dict:
+    cfg = settings(quick)
+    rows, results = [], []
+    for n in cfg["sizes"]:
+        print(f"  {n:,} points")
+        m = common.run_measured(
+            [common.PY, os.path.abspath(__file__), "--child", str(n)]
+        )
+        if m["returncode"] != 0 or m["result"] is None:
+            raise RuntimeError(f"scale child {n} failed:\n{m['tail']}")
+        r = m["result"]
+        results.append(r)
+        sync_s = r["upsert_s"] + r["optimize_s"]
+        rows.append(
+            [
+                fmt_int(n),
+                fmt_s(r["upsert_s"]),
+                fmt_s(r["optimize_s"]),
+                fmt_rate(n / sync_s),
+                f"{fmt_mb(r['disk_bytes'])} ({fmt_mb(r['wal_bytes'])})",
+                fmt_mb(n * DIM * 4),
+                f"{fmt_mb(r['rss_index'])} ({fmt_mb(r['rss_upsert'])}, "
+                f"{fmt_mb(r['rss_optimize'])})",
+                fmt_s(r["open_count_s"]),
+                fmt_rate(NUM_QUERIES / r["query_s"]),
+                f"{r['recall']:.3f}",
+                fmt_rate(NUM_QUERIES / r["exact_s"]),
+            ]
+        )
+    notes = []
+    if len(results) > 1:
+        a, b = results[0], results[-1]
+        grow = b["n"] / a["n"]
+        notes.append(
+            f"From {a['n']:,} to {b['n']:,} points ({grow:.0f}x): sync time "
+            f"x{(b['upsert_s'] + b['optimize_s']) / (a['upsert_s'] + a['optimize_s']):.1f}, "  # noqa: E501
+            f"disk x{b['disk_bytes'] / a['disk_bytes']:.1f}, peak RSS "
+            f"x{b['rss_index'] / a['rss_index']:.1f}, HNSW query time "
+            f"x{b['query_s'] / a['query_s']:.1f}, exact query time "
+            f"x{b['exact_s'] / a['exact_s']:.1f}."
+        )
+    big = results[-1]
+    opens = big["n"] / BATCH
+    notes.append(
+        "**Our sync is slower than this at scale, and the gap grows with "
+        "the index**: `prelabel.sync.sync_points` calls `EdgeIndex.upsert` "
+        "outside a session, so every request of 2,000 points loads the "
+        "shard from disk, writes, flushes and closes it. Loading takes "
+        "longer as the shard grows (the *open + count* column), so that "
+        f"cost grows with the square of the size: at {big['n']:,} points "
+        f"it is {opens:,.0f} loads of up to {fmt_s(big['open_count_s'])} s,"
+        f" about {fmt_s(opens * big['open_count_s'] / 2)} s on top of the "
+        "upsert time above (an estimate from the measured load time, "
+        "assuming it grows linearly; the sync table measures the real "
+        "thing at 10k and 60k). This benchmark writes in one "
+        "`EdgeIndex.session()`; a sync that held one session would too."
+    )
+    for r in results:
+        if r["exact_s"] < r["query_s"]:
+            notes.append(
+                f"**At {r['n']:,} points exact numpy search answers the "
+                "1,000 queries faster than the index** "
+                f"({fmt_rate(NUM_QUERIES / r['exact_s'])} vs "
+                f"{fmt_rate(NUM_QUERIES / r['query_s'])} queries/s), but "
+                "only with all vectors in this process's RAM (the column "
+                "*raw vectors*) and no filters; its cost grows linearly "
+                "with the points, the HNSW search's about logarithmically."
+            )
+    notes.append(
+        "Peak RSS is the child process's `VmHWM` (peak resident set) "
+        "after building and querying the index (the Python interpreter, "
+        "numpy and the engine included; the exact search that follows is "
+        "not counted); in parentheses, after the upserts and after the "
+        "HNSW build. The open + count column is one `EdgeIndex.count()`, "
+        "which loads the shard from disk and closes it again, as every "
+        "call of the package does outside a session."
+    )
+    desc = (
+        f"Synthetic {DIM}-d vectors (1,000 Gaussian clusters in a random "
+        f"{LATENT}-d subspace plus small isotropic noise, seeded; generated "
+        f"in chunks of {CHUNK:,}, never all in memory) written to the "
+        f"embedded index in requests of {BATCH:,} points (in one session: "
+        "the shard opened once), then HNSW built "
+        f"(default settings: m 16, ef_construct 100). {NUM_QUERIES:,} "
+        f"queries of the same distribution, k = {K}, one batched request, "
+        "default search ef; recall against exact cosine search over every "
+        "point; the exact search's rate counts only its matmuls and "
+        "top-k merges. One run per size, each in a fresh process."
+    )
+    return common.section(
+        "Scale: the embedded index from 30k to 300k points (issue 5, item 6)",
+        desc,
+        [
+            common.table(
+                "",
+                [
+                    "points",
+                    "upsert s",
+                    "HNSW build s",
+                    "sync points/s",
+                    "index on disk MB (of it WAL)",
+                    "raw vectors MB",
+                    "peak RSS MB",
+                    "open + count s",
+                    "queries/s",
+                    f"recall@{K}",
+                    "exact numpy queries/s",
+                ],
+                rows,
+            )
+        ],
+        notes,
+        reproduce="python benchmarks/scale.py" + (" --quick" if quick else ""),
+    )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        common.emit(child(int(sys.argv[2])))
+        sys.exit(0)
+    sys.exit(common.main_for(run))

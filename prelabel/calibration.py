@@ -1,0 +1,272 @@
+"""Confidence that means what it says, estimated from the references only.
+
+A raw confidence (the winner's share of a kNN vote, or a classifier's
+probability) ranks pre-labels but is not a probability of being right: a
+15-neighbor vote has 16 possible values and the share of correct labels at
+each value depends on the data. Here the references are scored as if they
+were targets (leave-one-out votes, or cross-fitted scores where a projection
+was learned from them), a monotone map from raw confidence to "probability
+correct" is fitted on those scores (isotonic regression), and the threshold
+that keeps a wanted precision is read off the same scores. Nothing here
+sees a target's label. Pure numpy (and scikit-learn's isotonic fit).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def expected_calibration_error(
+    confidence: np.ndarray, correct: np.ndarray, bins: int = 15
+) -> float:
+    """The expected calibration error: the mean, over equal-width bins of
+    confidence, of ``|accuracy - mean confidence|``, weighted by the share
+    of samples in each bin.
+
+    Args:
+        confidence: float array (n,) in [0, 1]
+        correct: bool array (n,), whether each prediction was right
+        bins (15): the number of bins
+
+    Returns:
+        a float in [0, 1] (0.0 for no samples)
+    """
+    conf = np.asarray(confidence, dtype=np.float64)
+    ok = np.asarray(correct, dtype=np.float64)
+    if conf.size == 0:
+        return 0.0
+    which = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        m = which == b
+        if m.any():
+            total += m.mean() * abs(conf[m].mean() - ok[m].mean())
+    return float(total)
+
+
+def precision_curve(
+    confidence: np.ndarray, correct: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision of the accepted set when accepting the most confident
+    first, evaluated only where the confidence changes (ties are accepted
+    or rejected together).
+
+    Returns:
+        ``(thresholds, coverage, precision)``: accepting every sample with
+        ``confidence >= thresholds[i]`` covers ``coverage[i]`` of them at
+        precision ``precision[i]``; thresholds decrease
+    """
+    conf = np.asarray(confidence, dtype=np.float64)
+    ok = np.asarray(correct, dtype=np.float64)
+    if conf.size == 0:
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    order = np.argsort(-conf, kind="stable")
+    conf, ok = conf[order], ok[order]
+    hits = np.cumsum(ok)
+    # the last position of each run of equal confidences
+    ends = np.flatnonzero(np.r_[conf[1:] != conf[:-1], True])
+    n = np.arange(1, conf.size + 1)
+    return conf[ends], n[ends] / conf.size, hits[ends] / n[ends]
+
+
+def coverage_at_precision(
+    confidence: np.ndarray, correct: np.ndarray, target_precision: float
+) -> float:
+    """The largest share of samples that can be accepted, most confident
+    first, while the precision of the accepted ones stays at or above
+    ``target_precision`` (ties are accepted together)."""
+    _, coverage, precision = precision_curve(confidence, correct)
+    ok = np.flatnonzero(precision >= target_precision - 1e-12)
+    return float(coverage[ok.max()]) if ok.size else 0.0
+
+
+def accept_threshold(
+    confidence: np.ndarray, correct: np.ndarray, target_precision: float
+) -> tuple[float, float, float]:
+    """The lowest confidence to accept so that the accepted references
+    keep ``target_precision``.
+
+    The precision of an accepted set of ``n`` references with ``h`` right
+    is taken as ``(h + 1) / (n + 2)``, its expected value under a uniform
+    prior: with few references the largest set whose raw precision just
+    reaches the target is an optimistic pick (the chosen cut is the one
+    that happened to look best), and this shrinks it toward caution while
+    changing nothing for large sets.
+
+    Args:
+        confidence: raw or calibrated confidences of the scored references
+        correct: whether each reference's (leave-one-out / cross-fitted)
+            pre-label matched its label
+        target_precision: the wanted precision, e.g. 0.99
+
+    Returns:
+        ``(threshold, coverage, expected precision)`` on the references:
+        accept ``confidence >= threshold``; ``threshold`` is ``inf``
+        (accept nothing) when no cut reaches the precision
+    """
+    thresholds, coverage, precision = precision_curve(confidence, correct)
+    n = coverage * len(np.asarray(confidence))
+    expected = (precision * n + 1.0) / (n + 2.0)
+    ok = np.flatnonzero(expected >= target_precision - 1e-12)
+    if not ok.size:
+        return float("inf"), 0.0, float("nan")
+    i = ok.max()
+    return float(thresholds[i]), float(coverage[i]), float(expected[i])
+
+
+@dataclass
+class Calibrator:
+    """A monotone map from raw confidence to the probability of being
+    right, fitted by isotonic regression (a step function, interpolated
+    linearly between its knots).
+
+    Attributes:
+        x: the knots' raw confidences (increasing)
+        y: the knots' probabilities of being right (non-decreasing)
+        num_samples: how many scored references it was fitted on
+        ece: the expected calibration error of the raw confidence on those
+            references, before the fit
+    """
+
+    x: np.ndarray = field(default_factory=lambda: np.array([0.0, 1.0]))
+    y: np.ndarray = field(default_factory=lambda: np.array([0.0, 1.0]))
+    num_samples: int = 0
+    ece: float | None = None
+
+    @classmethod
+    def fit(cls, confidence: np.ndarray, correct: np.ndarray) -> Calibrator:
+        """Fits the map on scored references.
+
+        Args:
+            confidence: raw confidences (n,)
+            correct: bool (n,), whether each pre-label was right
+
+        Raises:
+            ValueError: with no scored reference
+        """
+        from sklearn.isotonic import IsotonicRegression
+
+        conf = np.asarray(confidence, dtype=np.float64)
+        ok = np.asarray(correct, dtype=np.float64)
+        if conf.size == 0:
+            raise ValueError(
+                "cannot calibrate without scored references; label more "
+                "samples or turn calibration off"
+            )
+        iso = IsotonicRegression(
+            y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip"
+        ).fit(conf, ok)
+        return cls(
+            x=np.asarray(iso.X_thresholds_, dtype=np.float64),
+            y=np.asarray(iso.y_thresholds_, dtype=np.float64),
+            num_samples=int(conf.size),
+            ece=expected_calibration_error(conf, ok),
+        )
+
+    def __call__(self, confidence) -> np.ndarray:
+        """The calibrated confidence of raw confidences."""
+        conf = np.asarray(confidence, dtype=np.float64)
+        if self.x.size == 1:
+            return np.full(conf.shape, float(self.y[0]))
+        return np.interp(conf, self.x, self.y)
+
+    def to_dict(self) -> dict:
+        """A JSON-able form, for run infos."""
+        return {
+            "x": [float(v) for v in self.x],
+            "y": [float(v) for v in self.y],
+            "num_samples": self.num_samples,
+            "ece": self.ece,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Calibrator:
+        return cls(
+            x=np.asarray(d["x"], dtype=np.float64),
+            y=np.asarray(d["y"], dtype=np.float64),
+            num_samples=int(d.get("num_samples", 0)),
+            ece=d.get("ece"),
+        )
+
+
+@dataclass
+class Calibration:
+    """What calibrating a run on its references found.
+
+    Attributes:
+        calibrator: the fitted :class:`Calibrator`
+        num_scored: references scored (leave-one-out or cross-fitted)
+        reference_accuracy: accuracy of those references' pre-labels
+        ece_raw: calibration error of the raw confidence on the references
+        ece_calibrated: calibration error after the map, estimated by
+            cross-validation over the references (fit on some, measured on
+            the others), so it is not flattered by the fit itself
+        target_precision: the precision asked for, if any
+        threshold: the raw confidence to accept at, if asked
+        expected_coverage: the share of references accepted at
+            ``threshold`` (the cross-validated estimate of the share of
+            targets that will be)
+        expected_precision: the references' expected precision at
+            ``threshold`` (see :func:`accept_threshold`)
+    """
+
+    calibrator: Calibrator
+    num_scored: int
+    reference_accuracy: float
+    ece_raw: float
+    ece_calibrated: float
+    target_precision: float | None = None
+    threshold: float | None = None
+    expected_coverage: float | None = None
+    expected_precision: float | None = None
+
+
+def calibrate(
+    confidence: np.ndarray,
+    correct: np.ndarray,
+    target_precision: float | None = None,
+    folds: int = 5,
+    seed: int = 0,
+) -> Calibration:
+    """Fits a :class:`Calibrator` on scored references, estimates its
+    calibration error by K-fold cross-validation over those references, and
+    optionally the accept threshold for ``target_precision``.
+
+    Args:
+        confidence: raw confidences of the references, each scored without
+            its own label (leave-one-out or cross-fitted)
+        correct: bool, whether each reference's pre-label was right
+        target_precision (None): e.g. 0.99, for an accept threshold
+        folds (5): folds of the cross-validated calibration error
+        seed (0): the fold assignment's seed
+
+    Returns:
+        a :class:`Calibration`
+    """
+    conf = np.asarray(confidence, dtype=np.float64)
+    ok = np.asarray(correct, dtype=bool)
+    cal = Calibrator.fit(conf, ok)
+    held = np.empty_like(conf)
+    if conf.size >= 2 * folds:
+        which = np.random.default_rng(seed).permutation(conf.size) % folds
+        for f in range(folds):
+            fit = which != f
+            held[~fit] = Calibrator.fit(conf[fit], ok[fit])(conf[~fit])
+    else:
+        held = cal(conf)
+    out = Calibration(
+        calibrator=cal,
+        num_scored=int(conf.size),
+        reference_accuracy=float(ok.mean()) if ok.size else float("nan"),
+        ece_raw=expected_calibration_error(conf, ok),
+        ece_calibrated=expected_calibration_error(held, ok),
+    )
+    if target_precision is not None:
+        thr, cov, prec = accept_threshold(conf, ok, target_precision)
+        out.target_precision = float(target_precision)
+        out.threshold = thr
+        out.expected_coverage = cov
+        out.expected_precision = prec
+    return out

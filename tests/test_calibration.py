@@ -1,0 +1,237 @@
+"""Calibrated confidence and the accept threshold, estimated from the
+references only: pure functions on known numbers, then pre-annotation of
+real handwritten digits (sklearn's 8x8 scans, 64 pixel values as
+embeddings) through a real Qdrant Edge index, checked on held-out targets
+and with the targets' labels scrambled."""
+
+import uuid
+
+import fiftyone as fo
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+import prelabel
+from prelabel import calibration, constants
+
+K = 15
+
+
+def _digits_dataset(num_train, seed=0):
+    digits = load_digits()
+    order = np.random.default_rng(seed).permutation(len(digits.data))
+    dataset = fo.Dataset(f"prelabel-cal-{uuid.uuid4().hex[:8]}")
+    dataset.add_samples(
+        [
+            fo.Sample(
+                filepath=f"/nonexistent/digits/{i:04d}.png",
+                embeddings=digits.data[i].astype(np.float32),
+                ground_truth=fo.Classification(label=str(digits.target[i])),
+                tags=["train" if rank < num_train else "test"],
+            )
+            for rank, i in enumerate(order)
+        ],
+        progress=False,
+    )
+    return dataset
+
+
+@pytest.fixture(scope="module")
+def digits():
+    dataset = _digits_dataset(num_train=400)
+    index = prelabel.sync_index(dataset, progress=False)
+    yield dataset, index
+    if fo.dataset_exists(dataset.name):
+        dataset.delete()
+
+
+def _values(view, *paths):
+    return [np.array(v, dtype=object) for v in view.values(list(paths))]
+
+
+# ---- pure functions ------------------------------------------------------
+
+
+def test_ece_of_a_perfectly_calibrated_and_an_overconfident_score():
+    rng = np.random.default_rng(0)
+    conf = rng.uniform(0.5, 1.0, 200000)
+    correct = rng.uniform(size=conf.size) < conf
+    assert calibration.expected_calibration_error(conf, correct) < 0.01
+    # claims 0.95 where 0.75 is right: off by 0.2
+    overconfident = np.full(conf.size, 0.95)
+    right = rng.uniform(size=conf.size) < 0.75
+    ece = calibration.expected_calibration_error(overconfident, right)
+    assert ece == pytest.approx(0.2, abs=0.01)
+    assert calibration.expected_calibration_error([], []) == 0.0
+
+
+def test_calibrator_is_monotone_and_fixes_an_overconfident_score():
+    rng = np.random.default_rng(1)
+    raw = rng.uniform(size=20000)
+    truth = raw**3  # the real probability of being right
+    correct = rng.uniform(size=raw.size) < truth
+    cal = calibration.Calibrator.fit(raw[:10000], correct[:10000])
+    out = cal(np.linspace(0, 1, 101))
+    assert np.all(np.diff(out) >= 0)
+    held_raw, held_ok = raw[10000:], correct[10000:]
+    before = calibration.expected_calibration_error(held_raw, held_ok)
+    after = calibration.expected_calibration_error(cal(held_raw), held_ok)
+    assert before > 0.2 and after < 0.03
+    again = calibration.Calibrator.from_dict(cal.to_dict())
+    np.testing.assert_allclose(again(held_raw), cal(held_raw))
+
+
+def test_accept_threshold_keeps_the_precision_and_accepts_ties_together():
+    conf = np.array([0.9, 0.9, 0.8, 0.8, 0.8, 0.7, 0.6])
+    ok = np.array([1, 1, 1, 1, 1, 0, 1], dtype=bool)
+    thresholds, coverage, precision = calibration.precision_curve(conf, ok)
+    np.testing.assert_allclose(thresholds, [0.9, 0.8, 0.7, 0.6])
+    np.testing.assert_allclose(coverage, [2 / 7, 5 / 7, 6 / 7, 1.0])
+    assert calibration.coverage_at_precision(conf, ok, 0.99) == 5 / 7
+    # the estimate (h + 1) / (n + 2) of 5 of 5 right is 6/7
+    thr, cov, prec = calibration.accept_threshold(conf, ok, 0.85)
+    assert (thr, cov) == (0.8, 5 / 7) and prec == pytest.approx(6 / 7)
+    # too few references to claim 0.99: accept nothing
+    thr, cov, _ = calibration.accept_threshold(conf, ok, 0.99)
+    assert thr == float("inf") and cov == 0.0
+    # many right ones can
+    big = np.r_[np.ones(500), np.zeros(10)].astype(bool)
+    score = np.r_[np.linspace(1, 0.5, 500), np.linspace(0.4, 0.1, 10)]
+    thr, cov, prec = calibration.accept_threshold(score, big, 0.99)
+    assert prec >= 0.99 and thr <= 0.5 and cov < 1.0
+    # (500 + 1) / (500 + 4 + 2) >= 0.99 > (500 + 1) / (500 + 5 + 2)
+    assert cov == pytest.approx(504 / 510)
+
+
+# ---- through the index ---------------------------------------------------
+
+
+def test_calibrated_preannotation_on_held_out_targets(digits):
+    dataset, index = digits
+    test = dataset.match_tags("test")
+    res = prelabel.preannotate(
+        test,
+        index=index,
+        reference="train",
+        k=K,
+        calibrate=True,
+        target_precision=0.98,
+        progress=False,
+    )
+    assert res.calibrated and res.num_reference_scored == 400
+    assert 0.0 <= res.ece <= res.ece_raw + 0.02
+    assert res.accept_threshold is not None
+    assert 0.3 < res.expected_coverage <= 1.0
+    assert res.expected_precision >= 0.98
+
+    truth, label, conf, raw, share, accepted, tags = _values(
+        test,
+        "ground_truth.label",
+        "prelabel.label",
+        "prelabel.confidence",
+        "prelabel.raw_confidence",
+        "prelabel.vote_share",
+        "prelabel.accepted",
+        "tags",
+    )
+    correct = truth == label
+    conf = conf.astype(float)
+    # the calibrated confidence means what it says on targets it never saw
+    ece = calibration.expected_calibration_error(conf, correct)
+    assert ece < 0.05
+    # the vote's share is kept as it was, and the raw score beside it
+    assert np.all((share.astype(float) > 0) & (share.astype(float) <= 1))
+    assert np.all(raw.astype(float) >= share.astype(float) - 1e-9)
+    # accepted ones are the confident ones; the rest are tagged for review
+    accepted = accepted.astype(bool)
+    review = np.array([constants.REVIEW_TAG in t for t in tags])
+    assert np.array_equal(accepted, ~review)
+    assert res.num_accepted == accepted.sum()
+    assert res.coverage == pytest.approx(accepted.mean())
+    assert abs(accepted.mean() - res.expected_coverage) < 0.12
+    # roughly the precision asked for on held-out targets
+    assert correct[accepted].mean() >= 0.96
+    run = dataset.info["prelabel_runs"]["prelabel"]
+    assert run["calibrate"] and run["target_precision"] == 0.98
+    dataset.untag_samples(constants.REVIEW_TAG)
+
+
+def test_target_labels_are_never_read(digits):
+    """Scrambling the targets' ground truth (in the dataset and in the
+    index) changes no pre-label, confidence, threshold or estimate."""
+    dataset, index = digits
+    test = dataset.match_tags("test")
+    kwargs = dict(
+        index=index,
+        reference="train",
+        k=K,
+        calibrate=True,
+        target_precision=0.98,
+        propagate=True,
+        progress=False,
+    )
+    first = prelabel.preannotate(test, pred_field="pl_a", **kwargs)
+    ids, truth = test.values(["id", "ground_truth.label"])
+    rng = np.random.default_rng(3)
+    scrambled = rng.permutation(np.array(truth))
+    scrambled = [str((int(t) + 1) % 10) for t in scrambled]
+    dataset.set_values(
+        "ground_truth",
+        {
+            sid: fo.Classification(label=lbl)
+            for sid, lbl in zip(ids, scrambled, strict=True)
+        },
+        key_field="id",
+    )
+    try:
+        prelabel.sync_index(dataset, progress=False)  # labels in payloads
+        second = prelabel.preannotate(test, pred_field="pl_b", **kwargs)
+    finally:
+        dataset.set_values(
+            "ground_truth",
+            {
+                sid: fo.Classification(label=lbl)
+                for sid, lbl in zip(ids, truth, strict=True)
+            },
+            key_field="id",
+        )
+        prelabel.sync_index(dataset, progress=False)
+    a = test.values(["pl_a.label", "pl_a.confidence", "pl_a.accepted"])
+    b = test.values(["pl_b.label", "pl_b.confidence", "pl_b.accepted"])
+    assert a == b
+    for name in (
+        "accept_threshold",
+        "expected_coverage",
+        "expected_precision",
+        "ece",
+        "reference_accuracy",
+        "propagation",
+    ):
+        assert getattr(first, name) == getattr(second, name), name
+    dataset.untag_samples(constants.REVIEW_TAG)
+
+
+def test_default_preannotate_writes_what_it_always_wrote(digits):
+    dataset, index = digits
+    test = dataset.match_tags("test")
+    res = prelabel.preannotate(
+        test, index=index, reference="train", k=K, progress=False
+    )
+    assert res.calibrated is False and res.expected_coverage is None
+    doc = test.first()["prelabel"]
+    assert doc.confidence == doc.confidence  # a number
+    assert doc.has_field("vote_share") is False
+    assert doc.has_field("accepted") is False
+
+
+def test_bad_scored_arguments_say_what_to_do(digits):
+    dataset, index = digits
+    test = dataset.match_tags("test")
+    with pytest.raises(ValueError, match="target_precision"):
+        prelabel.preannotate(
+            test, index=index, reference="train", target_precision=99
+        )
+    with pytest.raises(ValueError, match="mode"):
+        prelabel.preannotate(
+            test, index=index, reference="train", mode="magic"
+        )
