@@ -15,7 +15,7 @@ particular dataset):
    PCA rotation to at most 256 dimensions. All of this is unsupervised and
    is fitted on every sample given (references and targets alike): it
    never reads a label.
-2. heads: K = 5 small networks (256 -> 256 ReLU, dropout 0.5 -> 64,
+2. heads: K = 5 small networks (256 -> 512 ReLU, dropout 0.5 -> 64,
    normalized) trained with a cosine softmax (scale 16, label smoothing
    0.1) on the references, each on the references outside one fold
    ("cross-fitting"). A reference is thus scored by a head that never saw
@@ -123,7 +123,7 @@ def train_head(
     Z: np.ndarray,
     y: np.ndarray,
     num_classes: int,
-    hidden: int = 256,
+    hidden: int = 512,
     out_dim: int = 64,
     scale: float = 16.0,
     label_smoothing: float = 0.1,
@@ -350,7 +350,7 @@ def fit_adapter(
     classes: Sequence[str] | None = None,
     folds: int = 5,
     dim: int = 256,
-    hidden: int = 256,
+    hidden: int = 512,
     out_dim: int = 64,
     seed: int = 0,
     progress: ProgressArg = None,
@@ -368,7 +368,7 @@ def fit_adapter(
         classes (None): the class order; default the sorted labels
         folds (5): heads, each trained without one fold of the references
         dim (256): at most this many PCA dimensions
-        hidden (256), out_dim (64): the head's sizes
+        hidden (512), out_dim (64): the head's sizes
         seed (0): seeds the folds and the training
         progress (None): a bar, nothing, or ``progress(fraction, label)``
         **train_kwargs: other :func:`train_head` parameters

@@ -5,7 +5,8 @@ A kNN vote looks at each target alone. The unlabeled targets also carry
 information: a target between two labeled clusters is often joined to one
 of them by a chain of other targets. Label spreading (Zhou et al., 2004)
 uses that chain: a sparse kNN graph over every sample, the references'
-labels (and, optionally, each target's own vote as a prior) as sources,
+labels as sources (each target's own vote can be kept as a source too,
+off by default, see :func:`candidates`),
 and a few rounds in which every sample takes ``alpha`` of its neighbors'
 label distribution and ``1 - alpha`` of its source.
 
@@ -177,13 +178,25 @@ class PropagationChoice:
         return self.alpha > 0
 
 
-def candidates(alphas=ALPHAS) -> list[tuple[float, bool]]:
+def candidates(
+    alphas=ALPHAS, with_prior: bool = False
+) -> list[tuple[float, bool]]:
     """``(alpha, use_prior)`` pairs: no spreading (the votes as they are),
-    and each ``alpha`` with and without the targets' votes as sources."""
+    and each ``alpha`` spreading the references' labels alone, and, with
+    ``with_prior``, also keeping the targets' votes as sources.
+
+    Spreading with the targets' votes is off by default: those votes were
+    cast by every reference, the hidden ones included, so a hidden
+    reference's label comes back to it through its neighbors' votes and
+    the held-out estimate flatters that candidate (measured: 0.83 expected
+    coverage for 0.81 accepted at 0.964 precision with 250 MNIST labels).
+    """
     out = [(0.0, True)]
     for a in alphas:
         if a > 0:
-            out += [(float(a), True), (float(a), False)]
+            if with_prior:
+                out.append((float(a), True))
+            out.append((float(a), False))
     return out
 
 
@@ -197,6 +210,7 @@ def choose(
     alphas=ALPHAS,
     folds: int = 10,
     seed: int = 0,
+    with_prior: bool = False,
 ) -> PropagationChoice:
     """Measures spreading on the references: for each fold, its labels are
     hidden (its rows get ``ref_prior``, their scores computed without
@@ -215,6 +229,8 @@ def choose(
         folds (10), seed (0): the hidden folds (many, so that the
             references still labeled are nearly all of them, as for the
             targets; spreading is cheap)
+        with_prior (False): also try spreading with the targets' votes
+            kept as sources (see :func:`candidates` for why it is off)
 
     Returns:
         a :class:`PropagationChoice`: the candidate with the best held-out
@@ -230,7 +246,7 @@ def choose(
     have_prior = prior is not None or ref_prior is not None
     out = PropagationChoice(alpha=0.0)
     held = {}
-    for alpha, use_prior in candidates(alphas):
+    for alpha, use_prior in candidates(alphas, with_prior):
         if use_prior and not have_prior and alpha == 0:
             continue
         if use_prior and not have_prior:

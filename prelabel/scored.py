@@ -83,9 +83,8 @@ def wants_scored(
         return True
     if target_precision is not None:
         return True
-    return adapt.adapter_record(dataset, results.config.embeddings_field) is (
-        not None
-    )
+    record = adapt.adapter_record(dataset, results.config.embeddings_field)
+    return record is not None
 
 
 def _reference_digest(ids, labels) -> str:

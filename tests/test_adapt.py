@@ -202,6 +202,16 @@ def test_preannotate_adapted_mode_in_one_call(digits_ds):
     )
     assert os.path.getmtime(path) == stamp
     assert again.num_targets == res.num_targets
+    # the adapted index used directly also votes with its classifier
+    direct = prelabel.preannotate(
+        test,
+        index=res.brain_key,
+        reference="train",
+        eval_key="ev",
+        progress=False,
+    )
+    assert direct.mode == "knn" and direct.accuracy >= plain.accuracy
+    assert test.first()["prelabel"].has_field("vote_share")
     dataset.untag_samples("needs_review")
 
 

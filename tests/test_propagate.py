@@ -58,13 +58,15 @@ def test_the_references_decide_and_score_held_out(arrays):
     }  # without priors, only the "no prior" candidates are tried
     assert choice.held_out_proba.shape == (n, 10)
     assert choice.helps
-    # with priors (here: one-hot of a bad guess), "no spreading" is tried
+    # with priors (here: flat, a useless guess), "no spreading" is tried
     prior = np.full((len(X), 10), 0.1)
     choice = prop.choose(
         S, np.arange(n), y[:n], 10, prior, np.full((n, 10), 0.1)
     )
+    assert set(choice.accuracy) == set(prop.candidates())
     assert (0.0, True) in choice.accuracy
     assert choice.accuracy[(0.0, True)] <= 0.2  # a flat prior ranks nothing
+    assert choice.helps and not choice.use_prior
 
 
 def _dataset(X, y, num_train):
