@@ -888,6 +888,9 @@ def delete_adapters(dataset, out_field: str | None = None) -> int:
             continue
         if os.path.isfile(record["path"]):
             os.remove(record["path"])
+            folder = os.path.dirname(record["path"])
+            if not os.listdir(folder):
+                os.rmdir(folder)
         done += 1
     info[INFO_KEY] = records
     dataset.info = info

@@ -153,6 +153,12 @@ def test_adapt_embeddings_never_reads_target_labels(digits_ds):
             key_field="id",
         )
     np.testing.assert_array_equal(np.stack(dataset.values("emb_b")), before)
+    # the files live outside the database: delete them with the records
+    assert adapt.delete_adapters(dataset, "emb_b") == 1
+    assert os.path.isfile(res.path)
+    assert adapt.adapter_record(dataset, "emb_b") is None
+    assert adapt.delete_adapters(dataset) == 1
+    assert not os.path.exists(os.path.dirname(res.path))
 
 
 def test_adapt_embeddings_says_what_is_wrong(digits_ds):
