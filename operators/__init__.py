@@ -1,6 +1,7 @@
 """The operators of the @prelabel/qdrant plugin, one per module, in the
 order of the workflow."""
 
+from .adapt_embeddings import AdaptEmbeddings
 from .compute_embeddings import ComputeEmbeddings
 from .find_label_mistakes import FindLabelMistakes
 from .knn_preannotate import KnnPreannotate
@@ -11,6 +12,7 @@ from .sync_index import SyncIndex
 OPERATORS = (
     ComputeEmbeddings,
     SyncIndex,
+    AdaptEmbeddings,
     KnnPreannotate,
     FindLabelMistakes,
     OpenMistakesPanel,
@@ -18,6 +20,7 @@ OPERATORS = (
 
 __all__ = [
     "OPERATORS",
+    "AdaptEmbeddings",
     "ComputeEmbeddings",
     "FindLabelMistakes",
     "KnnPreannotate",

@@ -14,6 +14,7 @@ import fiftyone.operators.types as types
 
 from prelabel import constants
 from prelabel.knn import VOTES
+from prelabel.mistakes import METHODS
 
 from . import _common as c
 
@@ -33,7 +34,14 @@ def _params(ctx, last):
         "k": p.get("k", constants.DEFAULT_K),
         "score_field": p.get("score_field") or constants.DEFAULT_SCORE_FIELD,
         "vote": p.get("vote") or "majority",
+        "method": p.get("method") or "loo",
     }
+
+
+def _kwargs(p):
+    """The arguments of ``find_label_mistakes`` (and its check)."""
+    keys = ("label_field", "k", "score_field", "vote", "method")
+    return {name: p[name] for name in keys}
 
 
 class FindLabelMistakes(foo.Operator):
@@ -85,22 +93,49 @@ class FindLabelMistakes(foo.Operator):
             label="Neighbors (k)",
             description="How many nearest labeled samples vote",
         )
-        vote_view = types.RadioGroup()
-        vote_view.add_choice(
-            "majority", label="Majority", description="One vote each"
+        method_view = types.RadioGroup()
+        method_view.add_choice(
+            "loo",
+            label="Neighbors vote",
+            description=(
+                "The sample's labeled neighbors in this index vote; it "
+                "never votes for itself"
+            ),
         )
-        vote_view.add_choice(
-            "weighted",
-            label="Distance-weighted",
-            description="Closer neighbors weigh more",
+        method_view.add_choice(
+            "adapted",
+            label="Adapted",
+            description=(
+                "The neighbors' vote in a whitened space, averaged with a "
+                "classifier that never saw the sample's label: sharper, "
+                "computed in memory (up to ~100k labeled samples)"
+            ),
         )
         inputs.enum(
-            "vote",
-            list(VOTES),
-            default=c.choose(last.get("vote"), VOTES, "majority"),
-            label="Vote",
-            view=vote_view,
+            "method",
+            list(METHODS),
+            default=c.choose(last.get("method"), METHODS, "loo"),
+            label="Method",
+            view=method_view,
         )
+        method = ctx.params.get("method") or last.get("method")
+        if method != "adapted":  # the adapted method does not vote
+            vote_view = types.RadioGroup()
+            vote_view.add_choice(
+                "majority", label="Majority", description="One vote each"
+            )
+            vote_view.add_choice(
+                "weighted",
+                label="Distance-weighted",
+                description="Closer neighbors weigh more",
+            )
+            inputs.enum(
+                "vote",
+                list(VOTES),
+                default=c.choose(last.get("vote"), VOTES, "majority"),
+                label="Vote",
+                view=vote_view,
+            )
 
         c.header(inputs, "output_header", "Output")
         inputs.str(
@@ -118,14 +153,7 @@ class FindLabelMistakes(foo.Operator):
         p = _params(ctx, last)
         try:
             results = c.load_index(ctx, dataset, p["brain_key"])
-            check_find_label_mistakes(
-                targets,
-                index=results,
-                label_field=p["label_field"],
-                k=p["k"],
-                score_field=p["score_field"],
-                vote=p["vote"],
-            )
+            check_find_label_mistakes(targets, index=results, **_kwargs(p))
         except ValueError as e:
             c.show_error(inputs, e)
             return _form(inputs)
@@ -147,11 +175,8 @@ class FindLabelMistakes(foo.Operator):
         out = find_label_mistakes(
             targets,
             index=results,
-            label_field=p["label_field"],
-            k=p["k"],
-            score_field=p["score_field"],
-            vote=p["vote"],
             progress=c.ProgressReporter(ctx),
+            **_kwargs(p),
         )
         c.remember(ctx, NAME, p)
 
@@ -189,6 +214,7 @@ class FindLabelMistakes(foo.Operator):
         k=constants.DEFAULT_K,
         score_field=constants.DEFAULT_SCORE_FIELD,
         vote="majority",
+        method="loo",
         delegate=False,
     ):
         """Scores the labels of ``sample_collection``.
@@ -201,6 +227,8 @@ class FindLabelMistakes(foo.Operator):
             k (15): neighbors that vote
             score_field ("mistake_score"): the float field to write
             vote ("majority"): ``"majority"`` or ``"weighted"``
+            method ("loo"): ``"loo"`` or ``"adapted"`` (see
+                :func:`prelabel.find_label_mistakes`)
             delegate (False): queue a delegated operation instead
 
         Returns:
@@ -212,6 +240,7 @@ class FindLabelMistakes(foo.Operator):
             k=k,
             score_field=score_field,
             vote=vote,
+            method=method,
         )
         return c.execute(self, sample_collection, params, delegate=delegate)
 

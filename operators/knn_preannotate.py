@@ -13,6 +13,7 @@ import fiftyone.operators.types as types
 
 from prelabel import constants
 from prelabel.knn import VOTES
+from prelabel.scored import MODES
 
 from . import _common as c
 
@@ -35,6 +36,32 @@ def _params(ctx, last):
         "vote": p.get("vote") or "majority",
         "eval_key": p.get("eval_key") or None,
         "min_confidence": p.get("min_confidence"),
+        "mode": p.get("mode") or "knn",
+        "target_precision": p.get("target_precision") or None,
+        "calibrate": bool(p.get("calibrate", False)),
+        "propagate": bool(p.get("propagate", False)),
+    }
+
+
+#: the arguments of ``preannotate`` (and its check) the form sets
+_ARGS = (
+    "label_field",
+    "pred_field",
+    "k",
+    "vote",
+    "min_confidence",
+    "eval_key",
+    "mode",
+    "target_precision",
+    "calibrate",
+    "propagate",
+)
+
+
+def _kwargs(p):
+    return {
+        "reference": p["reference_tag"],
+        **{name: p[name] for name in _ARGS},
     }
 
 
@@ -131,6 +158,8 @@ class KnnPreannotate(foo.Operator):
             ),
         )
 
+        _accept_inputs(inputs, last)
+
         c.header(inputs, "output_header", "Output")
         inputs.str(
             "pred_field",
@@ -163,15 +192,7 @@ class KnnPreannotate(foo.Operator):
         try:
             results = c.load_index(ctx, dataset, p["brain_key"])
             _, _, num_ref = check_preannotate(
-                targets,
-                index=results,
-                reference=p["reference_tag"],
-                label_field=p["label_field"],
-                pred_field=p["pred_field"],
-                k=p["k"],
-                vote=p["vote"],
-                min_confidence=p["min_confidence"],
-                eval_key=p["eval_key"],
+                targets, index=results, **_kwargs(p)
             )
         except ValueError as e:
             c.show_error(inputs, e)
@@ -203,14 +224,8 @@ class KnnPreannotate(foo.Operator):
         out = preannotate(
             targets,
             index=results,
-            reference=p["reference_tag"],
-            label_field=p["label_field"],
-            pred_field=p["pred_field"],
-            k=p["k"],
-            vote=p["vote"],
-            min_confidence=p["min_confidence"],
-            eval_key=p["eval_key"],
             progress=c.ProgressReporter(ctx),
+            **_kwargs(p),
         )
         c.remember(ctx, NAME, p)
 
@@ -226,7 +241,11 @@ class KnnPreannotate(foo.Operator):
             "num_classes": len(out.classes),
             "eval_key": out.eval_key if out.accuracy is not None else None,
             "accuracy": out.accuracy,
-            "brain_key": p["brain_key"],
+            "brain_key": out.brain_key or p["brain_key"],
+            "num_accepted": out.num_accepted,
+            "expected_coverage": out.expected_coverage,
+            "reference_accuracy": out.reference_accuracy,
+            "ece": out.ece,
         }
 
     def resolve_output(self, ctx):
@@ -237,11 +256,16 @@ class KnnPreannotate(foo.Operator):
                 ("pred_field", "Prediction field"),
                 ("num_targets", "Targets"),
                 ("num_labeled", "Pre-labeled"),
+                ("num_accepted", "Accepted without review"),
+                ("expected_coverage", "Expected share accepted (references)"),
                 ("num_review", "Left for review"),
                 ("review_tag", "Review tag"),
                 ("num_classes", "Classes"),
                 ("accuracy", "Accuracy on targets with ground truth"),
                 ("eval_key", "Evaluation key (open in Model Evaluation)"),
+                ("reference_accuracy", "Held-out accuracy on the references"),
+                ("ece", "Calibration error on the references"),
+                ("brain_key", "Index that voted"),
             ],
         )
 
@@ -256,6 +280,10 @@ class KnnPreannotate(foo.Operator):
         vote="majority",
         eval_key=None,
         min_confidence=None,
+        mode="knn",
+        target_precision=None,
+        calibrate=False,
+        propagate=False,
         delegate=False,
     ):
         """Pre-annotates ``sample_collection`` (the targets).
@@ -272,6 +300,15 @@ class KnnPreannotate(foo.Operator):
             eval_key (None): evaluate against ``label_field`` under this key
             min_confidence (None): below it, no label and the
                 ``needs_review`` tag
+            mode ("knn"): ``"knn"`` or ``"adapted"`` (embeddings adapted
+                to the references' labels, indexed under
+                ``<brain_key>_adapted``; see :func:`prelabel.preannotate`)
+            target_precision (None): e.g. ``0.99``: accept the pre-labels
+                the references say keep this precision, tag the rest
+                ``needs_review``
+            calibrate (False): write calibrated confidences
+            propagate (False): spread labels over the neighbor graph when
+                the references say it helps
             delegate (False): queue a delegated operation instead
 
         Returns:
@@ -286,9 +323,83 @@ class KnnPreannotate(foo.Operator):
             vote=vote,
             eval_key=eval_key,
             min_confidence=min_confidence,
+            mode=mode,
+            target_precision=target_precision,
+            calibrate=calibrate,
+            propagate=propagate,
         )
         return c.execute(self, sample_collection, params, delegate=delegate)
 
 
 def _form(inputs):
     return types.Property(inputs, view=types.View(label="kNN pre-annotate"))
+
+
+def _accept_inputs(inputs, last):
+    """The form's "accept without review" section: how targets are
+    scored, and the precision their accepted pre-labels must keep."""
+    c.header(
+        inputs,
+        "accept_header",
+        "Accept without review",
+        "Estimated from the labeled samples alone, each scored without "
+        "its own label; the targets' ground truth is never read.",
+    )
+    mode_view = types.RadioGroup()
+    mode_view.add_choice(
+        "knn",
+        label="Neighbors vote",
+        description="The labeled neighbors in this index vote",
+    )
+    mode_view.add_choice(
+        "adapted",
+        label="Adapted embeddings",
+        description=(
+            "Learns in seconds a projection of the embeddings and a "
+            "classifier from the labeled samples, indexes the adapted "
+            "vectors under '<index>_adapted' and votes there; the most "
+            "accurate, always calibrated"
+        ),
+    )
+    inputs.enum(
+        "mode",
+        list(MODES),
+        default=c.choose(last.get("mode"), MODES, "knn"),
+        label="Method",
+        view=mode_view,
+    )
+    inputs.float(
+        "target_precision",
+        min=0.5,
+        max=0.9999,
+        default=last.get("target_precision"),
+        required=False,
+        label="Accept at precision",
+        description=(
+            "e.g. 0.99: pre-labels whose confidence the labeled samples "
+            "say keeps this precision are marked accepted; the others are "
+            f"tagged '{constants.REVIEW_TAG}'. Empty accepts nothing"
+        ),
+    )
+    inputs.bool(
+        "calibrate",
+        default=bool(last.get("calibrate", False)),
+        required=False,
+        label="Calibrated confidence",
+        description=(
+            "Write as confidence the probability that the pre-label is "
+            "right (the vote's share is kept as vote_share)"
+        ),
+        view=types.CheckboxView(),
+    )
+    inputs.bool(
+        "propagate",
+        default=bool(last.get("propagate", False)),
+        required=False,
+        label="Spread over unlabeled neighbors",
+        description=(
+            "Propagate confident pre-labels through the neighbor graph of "
+            "all samples, when the labeled samples say it helps"
+        ),
+        view=types.CheckboxView(),
+    )

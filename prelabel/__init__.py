@@ -35,6 +35,7 @@ from prelabel.mistakes import (
     suspicious_labels,
 )
 from prelabel.preannotate import evaluate, preannotate
+from prelabel.scored import adapt_index
 from prelabel.sync import sync_index
 
 _register_backend()
@@ -60,6 +61,7 @@ __all__ = [
     "BACKEND_NAME",
     "PLUGIN_NAME",
     "adapt_embeddings",
+    "adapt_index",
     "compute_embeddings",
     "list_models",
     "load_mnist_dataset",

@@ -94,31 +94,75 @@ def _reference_digest(ids, labels) -> str:
     return h.hexdigest()
 
 
-def adapted_index(
+def check_adapt_index(
     dataset,
-    results,
-    reference,
-    label_field: str,
-    progress: ProgressArg = True,
+    results=None,
+    reference=None,
+    label_field: str = constants.DEFAULT_LABEL_FIELD,
 ):
-    """The index of adapted embeddings for ``results``' embeddings and the
-    references: reused while the references (ids and labels) are the
-    same, else learned again (:func:`prelabel.adapt_embeddings`) and synced
-    (:func:`prelabel.sync_index`) under ``<brain_key>_adapted``.
+    """Runs every check of :func:`adapt_index` without writing.
 
     Returns:
-        the similarity results of the adapted index
+        ``(results, references view)``; the view is None when ``results``
+        already holds adapted embeddings (nothing to learn)
+
+    Raises:
+        ValueError: one sentence saying what is wrong and what to do
+    """
+    from prelabel.preannotate import resolve_index
+
+    results = resolve_index(dataset, results)
+    emb_field = results.config.embeddings_field
+    if adapt.adapter_record(dataset, emb_field) is not None:
+        return results, None
+    _, refs = adapt.check_adapt_embeddings(
+        dataset,
+        reference,
+        label_field,
+        emb_field,
+        f"{emb_field}_adapted",
+    )
+    return results, refs
+
+
+def adapt_index(
+    dataset,
+    results=None,
+    reference=None,
+    label_field: str = constants.DEFAULT_LABEL_FIELD,
+    progress: ProgressArg = True,
+):
+    """Learns embeddings adapted to the labels of the references from the
+    embeddings of an index, and indexes them: the index that
+    ``preannotate(..., mode="adapted")`` votes in, built ahead (for
+    example to browse the adapted space with ``sort_by_similarity``).
+
+    Reused while the references (ids and labels) are the same, else
+    learned again (:func:`prelabel.adapt_embeddings`, which writes
+    ``<embeddings_field>_adapted``) and synced (:func:`prelabel.sync_index`)
+    under ``<brain_key>_adapted``. Only the references' labels are read.
+
+    Args:
+        dataset: the dataset of the index
+        results (None): the results of :func:`prelabel.sync_index`, or a
+            brain key; default ``"prelabel_qdrant"``
+        reference (None): whose labels train it: ``None`` for every sample
+            labeled in ``label_field``, a tag (or list of tags), or a view
+        label_field ("ground_truth"): the Classification field of labels
+        progress (True): a bar, nothing, or ``progress(fraction, label)``
+
+    Returns:
+        the similarity results of the adapted index (``results`` itself
+        when it already holds adapted embeddings)
     """
     from prelabel.sync import sync_index
 
-    emb_field = results.config.embeddings_field
-    if adapt.adapter_record(dataset, emb_field) is not None:
+    results, refs = check_adapt_index(dataset, results, reference, label_field)
+    if refs is None:
         return results  # already an adapted index
+    emb_field = results.config.embeddings_field
     out_field = f"{emb_field}_adapted"
     brain_key = f"{results.key}_adapted"
-    refs = adapt.reference_view(dataset, reference, label_field).exists(
-        emb_field
-    )
     ref_ids, ref_labels = refs.values(["id", f"{label_field}.label"])
     digest = _reference_digest(ref_ids, ref_labels)
     record = adapt.adapter_record(dataset, out_field)
@@ -253,9 +297,7 @@ def preannotate_scored(
     dataset = targets._dataset
     root = targets._root_dataset
     if mode == "adapted":
-        results = adapted_index(
-            root, results, reference, label_field, progress
-        )
+        results = adapt_index(root, results, reference, label_field, progress)
         from prelabel.preannotate import reference_filter
 
         flt, _ = reference_filter(results, reference, label_field)
@@ -386,6 +428,11 @@ def preannotate_scored(
             "target_precision": target_precision,
             "accept_threshold": cal.threshold,
             "expected_coverage": cal.expected_coverage,
+            "expected_precision": cal.expected_precision,
+            # the references' held-out curve, in the written confidence
+            "expected_curve": calibration.curve_points(
+                cal.calibrator(conf_ref) if calibrate else conf_ref, correct
+            ),
             "propagation": getattr(out, "propagation", None),
         },
     )
