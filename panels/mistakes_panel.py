@@ -398,8 +398,11 @@ class MistakesPanel(Panel):
         curve = pdata.precision_coverage(
             dataset, source.pred_field, source.gt_field, eval_key, target
         )
+        expected = pdata.run_expectation(
+            dataset, source.pred_field, source.gt_field, eval_key
+        )
         ctx.panel.set_data("confusion", _heatmap(confusion, normalize))
-        ctx.panel.set_data("coverage", _coverage_traces(curve))
+        ctx.panel.set_data("coverage", _coverage_traces(curve, expected))
         ctx.panel.set_state(
             {
                 # no stale copies of the plots' values (see _load_rows)
@@ -407,7 +410,8 @@ class MistakesPanel(Panel):
                 "coverage": None,
                 "has_charts": bool(confusion.classes),
                 "confusion_classes": confusion.classes,
-                "coverage_text": curve.text,
+                "coverage_text": curve.text
+                + (f"\n\n{expected.text}" if expected else ""),
                 "threshold": curve.threshold,
             }
         )
@@ -834,10 +838,11 @@ def _heatmap(confusion, normalize):
     ]
 
 
-def _coverage_traces(curve):
+def _coverage_traces(curve, expected=None):
+    traces = _expected_traces(expected) if expected is not None else []
     if curve.num_samples == 0:
-        return []
-    traces = [
+        return traces
+    traces += [
         {
             "type": "scatter",
             "mode": "lines+markers",
@@ -871,6 +876,49 @@ def _coverage_traces(curve):
                 "text": [f"≥ {curve.threshold:.3f}"],
                 "textposition": "bottom right",
                 "marker": {"size": 12, "symbol": "star"},
+            }
+        )
+    return traces
+
+
+def _expected_traces(expected):
+    """The references' held-out curve and, for a run with an accept
+    threshold, its expected point beside the measured one."""
+    traces = [
+        {
+            "type": "scatter",
+            "mode": "lines",
+            "name": "expected (references)",
+            "x": expected.coverage.tolist(),
+            "y": expected.precision.tolist(),
+            "text": [f"{t:.3f}" for t in expected.thresholds],
+            "line": {"dash": "dot"},
+            "hovertemplate": (
+                "expected from the references<br>confidence ≥ %{text}"
+                "<br>coverage %{x:.1%}<br>precision %{y:.2%}<extra></extra>"
+            ),
+        }
+    ]
+    if expected.expected_precision is not None:
+        traces.append(
+            {
+                "type": "scatter",
+                "mode": "markers",
+                "name": "accepted: expected",
+                "x": [expected.expected_coverage],
+                "y": [expected.expected_precision],
+                "marker": {"size": 11, "symbol": "circle-open"},
+            }
+        )
+    if expected.measured_precision is not None:
+        traces.append(
+            {
+                "type": "scatter",
+                "mode": "markers",
+                "name": "accepted: measured",
+                "x": [expected.measured_coverage],
+                "y": [expected.measured_precision],
+                "marker": {"size": 11, "symbol": "diamond"},
             }
         )
     return traces

@@ -71,6 +71,32 @@ def precision_curve(
     return conf[ends], n[ends] / conf.size, hits[ends] / n[ends]
 
 
+def curve_points(
+    confidence: np.ndarray, correct: np.ndarray, max_points: int = 200
+) -> dict:
+    """:func:`precision_curve` thinned to at most ``max_points`` points
+    (evenly spaced in coverage, the ends kept), as JSON-able lists: what a
+    run stores so that a plot can show later what it expected.
+
+    Returns:
+        ``{"thresholds": [...], "coverage": [...], "precision": [...]}``
+    """
+    thresholds, coverage, precision = precision_curve(confidence, correct)
+    if coverage.size > max_points:
+        want = np.linspace(coverage[0], coverage[-1], max_points)
+        keep = np.unique(np.searchsorted(coverage, want))
+        thresholds, coverage, precision = (
+            thresholds[keep],
+            coverage[keep],
+            precision[keep],
+        )
+    return {
+        "thresholds": [float(v) for v in thresholds],
+        "coverage": [float(v) for v in coverage],
+        "precision": [float(v) for v in precision],
+    }
+
+
 def coverage_at_precision(
     confidence: np.ndarray, correct: np.ndarray, target_precision: float
 ) -> float:

@@ -28,6 +28,7 @@ import numpy as np
 from fiftyone import ViewField as F
 
 from prelabel import constants, validation
+from prelabel.calibration import precision_curve
 from prelabel.mistakes import high_confidence_mistakes, suspicious_labels
 from prelabel.preannotate import _natural_key
 
@@ -529,18 +530,8 @@ def coverage_curve(
 ) -> Coverage:
     """:func:`precision_coverage` on arrays: ``confidence`` of each
     pre-label and whether it is ``correct``."""
+    thresholds, coverage, precision = precision_curve(confidence, correct)
     n = len(confidence)
-    if n == 0:
-        empty = np.zeros(0)
-        return Coverage(empty, empty, empty, 0, target, None, 0.0, None)
-    order = np.argsort(-confidence, kind="stable")
-    conf, hits = confidence[order], np.cumsum(correct[order])
-    # the last sample of each run of equal confidences closes a threshold
-    last = np.flatnonzero(np.r_[conf[1:] != conf[:-1], True])
-    accepted = last + 1
-    thresholds = conf[last]
-    coverage = accepted / n
-    precision = hits[last] / accepted
     ok = np.flatnonzero(precision >= target - 1e-12)
     if len(ok) == 0:
         return Coverage(
@@ -557,6 +548,120 @@ def coverage_curve(
         float(coverage[best]),
         float(precision[best]),
     )
+
+
+@dataclass
+class Expectation:
+    """What a pre-annotation run with an accept threshold expected, from
+    its references (each scored without its own label), beside what the
+    ground truth measures of the pre-labels it accepted.
+
+    Attributes:
+        coverage: the references' held-out curve: share accepted ...
+        precision: ... and the precision of those (float arrays)
+        thresholds: the confidence of each point (as written)
+        target: the run's ``target_precision`` (None without one)
+        expected_coverage: the share of references accepted at the run's
+            threshold (the expected share of targets)
+        expected_precision: the references' precision there
+        num_measured: accepted-or-not pre-labels with ground truth
+        measured_coverage: the share of those the run accepted
+        measured_precision: the precision of the accepted ones (None when
+            none was accepted or nothing can be measured)
+    """
+
+    coverage: np.ndarray
+    precision: np.ndarray
+    thresholds: np.ndarray
+    target: float | None
+    expected_coverage: float | None
+    expected_precision: float | None
+    num_measured: int = 0
+    measured_coverage: float | None = None
+    measured_precision: float | None = None
+
+    @property
+    def text(self) -> str:
+        """One sentence: expected against measured."""
+        if self.target is None:
+            return (
+                "The dashed curve is what the references expected "
+                "(each scored without its own label)."
+            )
+        if self.expected_precision is None:
+            return (
+                f"No confidence kept {self.target:.1%} precision on the "
+                "references, so the run accepted no pre-label; label more "
+                "samples or lower the target."
+            )
+        said = (
+            f"The run accepted the pre-labels its references expected to "
+            f"keep {self.target:.1%} precision: "
+            f"{self.expected_coverage:.1%} of them expected"
+        )
+        if not self.num_measured:
+            return said + "; no ground truth to measure them against yet."
+        if self.measured_precision is None:
+            return said + (
+                f"; none of the {self.num_measured:,} with ground truth "
+                "was accepted."
+            )
+        return said + (
+            f", {self.measured_coverage:.1%} of {self.num_measured:,} "
+            f"with ground truth accepted at {self.measured_precision:.1%} "
+            "measured precision."
+        )
+
+
+def _finite(value) -> float | None:
+    """``value`` as a float, or None for None, NaN or infinity (a run
+    whose threshold was never reached stores NaN)."""
+    if value is None or not np.isfinite(value):
+        return None
+    return float(value)
+
+
+def run_expectation(
+    dataset, pred_field: str, gt_field: str, eval_key: str | None = None
+) -> Expectation | None:
+    """The :class:`Expectation` of the run that wrote ``pred_field``, or
+    None when that run stored no expectation (a plain vote: no
+    calibration, no accept threshold)."""
+    run = prelabel_runs(dataset).get(pred_field) or {}
+    curve = run.get("expected_curve")
+    if not curve:
+        return None
+    target = run.get("target_precision")
+    out = Expectation(
+        coverage=np.asarray(curve["coverage"], dtype=float),
+        precision=np.asarray(curve["precision"], dtype=float),
+        thresholds=np.asarray(curve["thresholds"], dtype=float),
+        target=target,
+        expected_coverage=_finite(run.get("expected_coverage")),
+        expected_precision=_finite(run.get("expected_precision")),
+    )
+    if target is None:
+        return out
+    scope = evaluation_scope(dataset, pred_field, gt_field, eval_key)
+    truth, pred, accepted = scope.values(
+        [
+            f"{gt_field}.label",
+            f"{pred_field}.label",
+            f"{pred_field}.accepted",
+        ]
+    )
+    rows = [
+        (t == p, bool(a))
+        for t, p, a in zip(truth, pred, accepted, strict=True)
+        if t is not None and p is not None
+    ]
+    out.num_measured = len(rows)
+    hits = [ok for ok, a in rows if a]
+    if rows:
+        out.measured_coverage = len(hits) / len(rows)
+    if hits:
+        out.measured_precision = float(np.mean(hits))
+    return out
 
 
 # ---- bulk actions -----------------------------------------------------

@@ -13,6 +13,7 @@ from sklearn.datasets import load_digits
 
 import prelabel
 from prelabel import calibration, constants
+from prelabel import panel_data as pdata
 
 K = 15
 
@@ -103,6 +104,22 @@ def test_accept_threshold_keeps_the_precision_and_accepts_ties_together():
     assert cov == pytest.approx(504 / 510)
 
 
+def test_curve_points_thin_the_curve_and_keep_its_ends():
+    rng = np.random.default_rng(2)
+    conf = rng.uniform(size=5000)
+    ok = rng.uniform(size=conf.size) < conf
+    full = calibration.precision_curve(conf, ok)
+    pts = calibration.curve_points(conf, ok, max_points=50)
+    assert 40 <= len(pts["coverage"]) <= 50
+    assert pts["coverage"][0] == full[1][0] and pts["coverage"][-1] == 1.0
+    assert pts["precision"][-1] == pytest.approx(ok.mean())
+    # every kept point is a point of the full curve
+    at = np.searchsorted(full[1], pts["coverage"])
+    np.testing.assert_allclose(full[2][at], pts["precision"])
+    small = calibration.curve_points(conf[:10], ok[:10])
+    assert len(small["coverage"]) == 10
+
+
 # ---- through the index ---------------------------------------------------
 
 
@@ -153,6 +170,20 @@ def test_calibrated_preannotation_on_held_out_targets(digits):
     assert correct[accepted].mean() >= 0.96
     run = dataset.info["prelabel_runs"]["prelabel"]
     assert run["calibrate"] and run["target_precision"] == 0.98
+
+    # what the panel plots: the references' curve, expected vs measured
+    exp = pdata.run_expectation(dataset, "prelabel", "ground_truth")
+    assert exp.target == 0.98
+    assert exp.expected_coverage == pytest.approx(res.expected_coverage)
+    assert exp.expected_precision == pytest.approx(res.expected_precision)
+    assert np.all(np.diff(exp.coverage) > 0) and exp.coverage[-1] == 1.0
+    # the whole curve ends at the references' held-out accuracy
+    assert exp.precision[-1] == pytest.approx(res.reference_accuracy)
+    assert np.all(np.diff(exp.thresholds) < 0)
+    assert exp.num_measured == len(test)
+    assert exp.measured_coverage == pytest.approx(accepted.mean())
+    assert exp.measured_precision == pytest.approx(correct[accepted].mean())
+    assert "measured precision" in exp.text
     dataset.untag_samples(constants.REVIEW_TAG)
 
 

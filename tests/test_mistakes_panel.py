@@ -22,6 +22,7 @@ import pytest
 from reviewed_digits import EVAL_KEY, build_reviewed_dataset, delete
 
 import prelabel
+from prelabel import constants
 from prelabel import panel_data as pdata
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -469,6 +470,39 @@ def test_normalized_confusion_and_target_precision(dataset):
     assert app.state["coverage_text"] == curve.text
     marker = app.data["coverage"][-1]
     assert marker["x"] == [curve.coverage_at_target]
+
+
+def test_coverage_plot_shows_expected_against_measured(dataset):
+    prelabel.preannotate(
+        dataset.match_tags("test"),
+        reference="train",
+        pred_field="prelabel_accept",
+        target_precision=0.9,
+        progress=False,
+    )
+    try:
+        app = _loaded(
+            dataset,
+            {"pred_field": "prelabel_accept", "gt_field": "ground_truth"},
+        )
+        exp = pdata.run_expectation(dataset, "prelabel_accept", "ground_truth")
+        traces = {t["name"]: t for t in app.data["coverage"]}
+        ref = traces["expected (references)"]
+        assert ref["x"] == exp.coverage.tolist()
+        assert ref["y"] == exp.precision.tolist()
+        assert traces["accepted: expected"]["x"] == [exp.expected_coverage]
+        measured = traces["accepted: measured"]
+        assert measured["x"] == [exp.measured_coverage]
+        assert measured["y"] == [exp.measured_precision]
+        assert "accepted pre-labels" in traces  # the measured curve
+        assert app.state["coverage_text"].endswith(exp.text)
+    finally:
+        dataset.delete_sample_field("prelabel_accept")
+        dataset.untag_samples(constants.REVIEW_TAG)
+        runs = dict(dataset.info["prelabel_runs"])
+        runs.pop("prelabel_accept")
+        dataset.info["prelabel_runs"] = runs
+        dataset.save()
 
 
 def test_without_a_run_the_panel_offers_the_operator():
