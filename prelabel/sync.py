@@ -104,25 +104,42 @@ def check_index_dim(index: VectorIndex, dim: int, embeddings_field: str):
 
 class _Lease:
     """Keeps an embedded index open across the chunks of a long job, and
-    gives it back to other processes every ``hold`` seconds.
+    gives it back to other processes every few seconds.
 
     Loading a shard costs more as it grows, so opening it per chunk makes a
     big sync quadratic; holding it for the whole job would make the App wait
     for minutes. Releasing it briefly every couple of seconds lets a waiting
-    process (which polls at least every 0.1 s) take its turn.
+    process (which polls at least every 0.1 s) take its turn. The lease
+    lasts ``overhead`` times what the last reopening cost (within
+    ``hold`` and ``max_hold``, well under the waiters' lock timeout), so
+    that reopening a big shard takes about ``1 / overhead`` of the job.
     """
 
-    def __init__(self, index, hold: float = 2.0, pause: float = 0.15):
+    def __init__(
+        self,
+        index,
+        hold: float = 2.0,
+        pause: float = 0.15,
+        overhead: float = 10.0,
+        max_hold: float = 30.0,
+    ):
         self._session = getattr(index, "session", None)
-        self._hold, self._pause = hold, pause
+        self._hold, self._pause, self._overhead = hold, pause, overhead
+        self._max_hold = max_hold
         self._cm = None
         self._since = 0.0
+        self._lease = hold
 
     def _open(self):
         if self._session is not None:
+            t0 = time.monotonic()
             self._cm = self._session()
             self._cm.__enter__()
             self._since = time.monotonic()
+            cost = self._since - t0 + self._pause
+            self._lease = min(
+                max(self._hold, self._overhead * cost), self._max_hold
+            )
 
     def _close(self, *exc):
         if self._cm is not None:
@@ -132,7 +149,7 @@ class _Lease:
     def tick(self) -> None:
         if (
             self._cm is not None
-            and time.monotonic() - self._since > self._hold
+            and time.monotonic() - self._since > self._lease
         ):
             self._close()
             time.sleep(self._pause)
