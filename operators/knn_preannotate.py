@@ -158,7 +158,7 @@ class KnnPreannotate(foo.Operator):
             ),
         )
 
-        _accept_inputs(inputs, last)
+        _accept_inputs(ctx, inputs, last)
 
         c.header(inputs, "output_header", "Output")
         inputs.str(
@@ -335,7 +335,7 @@ def _form(inputs):
     return types.Property(inputs, view=types.View(label="kNN pre-annotate"))
 
 
-def _accept_inputs(inputs, last):
+def _accept_inputs(ctx, inputs, last):
     """The form's "accept without review" section: how targets are
     scored, and the precision their accepted pre-labels must keep."""
     c.header(
@@ -378,20 +378,12 @@ def _accept_inputs(inputs, last):
         description=(
             "e.g. 0.99: pre-labels whose confidence the labeled samples "
             "say keeps this precision are marked accepted; the others are "
-            f"tagged '{constants.REVIEW_TAG}'. Empty accepts nothing"
+            f"tagged '{constants.REVIEW_TAG}'. Empty: no threshold"
         ),
     )
-    inputs.bool(
-        "calibrate",
-        default=bool(last.get("calibrate", False)),
-        required=False,
-        label="Calibrated confidence",
-        description=(
-            "Write as confidence the probability that the pre-label is "
-            "right (the vote's share is kept as vote_share)"
-        ),
-        view=types.CheckboxView(),
-    )
+    mode = ctx.params.get("mode") or last.get("mode")
+    if mode != "adapted":  # always calibrated
+        _calibrate_input(inputs, last)
     inputs.bool(
         "propagate",
         default=bool(last.get("propagate", False)),
@@ -400,6 +392,20 @@ def _accept_inputs(inputs, last):
         description=(
             "Propagate confident pre-labels through the neighbor graph of "
             "all samples, when the labeled samples say it helps"
+        ),
+        view=types.CheckboxView(),
+    )
+
+
+def _calibrate_input(inputs, last):
+    inputs.bool(
+        "calibrate",
+        default=bool(last.get("calibrate", False)),
+        required=False,
+        label="Calibrated confidence",
+        description=(
+            "Write as confidence the probability that the pre-label is "
+            "right (the vote's share is kept as vote_share)"
         ),
         view=types.CheckboxView(),
     )

@@ -1,7 +1,8 @@
 """The plugin's operators in the App (issue 3), clicked in headless
 Chromium: the operator browser lists them, their forms render, and
-``knn_preannotate`` filled in and executed from its form writes the
-prediction field, which then shows in the sidebar with its count.
+``knn_preannotate`` filled in (adapted embeddings, accepted at 99 %
+precision) and executed from its form writes the prediction field, which
+then shows in the sidebar with its count.
 
 Each form is also saved as a screenshot (``docs/operator-<name>.png`` with
 ``PRELABEL_UPDATE_DOCS=1``), for the README.
@@ -25,6 +26,7 @@ FORM_VIEWPORT = {"width": 1100, "height": 1600}
 FORMS = {
     "compute_embeddings": ("Compute embeddings", "Model"),
     "sync_index": ("Sync Qdrant index", "Embeddings field"),
+    "adapt_embeddings": ("Adapt embeddings to labels", "Label field"),
     "knn_preannotate": ("kNN pre-annotate", "Index (brain key)"),
     "find_label_mistakes": ("Find label mistakes", "Score field"),
     "open_mistakes_panel": ("Open mistakes panel", "Prediction field"),
@@ -85,11 +87,23 @@ def test_knn_preannotate_from_the_operator_browser(app, dataset):
     shoot_form(app, modal, "sync_index")
     close_form(app, modal)
 
+    modal = open_form(app, "adapt_embeddings")
+    app.choose(modal, "Reference tag", "train")
+    modal.get_by_text(
+        "150 labeled samples train it; writes 'embeddings_adapted' and "
+        "the index 'prelabel_qdrant_adapted'"
+    ).wait_for()
+    shoot_form(app, modal, "adapt_embeddings")
+    close_form(app, modal)
+
     # kNN pre-annotate on the current view (the test samples), only the
     # train samples vote, into a new field
     modal = open_form(app, "knn_preannotate")
     app.choose(modal, "Reference tag", "train")
     app.fill(modal, "Prediction field", PRED_FIELD)
+    # the one-click setting: adapted embeddings, accepted at 99 %
+    modal.get_by_text("Adapted embeddings", exact=True).click()
+    app.fill(modal, "Accept at precision", 0.99)
     modal.get_by_text(
         "150 targets; 150 labeled samples vote (tag 'train')"
     ).wait_for()
@@ -122,6 +136,14 @@ def test_knn_preannotate_from_the_operator_browser(app, dataset):
     )
     assert dataset.get_field(PRED_FIELD).document_type is fo.Classification
     assert dataset.values("ground_truth.label") == gt_before
+    # the form's method and threshold reached the run
+    run = dataset.info["prelabel_runs"][PRED_FIELD]
+    assert run["mode"] == "adapted" and run["target_precision"] == 0.99
+    accepted = dataset.count_values(f"{PRED_FIELD}.accepted")
+    assert accepted.get(True, 0) + accepted.get(False, 0) == 150
+    assert accepted.get(False, 0) == dataset.count_sample_tags().get(
+        "needs_review", 0
+    )
     assert "prelabel_eval" in dataset.list_evaluations()
     view = app.wait_view(
         lambda v: len(v) == 150 and PRED_FIELD in str(v._stages),
