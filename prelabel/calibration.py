@@ -142,6 +142,28 @@ def accept_threshold(
     return float(thresholds[i]), float(coverage[i]), float(expected[i])
 
 
+def choose_score(
+    candidates: dict, correct: np.ndarray, target_precision: float
+) -> str:
+    """The candidate score that accepts the most references at
+    ``target_precision`` (:func:`accept_threshold`); on a tie, the first.
+
+    Args:
+        candidates: name -> the references' held-out scores (n,)
+        correct: bool (n,), whether each reference's pre-label was right
+        target_precision: the wanted precision
+
+    Returns:
+        the name of the chosen candidate
+    """
+    best, best_cov = None, -1.0
+    for name, score in candidates.items():
+        cov = accept_threshold(score, correct, target_precision)[1]
+        if cov > best_cov:
+            best, best_cov = name, cov
+    return best
+
+
 @dataclass
 class Calibrator:
     """A monotone map from raw confidence to the probability of being

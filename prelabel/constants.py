@@ -44,3 +44,8 @@ def cache_dir() -> str:
     if env:
         return os.path.abspath(os.path.expanduser(env))
     return os.path.join(os.path.expanduser("~"), ".cache", "prelabel")
+
+
+#: the precision that accepted pre-labels keep unless asked otherwise (the
+#: panel's default, and what ranks adapted pre-labels without a target)
+DEFAULT_TARGET_PRECISION = 0.99

@@ -51,7 +51,7 @@ TAGS = ("label_error", "prelabel_ok", constants.REVIEW_TAG)
 MISSING = "(none)"
 
 #: the default precision that pre-labels must keep to be accepted unseen
-DEFAULT_TARGET_PRECISION = 0.99
+DEFAULT_TARGET_PRECISION = constants.DEFAULT_TARGET_PRECISION
 
 #: the summary counts the rows whose score is above this
 DEFAULT_HIGH = 0.9

@@ -63,6 +63,10 @@ class PreannotationResult:
         coverage: ``num_accepted / num_targets``
         propagation: what spreading the labels chose, with
             ``propagate=True``
+        accept_score: in ``mode="adapted"``, what ranks the pre-labels
+            for acceptance, chosen on the references: ``"adapted"``, or
+            ``"adapted x frozen vote"`` (also the share of the vote of the
+            neighbors in the frozen embeddings)
     """
 
     pred_field: str
@@ -87,6 +91,7 @@ class PreannotationResult:
     num_accepted: int | None = None
     coverage: float | None = None
     propagation: dict | None = None
+    accept_score: str | None = None
 
 
 def resolve_index(samples, index=None, brain_key=None):

@@ -296,6 +296,9 @@ def preannotate_scored(
     its arguments are ``preannotate``'s, already checked."""
     dataset = targets._dataset
     root = targets._root_dataset
+    # the index of the frozen embeddings, whose vote can second the
+    # adapted one when ranking what to accept (see _accept_score)
+    frozen = (results, flt) if mode == "adapted" else None
     if mode == "adapted":
         results = adapt_index(root, results, reference, label_field, progress)
         from prelabel.preannotate import reference_filter
@@ -354,6 +357,23 @@ def preannotate_scored(
         ref_win = ref_probs.argmax(axis=1)
     correct = ref_win == ref_y
     conf_ref = ref_probs.max(axis=1)
+    scales = None
+    if adapter is not None and frozen is not None:
+        t5 = time.perf_counter()
+        conf_ref, scales, out.accept_score = _accept_score(
+            root,
+            frozen,
+            chunks,
+            ref_ids,
+            ref_win,
+            conf_ref,
+            correct,
+            classes,
+            k,
+            vote,
+            target_precision or constants.DEFAULT_TARGET_PRECISION,
+        )
+        out.seconds["accept_score"] = time.perf_counter() - t5
     cal = calibration.calibrate(conf_ref, correct, target_precision)
     out.calibrated = bool(calibrate)
     out.reference_accuracy = cal.reference_accuracy
@@ -375,7 +395,7 @@ def preannotate_scored(
             fo.EmbeddedDocumentField,
             embedded_doc_type=fo.Classification,
         )
-        for chunk_ids, votes, nb_ids, probs in chunks:
+        for i, (chunk_ids, votes, nb_ids, probs) in enumerate(chunks):
             labels, review, acc = _classifications(
                 votes,
                 nb_ids,
@@ -383,6 +403,7 @@ def preannotate_scored(
                 cal if calibrate else None,
                 cal.threshold if target_precision is not None else None,
                 min_confidence,
+                scale=scales[i] if scales is not None else None,
             )
             accepted_n += acc
             written += sum(lbl is not None for lbl in labels)
@@ -434,6 +455,7 @@ def preannotate_scored(
                 cal.calibrator(conf_ref) if calibrate else conf_ref, correct
             ),
             "propagation": getattr(out, "propagation", None),
+            "accept_score": out.accept_score,
         },
     )
     out.seconds["write"] = time.perf_counter() - t4
@@ -494,6 +516,73 @@ def _propagate(
     return choice.held_out_proba, choice
 
 
+def _frozen_share(root, frozen, ids, winners, classes, k, vote):
+    """The share of the frozen-embeddings vote (``k`` neighbors among the
+    references of ``frozen``, never the sample itself) that goes to each
+    sample's winning class."""
+    results, flt = frozen
+    emb_field = results.config.embeddings_field
+    share = np.zeros(len(ids))
+    row = {sid: i for i, sid in enumerate(ids)}
+    for a in range(0, len(ids), 1000):
+        chunk_ids, vectors = _read_vectors(root, ids[a : a + 1000], emb_field)
+        res = results.index.query(vectors, k + 1, flt)
+        _, nb_labels, sims = _drop_self(res, chunk_ids, k)
+        v = knn.vote(nb_labels, sims, classes, k, vote)
+        at = np.array([row[s] for s in chunk_ids], dtype=np.int64)
+        share[at] = v.probs[np.arange(len(at)), winners[at]]
+    return share
+
+
+def _accept_score(
+    root,
+    frozen,
+    chunks,
+    ref_ids,
+    ref_win,
+    conf_ref,
+    correct,
+    classes,
+    k,
+    vote,
+    target_precision,
+):
+    """Which score ranks the adapted pre-labels for acceptance, chosen on
+    the references.
+
+    The adapted score is the sharper classifier, but on some data its most
+    confident predictions level off just under a high precision (a few
+    look-alike classes stay confused at any confidence), while the
+    neighbors in the frozen embeddings, an independent view, are
+    unanimous on most of the samples that are safe. The candidates are
+    the adapted score alone and times the frozen vote's share of the
+    adapted label; the references (held out for both) pick the one that
+    accepts the most of them at ``target_precision``. Labels never change.
+
+    Returns:
+        ``(reference scores, per-chunk target factors or None, name)``
+    """
+    share_ref = _frozen_share(
+        root, frozen, list(ref_ids), ref_win, classes, k, vote
+    )
+    candidates = {
+        "adapted": conf_ref,
+        "adapted x frozen vote": conf_ref * share_ref,
+    }
+    name = calibration.choose_score(candidates, correct, target_precision)
+    if name == "adapted":
+        return conf_ref, None, name
+    scales = []
+    for chunk_ids, votes, _, probs in chunks:
+        winners = _winners(probs, votes)
+        scales.append(
+            _frozen_share(
+                root, frozen, list(chunk_ids), winners, classes, k, vote
+            )
+        )
+    return candidates[name], scales, name
+
+
 def _winners(probs: np.ndarray, votes: knn.Votes) -> np.ndarray:
     """The class of each row: the most probable, and among tied ones the
     vote's winner (which breaks ties by similarity)."""
@@ -506,9 +595,12 @@ def _winners(probs: np.ndarray, votes: knn.Votes) -> np.ndarray:
     return out
 
 
-def _classifications(votes, nb_ids, probs, cal, threshold, min_confidence):
+def _classifications(
+    votes, nb_ids, probs, cal, threshold, min_confidence, scale=None
+):
     """The Classifications of a chunk, which need review, and how many
-    were accepted."""
+    were accepted. ``scale``: a factor of each row's raw confidence (the
+    frozen vote's share of the winner, see :func:`_accept_score`)."""
     classes = votes.classes
     eps = 1e-3
     logits = np.log((probs + eps) / (1.0 + eps * max(len(classes), 1))).astype(
@@ -523,6 +615,8 @@ def _classifications(votes, nb_ids, probs, cal, threshold, min_confidence):
             continue
         w = int(winners[i])
         raw = float(probs[i, w])
+        if scale is not None:
+            raw *= float(scale[i])
         conf = float(cal.calibrator(raw)) if cal is not None else raw
         if min_confidence is not None and conf < min_confidence:
             labels.append(None)

@@ -15,7 +15,7 @@ from sklearn.datasets import load_digits
 from sklearn.metrics import roc_auc_score
 
 import prelabel
-from prelabel import adapt, constants
+from prelabel import adapt, calibration, constants
 
 K = 15
 
@@ -219,6 +219,77 @@ def test_preannotate_adapted_mode_in_one_call(digits_ds):
     assert direct.mode == "knn" and direct.accuracy >= plain.accuracy
     assert test.first()["prelabel"].has_field("vote_share")
     dataset.untag_samples("needs_review")
+
+
+def test_accept_score_is_chosen_on_the_references(digits_ds, monkeypatch):
+    """In adapted mode the references pick what ranks pre-labels for
+    acceptance; forced to the product, the written raw confidence is the
+    adapted score times the frozen vote's share of the adapted label."""
+    dataset = digits_ds
+    index = prelabel.sync_index(
+        dataset, embeddings_field="embeddings", progress=False
+    )
+    test = dataset.match_tags("test")
+    prelabel.preannotate(
+        test,
+        index=index,
+        reference="train",
+        pred_field="plain",
+        progress=False,
+    )
+    kwargs = dict(
+        index=index,
+        reference="train",
+        mode="adapted",
+        target_precision=0.98,
+        progress=False,
+    )
+    res = prelabel.preannotate(test, pred_field="free", **kwargs)
+    assert res.accept_score in ("adapted", "adapted x frozen vote")
+    run = dataset.info["prelabel_runs"]["free"]
+    assert run["accept_score"] == res.accept_score
+
+    picked = []
+
+    def forced(name):
+        def choose(candidates, correct, target):
+            picked.append(sorted(candidates))
+            return name
+
+        return choose
+
+    monkeypatch.setattr(calibration, "choose_score", forced("adapted"))
+    alone = prelabel.preannotate(test, pred_field="alone", **kwargs)
+    product = "adapted x frozen vote"
+    monkeypatch.setattr(calibration, "choose_score", forced(product))
+    both = prelabel.preannotate(test, pred_field="both", **kwargs)
+    assert picked == [["adapted", product]] * 2
+    assert (alone.accept_score, both.accept_score) == ("adapted", product)
+    classes = dataset.info["prelabel_runs"]["plain"]["classes"]
+    rows = zip(*test.values(["alone", "both", "plain"]), strict=True)
+    for a, b, p in rows:
+        assert a.label == b.label  # labels never change
+        # the plain vote's share of that label, from its logits
+        smoothed = np.exp(np.asarray(p.logits, dtype=np.float64))
+        share = smoothed * (1 + 1e-3 * len(classes)) - 1e-3
+        share = share[classes.index(b.label)]
+        assert b.raw_confidence == pytest.approx(
+            a.raw_confidence * share, abs=1e-5
+        )
+    dataset.untag_samples("needs_review")
+
+
+def test_choose_score_prefers_the_one_that_keeps_the_precision():
+    rng = np.random.default_rng(0)
+    correct = rng.uniform(size=4000) < 0.9
+    # "flat": wrong ones spread evenly over the top: never 99 % precise
+    flat = rng.uniform(size=correct.size)
+    # "sharp": the wrong ones rank last
+    sharp = np.where(correct, 1.0, 0.0) * rng.uniform(0.5, 1, correct.size)
+    cands = {"flat": flat, "sharp": sharp}
+    assert calibration.choose_score(cands, correct, 0.99) == "sharp"
+    # a tie (both accept everything at a low target) keeps the first
+    assert calibration.choose_score(cands, correct, 0.5) == "flat"
 
 
 def test_adapted_label_mistakes_beat_the_plain_vote(arrays):
