@@ -128,7 +128,8 @@ def losses(sections: list[dict]) -> list[tuple[str, str]]:
         for note in notes:
             if note.startswith("**") and "**" in note[2:]:
                 head = note[2 : note.index("**", 2)]
-                out.append((sec["title"], head))
+                if (sec["title"], head) not in out:
+                    out.append((sec["title"], head))
     return out
 
 

@@ -46,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pred-field", default="prelabel")
     parser.add_argument("--eval-key", default="prelabel_eval")
     parser.add_argument(
+        "--no-accept",
+        action="store_true",
+        help="skip the second pre-annotation (adapted embeddings, accepted "
+        "at 99 %% precision)",
+    )
+    parser.add_argument(
         "--app", action="store_true", help="launch the App when done"
     )
     parser.add_argument("--port", type=int, default=5151)
@@ -133,6 +139,27 @@ def main(argv: list[str] | None = None) -> int:
 
     report(dataset, targets, args.pred_field, args.eval_key, result)
 
+    if not args.no_accept:
+        t = stage(
+            "Accept without review: embeddings adapted to the labels, "
+            "99 % precision"
+        )
+        accept_field = f"{args.pred_field}_accept"
+        accepted = prelabel.preannotate(
+            targets,
+            index=index,
+            reference="train",
+            label_field="ground_truth",
+            pred_field=accept_field,
+            k=args.k,
+            mode="adapted",
+            target_precision=0.99,
+            eval_key=f"{args.eval_key}_accept",
+            progress=True,
+        )
+        timings["accept"] = time.perf_counter() - t
+        report_accepted(targets, accept_field, accepted, result)
+
     print("\n== Time per stage")
     for name, seconds in timings.items():
         print(f"{name:>12}: {seconds:7.1f} s")
@@ -152,6 +179,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nApp at http://localhost:{args.port} (Ctrl-C to stop)")
         session.wait(-1)
     return 0
+
+
+def report_accepted(targets, pred_field, accepted, plain) -> None:
+    """Prints what the one-click setting accepted, against what its
+    references expected and the ground truth measures."""
+    from prelabel import constants
+
+    truth, pred, ok = targets.values(
+        ["ground_truth.label", f"{pred_field}.label", f"{pred_field}.accepted"]
+    )
+    right = [t == p for t, p, a in zip(truth, pred, ok, strict=True) if a]
+    n = accepted.num_targets
+    print(
+        f"pre-labels in '{pred_field}': accuracy {accepted.accuracy:.4f} "
+        f"(the plain vote above: {plain.accuracy:.4f}); ranked for "
+        f"acceptance by '{accepted.accept_score}' (the references' choice)"
+    )
+    print(
+        f"accepted without review: {accepted.num_accepted:,} of {n:,} "
+        f"({accepted.coverage:.1%}; the references expected "
+        f"{accepted.expected_coverage:.1%}), measured precision "
+        + (f"{sum(right) / len(right):.2%}" if right else "n/a")
+    )
+    print(
+        f"left for review (tag '{constants.REVIEW_TAG}'): "
+        f"{accepted.num_review:,}; calibration error of the confidence "
+        f"(references, cross-validated): {accepted.ece:.3f}"
+    )
 
 
 def report(dataset, targets, pred_field, eval_key, result) -> None:

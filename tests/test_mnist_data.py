@@ -348,3 +348,43 @@ def test_bad_parameters(mnist_cache, dataset_names):
     with pytest.raises(ValueError, match="max_samples"):
         load_mnist_dataset(name=name, max_samples=0, cache=mnist_cache)
     assert not fo.dataset_exists(name)
+
+
+def test_demo_runs_the_whole_job(mnist_cache, dataset_names, monkeypatch):
+    """``python -m prelabel.demo`` on a small split (pixel vectors, so it
+    takes seconds): both pre-annotations written, the summary printed."""
+    import contextlib
+
+    from prelabel import demo
+
+    monkeypatch.setenv("PRELABEL_CACHE", mnist_cache)
+    name = dataset_names()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = demo.main(
+            [
+                "--dataset",
+                name,
+                "--model",
+                "pixels",
+                "--image-size",
+                "28",
+                "--max-samples",
+                "600",
+                "--num-train",
+                "300",
+            ]
+        )
+    text = out.getvalue()
+    assert code == 0
+    assert "== Accuracy: " in text and "most confident mistakes" in text
+    assert "accepted without review:" in text
+    dataset = fo.load_dataset(name)
+    test = dataset.match_tags("test")
+    assert test.count("prelabel") == 300
+    assert test.count("prelabel_accept") == 300
+    assert dataset.match_tags("train").count("prelabel") == 0
+    run = dataset.info["prelabel_runs"]["prelabel_accept"]
+    assert run["mode"] == "adapted" and run["target_precision"] == 0.99
+    accepted = test.count_values("prelabel_accept.accepted")
+    assert f"{accepted.get(True, 0):,} of 300" in text
