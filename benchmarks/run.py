@@ -167,8 +167,9 @@ def write_markdown(path, sections, header, quick) -> None:
             "The machine was shared with other work during this run, "
             "so absolute times are noisy; the methods of a table ran "
             "back to back and were affected alike. "
-            if max(h["load_start"][0], h["load_end"][0])
-            > 1.5 * (h["machine"]["cores"] or 1) / 2
+            # the load before the first benchmark is other work; later
+            # readings include the benchmarks' own
+            if h["load_start"][0] > 0.75 * (h["machine"]["cores"] or 1)
             else ""
         )
         + "Each section gives its own load average at its start and end.",
