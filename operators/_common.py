@@ -249,6 +249,55 @@ def run_label_field(dataset, brain_key):
     return None
 
 
+def index_params(ctx, remembered):
+    """``brain_key`` and ``label_field`` as execution sees them: the chosen
+    index (default the remembered or first one) and its label field."""
+    p = ctx.params
+    brain_key = p.get("brain_key") or default_brain_key(
+        ctx.dataset, remembered
+    )
+    return {
+        "brain_key": brain_key,
+        "label_field": p.get("label_field")
+        or run_label_field(ctx.dataset, brain_key)
+        or constants.DEFAULT_LABEL_FIELD,
+    }
+
+
+def reference_tag_input(inputs, dataset, remembered, description):
+    """The optional dropdown of the tag that selects the references."""
+    tags = sorted(dataset.distinct("tags"))
+    field_input(
+        inputs,
+        "reference_tag",
+        tags,
+        choose(remembered.get("reference_tag"), tags),
+        "Reference tag",
+        description,
+        required=False,
+    )
+
+
+def vote_input(inputs, remembered):
+    """The radio group of the kNN vote (``prelabel.knn.VOTES``)."""
+    from prelabel.knn import VOTES
+
+    view = types.RadioGroup()
+    view.add_choice("majority", label="Majority", description="One vote each")
+    view.add_choice(
+        "weighted",
+        label="Distance-weighted",
+        description="Closer neighbors weigh more",
+    )
+    inputs.enum(
+        "vote",
+        list(VOTES),
+        default=choose(remembered.get("vote"), VOTES, "majority"),
+        label="Vote",
+        view=view,
+    )
+
+
 def brain_key_input(ctx, inputs, remembered):
     """A dropdown of this dataset's prelabel indexes.
 

@@ -23,13 +23,8 @@ NAME = "adapt_embeddings"
 def _params(ctx, last):
     """The parameters as execution sees them (absent ones defaulted)."""
     p = ctx.params
-    dataset = ctx.dataset
-    brain_key = p.get("brain_key") or c.default_brain_key(dataset, last)
     return {
-        "brain_key": brain_key,
-        "label_field": p.get("label_field")
-        or c.run_label_field(dataset, brain_key)
-        or constants.DEFAULT_LABEL_FIELD,
+        **c.index_params(ctx, last),
         "reference_tag": p.get("reference_tag") or None,
     }
 
@@ -75,16 +70,12 @@ class AdaptEmbeddings(foo.Operator):
             "Label field",
             "The labels that train the projection",
         )
-        tags = sorted(dataset.distinct("tags"))
-        c.field_input(
+        c.reference_tag_input(
             inputs,
-            "reference_tag",
-            tags,
-            c.choose(last.get("reference_tag"), tags),
-            "Reference tag",
+            dataset,
+            last,
             "Only labeled samples with this tag train it; empty for every "
             "labeled sample",
-            required=False,
         )
 
         p = _params(ctx, last)

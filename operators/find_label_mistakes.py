@@ -13,7 +13,6 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from prelabel import constants
-from prelabel.knn import VOTES
 from prelabel.mistakes import METHODS
 
 from . import _common as c
@@ -24,13 +23,8 @@ NAME = "find_label_mistakes"
 def _params(ctx, last):
     """The parameters as execution sees them (absent ones defaulted)."""
     p = ctx.params
-    dataset = ctx.dataset
-    brain_key = p.get("brain_key") or c.default_brain_key(dataset, last)
     return {
-        "brain_key": brain_key,
-        "label_field": p.get("label_field")
-        or c.run_label_field(dataset, brain_key)
-        or constants.DEFAULT_LABEL_FIELD,
+        **c.index_params(ctx, last),
         "k": p.get("k", constants.DEFAULT_K),
         "score_field": p.get("score_field") or constants.DEFAULT_SCORE_FIELD,
         "vote": p.get("vote") or "majority",
@@ -120,22 +114,7 @@ class FindLabelMistakes(foo.Operator):
         )
         method = ctx.params.get("method") or last.get("method")
         if method != "adapted":  # the adapted method does not vote
-            vote_view = types.RadioGroup()
-            vote_view.add_choice(
-                "majority", label="Majority", description="One vote each"
-            )
-            vote_view.add_choice(
-                "weighted",
-                label="Distance-weighted",
-                description="Closer neighbors weigh more",
-            )
-            inputs.enum(
-                "vote",
-                list(VOTES),
-                default=c.choose(last.get("vote"), VOTES, "majority"),
-                label="Vote",
-                view=vote_view,
-            )
+            c.vote_input(inputs, last)
 
         c.header(inputs, "output_header", "Output")
         inputs.str(

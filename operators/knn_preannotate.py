@@ -12,7 +12,6 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from prelabel import constants
-from prelabel.knn import VOTES
 from prelabel.scored import MODES
 
 from . import _common as c
@@ -23,13 +22,8 @@ NAME = "knn_preannotate"
 def _params(ctx, last):
     """The parameters as execution sees them (absent ones defaulted)."""
     p = ctx.params
-    dataset = ctx.dataset
-    brain_key = p.get("brain_key") or c.default_brain_key(dataset, last)
     return {
-        "brain_key": brain_key,
-        "label_field": p.get("label_field")
-        or c.run_label_field(dataset, brain_key)
-        or constants.DEFAULT_LABEL_FIELD,
+        **c.index_params(ctx, last),
         "reference_tag": p.get("reference_tag") or None,
         "pred_field": p.get("pred_field") or constants.DEFAULT_PRED_FIELD,
         "k": p.get("k", constants.DEFAULT_K),
@@ -108,16 +102,12 @@ class KnnPreannotate(foo.Operator):
             "The labels that vote (the ones stored in the index); also "
             "the ground truth for evaluation",
         )
-        tags = sorted(dataset.distinct("tags"))
-        c.field_input(
+        c.reference_tag_input(
             inputs,
-            "reference_tag",
-            tags,
-            c.choose(last.get("reference_tag"), tags),
-            "Reference tag",
+            dataset,
+            last,
             "Only labeled samples with this tag vote; empty for every "
             "labeled sample in the index",
-            required=False,
         )
 
         c.header(inputs, "vote_header", "Neighbors")
@@ -128,22 +118,7 @@ class KnnPreannotate(foo.Operator):
             label="Neighbors (k)",
             description="How many nearest labeled samples vote",
         )
-        vote_view = types.RadioGroup()
-        vote_view.add_choice(
-            "majority", label="Majority", description="One vote each"
-        )
-        vote_view.add_choice(
-            "weighted",
-            label="Distance-weighted",
-            description="Closer neighbors weigh more",
-        )
-        inputs.enum(
-            "vote",
-            list(VOTES),
-            default=c.choose(last.get("vote"), VOTES, "majority"),
-            label="Vote",
-            view=vote_view,
-        )
+        c.vote_input(inputs, last)
         inputs.float(
             "min_confidence",
             min=0.0,
