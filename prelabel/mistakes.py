@@ -12,13 +12,13 @@ Two rankings:
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass, field
 
 import fiftyone as fo
 from fiftyone import ViewField as F
 
 from prelabel import constants, knn, validation
+from prelabel.fields import CLASSIFICATION, staged_fields
 from prelabel.index.base import IndexFilter
 from prelabel.preannotate import (
     _drop_self,
@@ -237,19 +237,12 @@ def find_label_mistakes(
     dataset = samples._dataset
     ids, own = labeled.values(["id", f"{label_field}.label"])
     own_by_id = dict(zip(ids, own, strict=True))
-    tag = uuid.uuid4().hex[:8]
-    tmp_score, tmp_label = (
-        f"prelabel_tmp_score_{tag}",
-        f"prelabel_tmp_label_{tag}",
-    )
     out = LabelMistakesResult(score_field, neighbors_field)
-    try:
-        dataset.add_sample_field(tmp_score, fo.FloatField)
-        dataset.add_sample_field(
-            tmp_label,
-            fo.EmbeddedDocumentField,
-            embedded_doc_type=fo.Classification,
-        )
+    staged = {
+        score_field: (fo.FloatField, {}),
+        neighbors_field: CLASSIFICATION,
+    }
+    with staged_fields(dataset, staged) as tmp:
         with Progress(progress, len(ids), "Scoring labels") as bar:
             for start in range(0, len(ids), batch_size):
                 chunk = ids[start : start + batch_size]
@@ -277,28 +270,16 @@ def find_label_mistakes(
                     for lbl, m in zip(votes.labels, mine, strict=True)
                 )
                 dataset.set_values(
-                    tmp_score,
+                    tmp[score_field],
                     dict(zip(chunk_ids, map(float, scores), strict=True)),
                     key_field="id",
                 )
                 dataset.set_values(
-                    tmp_label,
+                    tmp[neighbors_field],
                     dict(zip(chunk_ids, majority, strict=True)),
                     key_field="id",
                 )
                 bar.update(len(chunk))
-        for tmp, final in (
-            (tmp_score, score_field),
-            (tmp_label, neighbors_field),
-        ):
-            if dataset.has_sample_field(final):
-                dataset.delete_sample_field(final)
-            dataset.rename_sample_field(tmp, final)
-    except BaseException:
-        for tmp in (tmp_score, tmp_label):
-            if dataset.has_sample_field(tmp):
-                dataset.delete_sample_field(tmp)
-        raise
     out.num_scored = len(ids)
     out.seconds["total"] = time.perf_counter() - t0
     return out

@@ -21,6 +21,7 @@ import fiftyone as fo
 import numpy as np
 
 from prelabel import constants, knn, validation
+from prelabel.fields import CLASSIFICATION, staged_fields
 from prelabel.index.base import IndexFilter
 from prelabel.progress import Progress, ProgressArg
 
@@ -356,15 +357,9 @@ def preannotate(
     dataset = targets._dataset
     ids = targets.values("id")
     out.num_targets = len(ids)
-    tmp_field = f"prelabel_tmp_{uuid.uuid4().hex[:8]}"
     review_ids: list[str] = []
     t_query = t_write = 0.0
-    try:
-        dataset.add_sample_field(
-            tmp_field,
-            fo.EmbeddedDocumentField,
-            embedded_doc_type=fo.Classification,
-        )
+    with staged_fields(dataset, {pred_field: CLASSIFICATION}) as tmp:
         with Progress(progress, len(ids), "Pre-annotating") as bar:
             for start in range(0, len(ids), batch_size):
                 chunk = ids[start : start + batch_size]
@@ -381,7 +376,7 @@ def preannotate(
                     sid for sid, r in zip(chunk_ids, review, strict=True) if r
                 )
                 dataset.set_values(
-                    tmp_field,
+                    tmp[pred_field],
                     dict(zip(chunk_ids, labels, strict=True)),
                     key_field="id",
                 )
@@ -389,14 +384,7 @@ def preannotate(
                 t_write += time.perf_counter() - t2
                 bar.update(len(chunk))
         t3 = time.perf_counter()
-        if dataset.has_sample_field(pred_field):
-            dataset.delete_sample_field(pred_field)
-        dataset.rename_sample_field(tmp_field, pred_field)
-        t_write += time.perf_counter() - t3
-    except BaseException:
-        if dataset.has_sample_field(tmp_field):
-            dataset.delete_sample_field(tmp_field)
-        raise
+    t_write += time.perf_counter() - t3  # the swap of the field
 
     if review_ids:
         dataset.select(review_ids).tag_samples(constants.REVIEW_TAG)

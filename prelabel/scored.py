@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-import uuid
 from dataclasses import dataclass
 
 import fiftyone as fo
@@ -36,6 +35,7 @@ import numpy as np
 
 from prelabel import adapt, calibration, constants, knn
 from prelabel import propagate as prop
+from prelabel.fields import CLASSIFICATION, staged_fields
 from prelabel.preannotate import (
     PreannotationResult,
     _drop_self,
@@ -387,14 +387,8 @@ def preannotate_scored(
         out.expected_precision = cal.expected_precision
 
     t4 = time.perf_counter()
-    tmp_field = f"prelabel_tmp_{uuid.uuid4().hex[:8]}"
     review_ids, accepted_n, written = [], 0, 0
-    try:
-        dataset.add_sample_field(
-            tmp_field,
-            fo.EmbeddedDocumentField,
-            embedded_doc_type=fo.Classification,
-        )
+    with staged_fields(dataset, {pred_field: CLASSIFICATION}) as tmp:
         for i, (chunk_ids, votes, nb_ids, probs) in enumerate(chunks):
             labels, review, acc = _classifications(
                 votes,
@@ -411,17 +405,10 @@ def preannotate_scored(
                 sid for sid, r in zip(chunk_ids, review, strict=True) if r
             )
             dataset.set_values(
-                tmp_field,
+                tmp[pred_field],
                 dict(zip(chunk_ids, labels, strict=True)),
                 key_field="id",
             )
-        if dataset.has_sample_field(pred_field):
-            dataset.delete_sample_field(pred_field)
-        dataset.rename_sample_field(tmp_field, pred_field)
-    except BaseException:
-        if dataset.has_sample_field(tmp_field):
-            dataset.delete_sample_field(tmp_field)
-        raise
     if review_ids:
         dataset.select(review_ids).tag_samples(constants.REVIEW_TAG)
     out.num_review = len(review_ids)
@@ -704,34 +691,18 @@ def find_label_mistakes_adapted(
             neighbors=[ids[j] for j in nb[i]],
         )
     out.num_disagree = int((winners != y).sum())
-    tag = uuid.uuid4().hex[:8]
-    tmp_score = f"prelabel_tmp_score_{tag}"
-    tmp_label = f"prelabel_tmp_label_{tag}"
+    staged = {
+        score_field: (fo.FloatField, {}),
+        neighbors_field: CLASSIFICATION,
+    }
     try:
-        dataset.add_sample_field(tmp_score, fo.FloatField)
-        dataset.add_sample_field(
-            tmp_label,
-            fo.EmbeddedDocumentField,
-            embedded_doc_type=fo.Classification,
-        )
-        dataset.set_values(
-            tmp_score,
-            dict(zip(ids, map(float, scores), strict=True)),
-            key_field="id",
-        )
-        dataset.set_values(tmp_label, majority, key_field="id")
-        for tmp, final in (
-            (tmp_score, score_field),
-            (tmp_label, neighbors_field),
-        ):
-            if dataset.has_sample_field(final):
-                dataset.delete_sample_field(final)
-            dataset.rename_sample_field(tmp, final)
-    except BaseException:
-        for tmp in (tmp_score, tmp_label):
-            if dataset.has_sample_field(tmp):
-                dataset.delete_sample_field(tmp)
-        raise
+        with staged_fields(dataset, staged) as tmp:
+            dataset.set_values(
+                tmp[score_field],
+                dict(zip(ids, map(float, scores), strict=True)),
+                key_field="id",
+            )
+            dataset.set_values(tmp[neighbors_field], majority, key_field="id")
     finally:
         bar.update(1)
         bar.close()
