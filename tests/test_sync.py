@@ -432,8 +432,10 @@ def _check_complete(index, ds, vectors):
 @pytest.mark.slow
 def test_sync_killed_half_way_is_finished_by_the_next(tmp_path):
     """A ``sync_index`` of 20k points SIGKILLed in another process, mid-way
-    (the default batches of 2,000 take a few seconds to write): the next
-    ``sync_index`` loads its brain run and sends only what is missing."""
+    (its progress callback pauses after each batch of 2,000, so the sync
+    outlasts the 2 s lease on the index however fast the machine writes):
+    the next ``sync_index`` loads its brain run and sends only what is
+    missing."""
     n = 20000
     ds, vectors = _big_dataset(n, 64)
     path = str(tmp_path / "index")
@@ -442,11 +444,14 @@ def test_sync_killed_half_way_is_finished_by_the_next(tmp_path):
         proc, log = _child(
             """
             import sys
+            import time
             import fiftyone as fo
             import prelabel
 
             ds = fo.load_dataset(sys.argv[1])
-            prelabel.sync_index(ds, path=sys.argv[2], progress=False)
+            prelabel.sync_index(
+                ds, path=sys.argv[2], progress=lambda *_: time.sleep(0.4)
+            )
             """,
             ds.name,
             path,
