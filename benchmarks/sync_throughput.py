@@ -3,7 +3,7 @@ into an index that is ready to query (HNSW built where there is one).
 
 Methods, each reading the vectors from FiftyOne first:
 
-- ours: ``prelabel.sync.sync_points`` into an ``EdgeIndex`` (reads the
+- ours: ``prelabel.index.sync.sync_points`` into an ``EdgeIndex`` (reads the
   index's digests, upserts 2,000 points a request with labels, tags and
   digests, then ``optimize()`` builds the HNSW graph);
 - the same engine written the way FiftyOne's Qdrant backend writes: one
@@ -64,7 +64,7 @@ def dataset_for(X, y, size, rel):
 
 def ours(dataset, path):
     from prelabel.index.edge import EdgeIndex
-    from prelabel.sync import sync_points
+    from prelabel.index.sync import sync_points
 
     index = EdgeIndex(path)
     stats = sync_points(index, dataset, "emb", "ground_truth", progress=False)
@@ -200,7 +200,7 @@ def measure_size(X, y, size, cfg, rel):
 
         print("  ours, incremental")
         from prelabel.index.edge import EdgeIndex
-        from prelabel.sync import sync_points
+        from prelabel.index.sync import sync_points
 
         index = EdgeIndex(last)
         none_med, _, st = common.median_time(

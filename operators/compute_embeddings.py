@@ -3,7 +3,9 @@
 Writes a ``VectorField`` (default ``embeddings``) on the target samples,
 whose ``info`` records the model, its input size and weights. With
 ``skip_existing`` only samples without a vector are embedded, so an
-interrupted run resumes where it stopped.
+interrupted run resumes where it stopped. Images that cannot be read are
+skipped, tagged ``embedding_failed`` and counted (or, with
+``skip_failures`` off, fail the run).
 """
 
 import os
@@ -32,6 +34,7 @@ def _params(ctx):
         "batch_size": p.get("batch_size") or 64,
         "num_workers": p.get("num_workers"),
         "skip_existing": p.get("skip_existing", True),
+        "skip_failures": p.get("skip_failures", True),
         "image_size": p.get("image_size"),
     }
 
@@ -111,6 +114,15 @@ class ComputeEmbeddings(foo.Operator):
                 "Embeds only what is missing, so an interrupted run resumes"
             ),
         )
+        inputs.bool(
+            "skip_failures",
+            default=True,
+            label="Skip images that cannot be read",
+            description=(
+                "Tags them 'embedding_failed' and embeds the rest; off, an "
+                "unreadable image fails the run"
+            ),
+        )
 
         c.header(inputs, "perf_header", "Speed")
         inputs.int(
@@ -160,13 +172,15 @@ class ComputeEmbeddings(foo.Operator):
             batch_size=p["batch_size"],
             num_workers=p["num_workers"],
             skip_existing=p["skip_existing"],
+            skip_failures=p["skip_failures"],
             progress=c.ProgressReporter(ctx),
             image_size=p["image_size"],
         )
         c.remember(ctx, NAME, p)
         c.show_in_app(ctx)
         return {
-            "embedded": num,
+            "embedded": int(num),
+            "failed": num.num_failed,
             "num_targets": len(target),
             "with_embeddings": target.exists(p["embeddings_field"]).count(),
             "embeddings_field": p["embeddings_field"],
@@ -179,6 +193,7 @@ class ComputeEmbeddings(foo.Operator):
             "Embeddings computed",
             [
                 ("embedded", "Samples embedded in this run"),
+                ("failed", "Unreadable images (tagged embedding_failed)"),
                 ("with_embeddings", "Targets with a vector now"),
                 ("num_targets", "Targets"),
                 ("embeddings_field", "Field"),
@@ -195,6 +210,7 @@ class ComputeEmbeddings(foo.Operator):
         num_workers=None,
         skip_existing=True,
         image_size=None,
+        skip_failures=True,
         delegate=False,
     ):
         """Computes embeddings of ``sample_collection``.
@@ -208,6 +224,8 @@ class ComputeEmbeddings(foo.Operator):
             num_workers (None): decoding processes (package default)
             skip_existing (True): embed only samples without a vector
             image_size (None): the model input size; its default if None
+            skip_failures (True): skip (tag and count) unreadable images
+                instead of failing the run
             delegate (False): queue a delegated operation instead
 
         Returns:
@@ -220,6 +238,7 @@ class ComputeEmbeddings(foo.Operator):
             num_workers=num_workers,
             skip_existing=skip_existing,
             image_size=image_size,
+            skip_failures=skip_failures,
         )
         return c.execute(self, sample_collection, params, delegate=delegate)
 

@@ -56,8 +56,8 @@ class SyncIndex(foo.Operator):
 
     def resolve_input(self, ctx):
         from prelabel import embeddings as pe
+        from prelabel.indexing import check_sync_index
         from prelabel.models import check_model_name, list_models
-        from prelabel.sync import check_sync_index
 
         inputs = types.Object()
         dataset = ctx.dataset
@@ -224,7 +224,7 @@ class SyncIndex(foo.Operator):
 
     def execute(self, ctx):
         from prelabel.embeddings import compute_embeddings
-        from prelabel.sync import sync_index
+        from prelabel.indexing import sync_index
 
         p = _params(ctx)
         dataset = ctx.dataset

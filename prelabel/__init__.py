@@ -28,15 +28,18 @@ confidence, and the threshold that keeps 99 % precision)::
 
 from prelabel.adapt import adapt_embeddings
 from prelabel.constants import BACKEND_NAME, PLUGIN_NAME
+from prelabel.fields import recover
+from prelabel.health import check_index
 from prelabel.index.brain import register_backend as _register_backend
+from prelabel.indexing import sync_index
 from prelabel.mistakes import (
     find_label_mistakes,
     high_confidence_mistakes,
     suspicious_labels,
 )
+from prelabel.orphans import delete_orphans
 from prelabel.preannotate import evaluate, preannotate
 from prelabel.scored import adapt_index
-from prelabel.sync import sync_index
 
 _register_backend()
 
@@ -62,13 +65,16 @@ __all__ = [
     "PLUGIN_NAME",
     "adapt_embeddings",
     "adapt_index",
+    "check_index",
     "compute_embeddings",
+    "delete_orphans",
     "list_models",
     "load_mnist_dataset",
     "evaluate",
     "find_label_mistakes",
     "high_confidence_mistakes",
     "preannotate",
+    "recover",
     "suspicious_labels",
     "sync_index",
 ]

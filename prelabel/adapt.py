@@ -33,9 +33,12 @@ heads, and the unsupervised step uses vectors only.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Sequence
@@ -43,13 +46,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from prelabel import constants, validation
+from prelabel import constants, records, validation
+from prelabel.fields import check_output_field, staged_fields
 from prelabel.progress import Progress, ProgressArg
 
 logger = logging.getLogger(__name__)
 
 #: where the adapters of a dataset are recorded in ``dataset.info``
-INFO_KEY = "prelabel_adapters"
+INFO_KEY = records.ADAPTERS
 
 
 def _signed_sqrt_l2(X: np.ndarray) -> np.ndarray:
@@ -535,26 +539,41 @@ class AdaptationResult:
 
 def adapter_path(dataset, out_field: str) -> str:
     """Where the adapter of ``out_field`` of ``dataset`` is kept."""
-    return os.path.join(
-        constants.home_dir(),
-        "adapters",
-        f"{dataset._doc.id}",
-        f"{out_field}.npz",
-    )
+    from prelabel.orphans import adapters_folder
+
+    return os.path.join(adapters_folder(dataset), f"{out_field}.npz")
 
 
 def adapter_record(dataset, embeddings_field: str) -> dict | None:
     """The record of the adapter that wrote ``embeddings_field``, if any."""
-    return (dict(dataset.info or {}).get(INFO_KEY) or {}).get(embeddings_field)
+    return records.get(dataset, records.ADAPTERS, embeddings_field)
 
 
 def load_adapter(dataset, embeddings_field: str) -> Adapter | None:
     """The adapter that wrote ``embeddings_field``, or None if that field
-    was not written by :func:`adapt_embeddings`."""
+    was not written by :func:`adapt_embeddings`.
+
+    A cloned dataset's records name its original's adapter file: the
+    clone reads it and keeps a copy of its own, so that deleting either
+    dataset's adapters never takes the other's.
+    """
+    from prelabel.orphans import adapters_folder
+
     record = adapter_record(dataset, embeddings_field)
     if record is None:
         return None
-    return Adapter.load(record["path"])
+    adapter = Adapter.load(record["path"])
+    if os.path.dirname(os.path.abspath(record["path"])) != adapters_folder(
+        dataset
+    ):
+        own = adapter_path(
+            dataset, f"{embeddings_field}.{uuid.uuid4().hex[:8]}"
+        )
+        adapter.save(own)
+        records.put(
+            dataset, records.ADAPTERS, embeddings_field, dict(record, path=own)
+        )
+    return adapter
 
 
 def reference_view(samples, reference, label_field: str):
@@ -576,6 +595,7 @@ def check_adapt_embeddings(
     label_field: str = constants.DEFAULT_LABEL_FIELD,
     embeddings_field: str = constants.DEFAULT_EMBEDDINGS_FIELD,
     out_field: str | None = None,
+    overwrite: bool = False,
 ):
     """Runs every check of :func:`adapt_embeddings` without writing.
 
@@ -585,28 +605,23 @@ def check_adapt_embeddings(
     Raises:
         ValueError: one sentence saying what is wrong and what to do
     """
+    import fiftyone as fo
+
     out_field = out_field or f"{embeddings_field}_adapted"
     validation.check_embeddings_field(samples, embeddings_field)
     validation.check_classification_field(samples, label_field)
-    validation.check_identifier(out_field, "out_field")
-    if out_field in (embeddings_field, label_field) or (
-        out_field in validation.RESERVED_FIELDS
-    ):
-        raise ValueError(
-            f"out_field={out_field!r} would overwrite {out_field!r}; choose "
-            "a new field name, e.g. "
-            f"{embeddings_field + '_adapted'!r}"
-        )
-    schema = samples.get_field_schema()
-    import fiftyone as fo
-
-    if out_field in schema and not isinstance(
-        schema[out_field], (fo.VectorField, fo.ArrayField)
-    ):
-        raise ValueError(
-            f"out_field={out_field!r} exists and is not a vector field; "
-            "choose another name"
-        )
+    check_output_field(
+        samples,
+        out_field,
+        "out_field",
+        records.ADAPTERS,
+        overwrite=overwrite,
+        never={
+            embeddings_field: "the embeddings field it is learned from",
+            label_field: "the ground-truth field (the labels it learns)",
+        },
+        types=(fo.VectorField,),
+    )
     refs = reference_view(samples, reference, label_field).exists(
         embeddings_field
     )
@@ -630,6 +645,7 @@ def adapt_embeddings(
     seed: int = 0,
     batch_size: int = 10000,
     progress: ProgressArg = True,
+    overwrite: bool = False,
     **fit_kwargs,
 ) -> AdaptationResult:
     """Learns embeddings adapted to the labels of ``reference`` and writes
@@ -642,6 +658,10 @@ def adapt_embeddings(
     :func:`prelabel.preannotate`, which then also uses the learned
     classifier and calibrates by cross-fitting (see ``mode="adapted"``
     there for all of it in one call).
+
+    The field is written aside and replaces the old one whole when every
+    vector is written (one adapter per field, never a mix); the adapter
+    file of the replaced field is deleted afterwards.
 
     Args:
         samples: the samples to write adapted vectors for (a dataset or
@@ -657,6 +677,8 @@ def adapt_embeddings(
         seed (0): seeds the folds and the training
         batch_size (10000): samples read and written at a time
         progress (True): a bar, nothing, or ``progress(fraction, label)``
+        overwrite (False): allow ``out_field`` to replace a field that
+            prelabel did not write
         **fit_kwargs: other :func:`fit_adapter` parameters
 
     Returns:
@@ -666,73 +688,146 @@ def adapt_embeddings(
 
     t0 = time.perf_counter()
     out_field, refs = check_adapt_embeddings(
-        samples, reference, label_field, embeddings_field, out_field
+        samples, reference, label_field, embeddings_field, out_field, overwrite
     )
+    validation.check_positive_int(batch_size, "batch_size")
     dataset = samples._dataset
-    embedded = samples.exists(embeddings_field)
+    old = adapter_record(dataset, out_field)
+    span = 0.8
+    field_info = {"adapted_from": embeddings_field, "label_field": label_field}
+    with staged_fields(
+        dataset, {out_field: (fo.VectorField, {"info": field_info})}
+    ) as tmp:
+        data = _training_data(samples, refs, embeddings_field, label_field)
+        t1 = time.perf_counter()
+        adapter = fit_adapter(
+            data.X_ref,
+            data.labels,
+            X_unlabeled=data.X_other,
+            reference_ids=data.ids,
+            classes=data.classes,
+            folds=folds,
+            seed=seed,
+            progress=_sub_progress(progress, 0.0, span),
+            **fit_kwargs,
+        )
+        t2 = time.perf_counter()
+        adapter.info.update(
+            embeddings_field=embeddings_field, label_field=label_field
+        )
+        record = _save_adapter(dataset, adapter, data, out_field, reference)
+        record["embeddings_field"] = embeddings_field
+        record["label_field"] = label_field
+        tmp.record(records.ADAPTERS, out_field, record)
+        staged = dataset.get_field(tmp[out_field])
+        staged.info = dict(field_info, adapter=record["path"], dim=adapter.dim)
+        staged.save()
+        written = _write_adapted(
+            samples.exists(embeddings_field),
+            adapter,
+            tmp[out_field],
+            embeddings_field,
+            batch_size,
+            _sub_progress(progress, span, 1 - span),
+        )
+        t3 = time.perf_counter()
+    if old and os.path.abspath(old["path"]) != record["path"]:
+        _remove_own_file(dataset, old["path"])
+    return AdaptationResult(
+        out_field=out_field,
+        embeddings_field=embeddings_field,
+        path=record["path"],
+        num_reference=len(data.ids),
+        num_written=written,
+        dim=adapter.dim,
+        classes=data.classes,
+        reference_accuracy=record["reference_accuracy"],
+        seconds={
+            "read": t1 - t0,
+            "fit": t2 - t1,
+            "write": t3 - t2,
+            "total": time.perf_counter() - t0,
+        },
+    )
+
+
+@dataclass
+class _TrainingData:
+    ids: list[str]
+    labels: list[str]
+    classes: list[str]
+    X_ref: np.ndarray
+    X_other: np.ndarray | None
+
+
+def _training_data(samples, refs, embeddings_field, label_field):
+    """The references' vectors and labels, and every other embedded
+    sample's vector (for the label-free part of the map)."""
     ref_ids, ref_vecs, ref_labels = refs.values(
         ["id", embeddings_field, f"{label_field}.label"]
     )
     ref_set = set(ref_ids)
-    all_ids, all_vecs = embedded.values(["id", embeddings_field])
+    all_ids, all_vecs = samples.exists(embeddings_field).values(
+        ["id", embeddings_field]
+    )
     X_ref = np.stack([np.asarray(v, dtype=np.float32) for v in ref_vecs])
     X_other = [
         np.asarray(v, dtype=np.float32)
         for sid, v in zip(all_ids, all_vecs, strict=True)
         if sid not in ref_set
     ]
-    X_other = np.stack(X_other) if X_other else None
-    del all_vecs, ref_vecs
-    t1 = time.perf_counter()
-
-    classes = sorted(set(ref_labels), key=_natural_key)
-    span = 0.8
-    adapter = fit_adapter(
-        X_ref,
-        ref_labels,
-        X_unlabeled=X_other,
-        reference_ids=ref_ids,
-        classes=classes,
-        folds=folds,
-        seed=seed,
-        progress=_sub_progress(progress, 0.0, span),
-        **fit_kwargs,
+    return _TrainingData(
+        ids=ref_ids,
+        labels=ref_labels,
+        classes=sorted(set(ref_labels), key=_natural_key),
+        X_ref=X_ref,
+        X_other=np.stack(X_other) if X_other else None,
     )
-    t2 = time.perf_counter()
-    oof = cross_fitted_proba(adapter, X_ref, adapter.folds)
-    lookup = {c: i for i, c in enumerate(classes)}
-    y_ref = np.array([lookup[v] for v in ref_labels])
+
+
+def reference_digest(ids, labels) -> str:
+    """A digest of a reference set: its sample ids and their labels."""
+    h = hashlib.blake2b(digest_size=12)
+    for sid, lbl in sorted(zip(ids, labels, strict=True)):
+        h.update(f"{sid}:{lbl};".encode())
+    return h.hexdigest()
+
+
+def _save_adapter(dataset, adapter, data, out_field, reference) -> dict:
+    """Saves the adapter in a file of its own (the field's old adapter
+    stays until the new field replaces the old one) and returns the
+    record of the field."""
+    lookup = {c: i for i, c in enumerate(data.classes)}
+    y_ref = np.array([lookup[v] for v in data.labels])
+    oof = cross_fitted_proba(adapter, data.X_ref, adapter.folds)
     ref_acc = float((oof.argmax(axis=1) == y_ref).mean())
     adapter.info.update(
         {
-            "embeddings_field": embeddings_field,
-            "label_field": label_field,
             "reference": _describe_reference(reference),
             "reference_accuracy": ref_acc,
         }
     )
-    path = adapter_path(dataset, out_field)
+    path = adapter_path(dataset, f"{out_field}.{uuid.uuid4().hex[:8]}")
     adapter.save(path)
-
-    field_info = {
-        "adapted_from": embeddings_field,
-        "label_field": label_field,
-        "adapter": path,
+    return {
+        "path": path,
+        "reference": _describe_reference(reference),
+        "reference_digest": reference_digest(data.ids, data.labels),
+        "num_reference": len(data.ids),
+        "classes": data.classes,
+        "folds": adapter.num_heads,
         "dim": adapter.dim,
+        "reference_accuracy": ref_acc,
     }
-    existing = dataset.get_field(out_field)
-    if existing is None:
-        dataset.add_sample_field(out_field, fo.VectorField, info=field_info)
-    else:
-        existing.info = field_info
-        existing.save()
-    written = 0
+
+
+def _write_adapted(
+    embedded, adapter, field, embeddings_field, batch_size, progress
+) -> int:
+    """Writes the adapted vector of every sample of ``embedded``."""
+    dataset = embedded._dataset
     ids = embedded.values("id")
-    with Progress(
-        _sub_progress(progress, span, 1 - span),
-        len(ids),
-        "Writing adapted embeddings",
-    ) as bar:
+    with Progress(progress, len(ids), "Writing adapted embeddings") as bar:
         for a in range(0, len(ids), batch_size):
             chunk_ids, vecs = dataset.select(ids[a : a + batch_size]).values(
                 ["id", embeddings_field]
@@ -741,46 +836,23 @@ def adapt_embeddings(
                 np.stack([np.asarray(v, dtype=np.float32) for v in vecs])
             )
             dataset.set_values(
-                out_field,
+                field,
                 dict(zip(chunk_ids, list(V), strict=True)),
                 key_field="id",
             )
-            written += len(chunk_ids)
             bar.update(len(chunk_ids))
-    t3 = time.perf_counter()
+    return len(ids)
 
-    info = dict(dataset.info or {})
-    records = dict(info.get(INFO_KEY) or {})
-    records[out_field] = {
-        "path": path,
-        "embeddings_field": embeddings_field,
-        "label_field": label_field,
-        "reference": _describe_reference(reference),
-        "num_reference": len(ref_ids),
-        "classes": classes,
-        "folds": adapter.num_heads,
-        "dim": adapter.dim,
-        "reference_accuracy": ref_acc,
-    }
-    info[INFO_KEY] = records
-    dataset.info = info
-    dataset.save()
-    return AdaptationResult(
-        out_field=out_field,
-        embeddings_field=embeddings_field,
-        path=path,
-        num_reference=len(ref_ids),
-        num_written=written,
-        dim=adapter.dim,
-        classes=classes,
-        reference_accuracy=ref_acc,
-        seconds={
-            "read": t1 - t0,
-            "fit": t2 - t1,
-            "write": t3 - t2,
-            "total": time.perf_counter() - t0,
-        },
-    )
+
+def _remove_own_file(dataset, path: str) -> None:
+    """Deletes an adapter file if it lies in ``dataset``'s own folder (a
+    clone's record may name its original's file, which stays)."""
+    from prelabel.orphans import adapters_folder
+
+    folder = adapters_folder(dataset)
+    if os.path.dirname(os.path.abspath(path)) == folder:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
 
 
 def _describe_reference(reference):
@@ -872,27 +944,21 @@ def label_error_scores(
 
 def delete_adapters(dataset, out_field: str | None = None) -> int:
     """Deletes the adapter files of ``dataset`` (or only the one of
-    ``out_field``) and their records; the adapted fields stay. Call it
-    before deleting a dataset, since the files live outside the database.
+    ``out_field``) and their records; the adapted fields stay. (The files
+    of a deleted dataset go with :func:`prelabel.delete_orphans`.)
 
     Returns:
         the number of adapters deleted
     """
-    info = dict(dataset.info or {})
-    records = dict(info.get(INFO_KEY) or {})
-    names = [out_field] if out_field is not None else list(records)
-    done = 0
-    for name in names:
-        record = records.pop(name, None)
-        if record is None:
-            continue
-        if os.path.isfile(record["path"]):
-            os.remove(record["path"])
-            folder = os.path.dirname(record["path"])
-            if not os.listdir(folder):
-                os.rmdir(folder)
-        done += 1
-    info[INFO_KEY] = records
-    dataset.info = info
-    dataset.save()
-    return done
+    from prelabel.orphans import adapters_folder
+
+    found = records.read(dataset, records.ADAPTERS)
+    names = [out_field] if out_field is not None else list(found)
+    done = [name for name in names if name in found]
+    for name in done:
+        _remove_own_file(dataset, found[name]["path"])
+    records.update(dataset, remove=[(records.ADAPTERS, n) for n in done])
+    folder = adapters_folder(dataset)
+    if set(os.listdir(folder)) <= {"owner.json"}:
+        shutil.rmtree(folder, ignore_errors=True)
+    return len(done)

@@ -3,9 +3,19 @@
 Images are decoded and transformed by a torch ``DataLoader`` in worker
 processes while the main process runs the model, and the vectors are
 written to a ``VectorField`` of the dataset every ``write_every`` samples,
-so memory stays flat however large the dataset is. An interrupted run
-resumes where it stopped: with ``skip_existing=True`` only samples without
-a vector are embedded.
+so memory stays flat however large the dataset is.
+
+Nothing is lost and no field ever mixes two models:
+
+- a new field, or the same model with ``skip_existing=True``, is written in
+  place chunk by chunk: an interrupted run resumes where it stopped;
+- a recompute (``skip_existing=False``) writes a temporary field and swaps
+  it in when every vector is written
+  (:func:`prelabel.fields.staged_fields`), so a failure or a kill at any
+  instant leaves the old vectors whole;
+- an image that cannot be read (missing, empty, truncated, not an image)
+  gets no vector and the sample tag ``embedding_failed``; the run goes on
+  and counts it (or, with ``skip_failures=False``, fails and names it).
 """
 
 from __future__ import annotations
@@ -13,38 +23,65 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from typing import NamedTuple
 
 import fiftyone as fo
 import fiftyone.core.collections as foc
 import numpy as np
-import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
+from prelabel import fields, records
 from prelabel.constants import DEFAULT_EMBEDDINGS_FIELD, DEFAULT_MODEL
 from prelabel.models import EmbeddingModel, check_model_name, load_model
+from prelabel.validation import RESERVED_FIELDS
 
 logger = logging.getLogger(__name__)
-
-#: fields that FiftyOne or prelabel's own workflow own; never overwritten
-RESERVED_FIELDS = frozenset(
-    {
-        "id",
-        "filepath",
-        "tags",
-        "metadata",
-        "media_type",
-        "created_at",
-        "last_modified_at",
-        "frames",
-        "group",
-    }
-)
 
 #: how many vectors are held in memory before they are written
 DEFAULT_WRITE_EVERY = 1000
 
+#: the sample tag of images that could not be read
+FAILED_TAG = "embedding_failed"
+
+#: the keys of :attr:`prelabel.models.EmbeddingModel.info`: a field whose
+#: info has them all was written by prelabel (before it kept records)
+_MODEL_INFO_KEYS = frozenset({"model", "dim", "image_size", "weights"})
+
 ProgressCallback = Callable[[float, str], None]
+
+
+class EmbeddingCount(int):
+    """The number of samples embedded, and the samples that could not be.
+
+    It is an ``int`` (the number embedded), so ``n == 40`` and ``n + 1``
+    work as before; the failures ride along.
+
+    Attributes:
+        failures: sample id -> why its image could not be read
+    """
+
+    def __new__(cls, num_embedded: int, failures: dict | None = None):
+        count = super().__new__(cls, num_embedded)
+        count.failures = dict(failures or {})
+        return count
+
+    @property
+    def num_failed(self) -> int:
+        """How many images could not be read (they got no vector)."""
+        return len(self.failures)
+
+    @property
+    def failed_ids(self) -> list[str]:
+        """The ids of the samples whose image could not be read."""
+        return list(self.failures)
+
+    def __str__(self) -> str:
+        # printed and formatted as the plain number it stands for
+        return str(int(self))
+
+    def __repr__(self) -> str:
+        return f"EmbeddingCount({int(self)}, num_failed={self.num_failed})"
 
 
 class _PathArray:
@@ -70,7 +107,8 @@ class _PathArray:
 
 
 class _ImageFiles(Dataset):
-    """``(index, transformed image)`` for each file, decoded in a worker."""
+    """``(index, transformed image, None)`` for each file, decoded in a
+    worker; ``(index, None, reason)`` for a file that cannot be read."""
 
     def __init__(self, paths: _PathArray, transform: Callable):
         self.paths = paths
@@ -79,17 +117,44 @@ class _ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
-        path = self.paths[i]
+    def __getitem__(self, i: int) -> tuple:
         try:
-            with Image.open(path) as image:
-                image = ImageOps.exif_transpose(image)
-                return i, self.transform(image)
-        except OSError as e:
-            raise ValueError(
-                f"Could not read the image {path} ({e}); fix or remove the "
-                f"file, or exclude its sample from the view."
-            ) from e
+            image = _decode(self.paths[i])
+        except Exception as e:  # whatever is wrong with the file
+            return i, None, _reason(e)
+        return i, self.transform(image), None
+
+
+def _decode(path: str) -> Image.Image:
+    """The whole image, decoded and upright (raises for a bad file)."""
+    with Image.open(path) as image:
+        # exif_transpose loads every pixel and returns a new image, so a
+        # truncated file fails here and the result outlives the file
+        return ImageOps.exif_transpose(image)
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, FileNotFoundError):
+        return "file not found"
+    return f"{type(error).__name__}: {error}"
+
+
+def _collate(items: list[tuple]) -> tuple:
+    """``(indices, batch or None, [(index, reason), ...])``."""
+    good = [(i, x) for i, x, _ in items if x is not None]
+    failed = [(i, reason) for i, x, reason in items if x is None]
+    indices = [i for i, _ in good]
+    batch = default_collate([x for _, x in good]) if good else None
+    return indices, batch, failed
+
+
+class _Plan(NamedTuple):
+    """How a run writes: the samples to embed, and whether it writes in
+    place or through a staged field (merged, or replacing it whole)."""
+
+    todo: foc.SampleCollection
+    staged: bool
+    replace: bool
 
 
 def compute_embeddings(
@@ -103,16 +168,31 @@ def compute_embeddings(
     image_size: int | None = None,
     weights: str | None = None,
     write_every: int = DEFAULT_WRITE_EVERY,
-) -> int:
+    skip_failures: bool = True,
+    overwrite: bool = False,
+) -> EmbeddingCount:
     """Computes image embeddings and stores them in a ``VectorField``.
 
     The raw (unnormalized) float32 features are stored; the index compares
-    them by cosine similarity. The field's ``info`` records the model, its
-    input size and weights, and a later run with ``skip_existing=True``
-    refuses to mix vectors from a different model into the field.
+    them by cosine similarity. The field's ``info`` (and prelabel's record
+    of the field in ``dataset.info``) names the model, its input size and
+    weights, and one field never holds the vectors of two models:
 
-    Every file is checked before anything is written: if an image is
-    missing, a ``ValueError`` names it and the dataset is left untouched.
+    - a new field, or one of the same model with ``skip_existing=True``,
+      is written in place, chunk by chunk; a killed run resumes;
+    - ``skip_existing=False`` recomputes every sample of ``samples`` into
+      a temporary field that replaces the old vectors only when all are
+      written: a failure or a kill leaves the old vectors whole. When
+      ``samples`` is a view, the field's vectors outside it must come from
+      the same model (or pass ``overwrite=True``);
+    - a ``VectorField`` that prelabel did not write is refused unless
+      ``overwrite=True``, which recomputes every sample of ``samples`` and
+      replaces the field whole (samples outside ``samples`` lose theirs).
+
+    Images that cannot be read (missing, empty, truncated, not an image)
+    get no vector (``None``) and the sample tag ``embedding_failed``, and
+    are counted in the result; samples embedded in this run lose that
+    tag. With ``skip_failures=False`` such an image fails the run instead.
 
     Args:
         samples: a FiftyOne dataset or view of images
@@ -138,10 +218,93 @@ def compute_embeddings(
             :class:`EmbeddingModel`
         write_every (1000): how many vectors are held in memory before
             they are written to the database
+        skip_failures (True): skip (tag and count) images that cannot be
+            read; ``False`` raises a ``ValueError`` naming them instead
+            (missing files before anything is embedded; a recompute then
+            writes nothing)
+        overwrite (False): allow replacing a ``VectorField`` prelabel did
+            not write, or the vectors of another model outside ``samples``
 
     Returns:
-        the number of samples embedded
+        an :class:`EmbeddingCount`: an ``int``, the number of samples
+        embedded, with ``num_failed``, ``failed_ids`` and ``failures``
+        (sample id -> reason) for the images that could not be read
+
+    Raises:
+        ValueError: bad input, a field that may not be written, or (with
+            ``skip_failures=False``) images that cannot be read
+        prelabel.fields.FieldBusyError: another live process is writing
+            ``embeddings_field``
     """
+    num_workers = _check_args(
+        batch_size,
+        write_every,
+        num_workers,
+        skip_existing=skip_existing,
+        skip_failures=skip_failures,
+        overwrite=overwrite,
+    )
+    check_image_collection(samples)
+    dataset = samples._dataset
+    check_embeddings_field(dataset, embeddings_field)
+    if isinstance(model, EmbeddingModel):
+        emb_model = model
+    else:
+        check_model_name(model)
+        emb_model = load_model(model, image_size=image_size, weights=weights)
+
+    plan = _plan(
+        samples, embeddings_field, emb_model, skip_existing, overwrite
+    )
+    ids, paths = plan.todo.values(["id", "filepath"])
+    if not ids:
+        logger.info("All samples already have %s", embeddings_field)
+        return EmbeddingCount(0)
+    if not skip_failures:
+        _check_files_exist(paths)
+    tagged = set(plan.todo.match_tags(FAILED_TAG).values("id"))
+
+    def job(write_field: str) -> dict:
+        loader = DataLoader(
+            _ImageFiles(_PathArray(paths), emb_model.transform),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            collate_fn=_collate,
+        )
+        failures = _embed(
+            loader,
+            ids,
+            emb_model,
+            dataset,
+            write_field,
+            write_every,
+            progress,
+        )
+        if failures and not skip_failures:
+            _raise_failures(failures, len(ids), plan.staged)
+        return failures
+
+    if plan.staged:
+        failures = _run_staged(dataset, embeddings_field, emb_model, plan, job)
+    else:
+        failures = _run_direct(dataset, embeddings_field, emb_model, job)
+    _update_tags(dataset, failures, tagged)
+    embedded = len(ids) - len(failures)
+    _log_result(embedded, failures, emb_model, embeddings_field)
+    return EmbeddingCount(
+        embedded, {i: reason for i, (_, reason) in failures.items()}
+    )
+
+
+def _check_args(
+    batch_size: int,
+    write_every: int,
+    num_workers: int | None,
+    **flags: bool,
+) -> int:
+    """Checks the plain arguments (``flags``: the True/False ones);
+    returns the number of workers."""
     _check_positive("batch_size", batch_size, 64)
     _check_positive("write_every", write_every, DEFAULT_WRITE_EVERY)
     if num_workers is None:
@@ -156,68 +319,13 @@ def compute_embeddings(
             f"num_workers={num_workers} is negative; pass 0 to decode "
             f"images in this process or a positive number of workers."
         )
-    check_image_collection(samples)
-    dataset = samples._dataset
-    check_embeddings_field(dataset, embeddings_field)
-
-    if isinstance(model, EmbeddingModel):
-        emb_model = model
-    else:
-        check_model_name(model)
-        emb_model = load_model(model, image_size=image_size, weights=weights)
-
-    existing = dataset.get_field(embeddings_field)
-    if existing is not None and skip_existing:
-        _check_compatible(dataset, embeddings_field, existing, emb_model)
-        todo = samples.exists(embeddings_field, False)
-    else:
-        todo = samples
-
-    ids, paths = todo.values(["id", "filepath"])
-    total = len(ids)
-    if total == 0:
-        logger.info("All samples already have %s", embeddings_field)
-        return 0
-    _check_files_exist(paths)
-    paths = _PathArray(paths)
-
-    _declare_field(dataset, embeddings_field, existing, emb_model, total)
-
-    loader = DataLoader(
-        _ImageFiles(paths, emb_model.transform),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-    )
-    label = f"Embedding images with {emb_model.name}"
-    report, close = _make_reporter(progress, total, label)
-    done = 0
-    pending = {}
-    try:
-        report(0)
-        for indices, batch in loader:
-            vectors = emb_model.embed(batch)
-            for i, vector in zip(indices.tolist(), vectors, strict=True):
-                pending[ids[i]] = vector
-            if len(pending) >= write_every:
-                dataset.set_values(embeddings_field, pending, key_field="id")
-                pending = {}
-            done += len(indices)
-            if done < total:
-                report(done)
-        if pending:
-            dataset.set_values(embeddings_field, pending, key_field="id")
-        report(total)
-    finally:
-        close()
-
-    logger.info(
-        "Embedded %d samples with %s into %s",
-        total,
-        emb_model.name,
-        embeddings_field,
-    )
-    return total
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(
+                f"{name} must be True or False, got {value!r}; pass e.g. "
+                f"{name}=True."
+            )
+    return num_workers
 
 
 def _check_positive(name: str, value: int, example: int) -> None:
@@ -225,6 +333,223 @@ def _check_positive(name: str, value: int, example: int) -> None:
         raise ValueError(
             f"{name} must be a positive whole number, got {value!r}; pass "
             f"e.g. {name}={example}."
+        )
+
+
+def _plan(
+    samples: foc.SampleCollection,
+    field_name: str,
+    model: EmbeddingModel,
+    skip_existing: bool,
+    overwrite: bool,
+) -> _Plan:
+    """Decides what to embed and how to write it, refusing any write that
+    would lose vectors someone else wrote or mix two models in a field."""
+    dataset = samples._dataset
+    # a write that a dead process left half done is finished or undone
+    # first, so that the field is seen as it will stay
+    fields.recover(dataset)
+    if records.get(dataset, records.PENDING, field_name) is not None:
+        raise fields._busy(dataset, field_name)
+    existing = dataset.get_field(field_name)
+    if existing is None:
+        return _Plan(samples, staged=False, replace=False)
+    if not _is_ours(dataset, field_name, existing):
+        fields.check_output_field(
+            samples,
+            field_name,
+            "embeddings_field",
+            records.EMBEDDINGS,
+            overwrite=overwrite,
+        )
+        return _Plan(samples, staged=True, replace=True)
+    if skip_existing:
+        _check_compatible(dataset, field_name, existing, model)
+        return _Plan(samples.exists(field_name, False), False, False)
+    outside = _other_model_outside(samples, field_name, existing, model)
+    if outside and not overwrite:
+        recorded = _recorded_info(dataset, field_name, existing)
+        raise ValueError(
+            f"embeddings_field={field_name!r} holds vectors from "
+            f"{_describe(recorded)} on {outside} samples outside these "
+            f"samples; recomputing only these with {_describe(model.info)} "
+            f"would mix two models in one field. Recompute the whole "
+            f"dataset, choose another embeddings_field, or pass "
+            f"overwrite=True to drop the vectors outside these samples."
+        )
+    return _Plan(samples, staged=True, replace=bool(outside))
+
+
+def _is_ours(dataset: fo.Dataset, field_name: str, field) -> bool:
+    """Whether prelabel's compute_embeddings wrote the field: its record
+    says so, or (written before records were kept) its info describes a
+    prelabel model."""
+    owner = records.writer_of(dataset, field_name)
+    if owner is not None:
+        return owner == records.EMBEDDINGS
+    info = field.info or {}
+    return isinstance(info, dict) and _MODEL_INFO_KEYS <= set(info)
+
+
+def _recorded_info(dataset: fo.Dataset, field_name: str, field) -> dict:
+    """The model description of a field prelabel wrote ({} if none)."""
+    info = dict(field.info or {})
+    if info.get("model") is not None:
+        return info
+    return dict(records.get(dataset, records.EMBEDDINGS, field_name) or {})
+
+
+def _other_model_outside(
+    samples: foc.SampleCollection,
+    field_name: str,
+    field,
+    model: EmbeddingModel,
+) -> int:
+    """How many samples outside ``samples`` hold vectors of another model
+    than ``model`` (0 when the field holds ``model``'s vectors)."""
+    dataset = samples._dataset
+    recorded = _recorded_info(dataset, field_name, field)
+    same = bool(recorded) and _same_source(recorded, model.info)
+    first = dataset.exists(field_name).limit(1).values(field_name)
+    if first and len(first[0]) != model.dim:
+        same = False
+    if same:
+        return 0
+    inside = samples.exists(field_name).count()
+    return dataset.exists(field_name).count() - inside
+
+
+def _run_direct(
+    dataset: fo.Dataset,
+    field_name: str,
+    model: EmbeddingModel,
+    job: Callable[[str], dict],
+) -> dict:
+    """Writes the vectors into the field itself (new, or same model)."""
+    field = dataset.get_field(field_name)
+    if field is None:
+        dataset.add_sample_field(field_name, fo.VectorField, info=model.info)
+    elif dict(field.info or {}) != model.info:
+        field.info = model.info
+        field.save()
+    # recorded now, so that the field of a killed run is known as ours
+    records.put(dataset, records.EMBEDDINGS, field_name, model.info)
+    failures = job(field_name)
+    records.put(dataset, records.EMBEDDINGS, field_name, model.info)
+    return failures
+
+
+def _run_staged(
+    dataset: fo.Dataset,
+    field_name: str,
+    model: EmbeddingModel,
+    plan: _Plan,
+    job: Callable[[str], dict],
+) -> dict:
+    """Writes the vectors aside; they replace the old ones only when every
+    one is written (merged, or replacing the field whole)."""
+    spec = {field_name: (fo.VectorField, {"info": model.info})}
+    with fields.staged_fields(dataset, spec, replace=plan.replace) as staging:
+        failures = job(staging[field_name])
+        staging.record(records.EMBEDDINGS, field_name, model.info)
+    return failures
+
+
+def _embed(
+    loader: DataLoader,
+    ids: list[str],
+    model: EmbeddingModel,
+    dataset: fo.Dataset,
+    field_name: str,
+    write_every: int,
+    progress: bool | ProgressCallback,
+) -> dict[str, tuple[str, str]]:
+    """Embeds every image of ``loader`` into ``field_name``; an image that
+    cannot be read gets ``None``.
+
+    Returns:
+        sample id -> ``(filepath, reason)`` for the images not read
+    """
+    total = len(ids)
+    paths = loader.dataset.paths
+    label = f"Embedding images with {model.name}"
+    report, close = _make_reporter(progress, total, label)
+    done = 0
+    pending = {}
+    failures = {}
+    try:
+        report(0)
+        for indices, batch, failed in loader:
+            if batch is not None:
+                vectors = model.embed(batch)
+                for i, vector in zip(indices, vectors, strict=True):
+                    pending[ids[i]] = vector
+            for i, reason in failed:
+                pending[ids[i]] = None
+                failures[ids[i]] = (paths[i], reason)
+            if len(pending) >= write_every:
+                dataset.set_values(field_name, pending, key_field="id")
+                pending = {}
+            done += len(indices) + len(failed)
+            if done < total:
+                report(done)
+        if pending:
+            dataset.set_values(field_name, pending, key_field="id")
+        report(total)
+    finally:
+        close()
+    return failures
+
+
+def _raise_failures(failures: dict, total: int, staged: bool) -> None:
+    shown = "; ".join(
+        f"{path} ({reason})" for path, reason in list(failures.values())[:3]
+    )
+    more = f" and {len(failures) - 3} more" if len(failures) > 3 else ""
+    written = (
+        "Nothing was written."
+        if staged
+        else "The images that could be read were embedded."
+    )
+    raise ValueError(
+        f"{len(failures)} of the {total} images to embed could not be read: "
+        f"{shown}{more}. Fix or remove these files (or exclude their "
+        f"samples from the view), or pass skip_failures=True to skip them "
+        f"and tag their samples {FAILED_TAG!r}. {written}"
+    )
+
+
+def _update_tags(
+    dataset: fo.Dataset, failures: dict, tagged: set[str]
+) -> None:
+    """Tags the samples whose image failed; untags the ones embedded now
+    (``tagged``: the samples of the run that had the tag before)."""
+    if failures:
+        dataset.select(list(failures)).tag_samples(FAILED_TAG)
+    fixed = [i for i in tagged if i not in failures]
+    if fixed:
+        dataset.select(fixed).untag_samples(FAILED_TAG)
+
+
+def _log_result(
+    embedded: int, failures: dict, model: EmbeddingModel, field_name: str
+) -> None:
+    logger.info(
+        "Embedded %d samples with %s into %s",
+        embedded,
+        model.name,
+        field_name,
+    )
+    if failures:
+        path, reason = next(iter(failures.values()))
+        logger.warning(
+            "%d images could not be read and have no %r vector; their "
+            "samples are tagged %r (first: %s: %s)",
+            len(failures),
+            field_name,
+            FAILED_TAG,
+            path,
+            reason,
         )
 
 
@@ -269,16 +594,21 @@ def check_embeddings_field(dataset: fo.Dataset, field_name: str) -> None:
             f"embeddings_field must be a non-empty field name, got "
             f"{field_name!r}; pass e.g. embeddings_field='embeddings'."
         )
-    if "." in field_name or field_name.startswith(("_", "$")):
+    if (
+        "." in field_name
+        or field_name.startswith(("_", "$"))
+        or not field_name.isidentifier()
+    ):
         raise ValueError(
             f"embeddings_field={field_name!r} is not a plain top-level field "
             f"name; use letters, digits and underscores, e.g. 'embeddings'."
         )
     reserved = RESERVED_FIELDS | set(dataset._get_default_sample_fields())
-    if field_name in reserved:
+    if field_name in reserved or field_name.startswith(fields.TMP_PREFIX):
         raise ValueError(
-            f"embeddings_field={field_name!r} is a built-in FiftyOne field; "
-            f"choose another name, e.g. embeddings_field='embeddings'."
+            f"embeddings_field={field_name!r} is a built-in FiftyOne field "
+            f"or one prelabel reserves; choose another name, e.g. "
+            f"embeddings_field='embeddings'."
         )
     field = dataset.get_field(field_name)
     if field is not None and not isinstance(field, fo.VectorField):
@@ -300,7 +630,7 @@ def _check_compatible(
     model: EmbeddingModel,
 ) -> None:
     """Refuses to add vectors of one model to a field holding another's."""
-    recorded = dict(field.info or {})
+    recorded = _recorded_info(dataset, field_name, field)
     if recorded.get("model") is not None and not _same_source(
         recorded, model.info
     ):
@@ -339,6 +669,8 @@ def _same_source(a: dict, b: dict) -> bool:
 
 
 def _describe(info: dict) -> str:
+    if not info.get("model"):
+        return "an unknown model"
     weights = info.get("weights")
     source = os.path.basename(weights) if weights else "?"
     return f"{info.get('model')} at {info.get('image_size')} px ({source})"
@@ -352,39 +684,9 @@ def _check_files_exist(paths: list[str]) -> None:
         raise ValueError(
             f"{len(missing)} of the {len(paths)} images to embed are missing "
             f"({shown}{more}); restore the files or exclude their samples "
-            f"from the view. Nothing was written."
+            f"from the view, or pass skip_failures=True to skip them. "
+            f"Nothing was written."
         )
-
-
-def _declare_field(
-    dataset: fo.Dataset,
-    field_name: str,
-    field: fo.VectorField | None,
-    model: EmbeddingModel,
-    total: int,
-) -> None:
-    if field is None:
-        dataset.add_sample_field(field_name, fo.VectorField, info=model.info)
-        return
-    recorded = dict(field.info or {})
-    if recorded == model.info:
-        return
-    if recorded.get("model") is None or _same_source(recorded, model.info):
-        field.info = model.info
-        field.save()
-        return
-    others = dataset.exists(field_name).count()
-    if others > total:
-        logger.warning(
-            "%d samples outside this run keep %r vectors from %s; "
-            "recompute them with %s before indexing the whole dataset",
-            others - total,
-            field_name,
-            _describe(recorded),
-            _describe(model.info),
-        )
-    field.info = model.info
-    field.save()
 
 
 def _make_reporter(

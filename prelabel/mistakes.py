@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 import fiftyone as fo
 from fiftyone import ViewField as F
 
-from prelabel import constants, knn, validation
-from prelabel.fields import CLASSIFICATION, staged_fields
+from prelabel import constants, knn, records, validation
+from prelabel.fields import CLASSIFICATION, check_output_field, staged_fields
+from prelabel.health import check_index
 from prelabel.index.base import IndexFilter
 from prelabel.preannotate import (
     _drop_self,
@@ -95,6 +96,8 @@ def check_find_label_mistakes(
     vote: str = "majority",
     brain_key: str | None = None,
     method: str = "loo",
+    overwrite: bool = False,
+    batch_size: int = 1000,
 ):
     """Runs every check of :func:`find_label_mistakes` without writing
     anything, so that operator forms can show the reason up front.
@@ -108,18 +111,14 @@ def check_find_label_mistakes(
     Raises:
         ValueError: one sentence saying what is wrong and what to do
     """
-    neighbors_field = neighbors_field or f"{score_field}_label"
     validation.check_identifier(score_field, "score_field")
-    validation.check_identifier(neighbors_field, "neighbors_field")
-    for name, value in (
-        ("score_field", score_field),
-        ("neighbors_field", neighbors_field),
-    ):
-        if value == label_field or value in validation.RESERVED_FIELDS:
-            raise ValueError(
-                f"{name}={value!r} would overwrite {value!r}; choose a new "
-                "field name"
-            )
+    neighbors_field = neighbors_field or f"{score_field}_label"
+    if neighbors_field == score_field:
+        raise ValueError(
+            f"neighbors_field={neighbors_field!r} is the score field; choose "
+            "another name"
+        )
+    validation.check_positive_int(batch_size, "batch_size")
     if vote not in knn.VOTES:
         raise ValueError(f"vote={vote!r} is not supported; use {knn.VOTES}")
     if method not in METHODS:
@@ -127,24 +126,35 @@ def check_find_label_mistakes(
             f"method={method!r} is not supported; use one of {METHODS}"
         )
     results = resolve_index(samples, index, brain_key)
+    check_index(samples, results, sample_size=64).raise_if_damaged()
     if results.config.label_field != label_field:
         raise ValueError(
             f"label_field={label_field!r} but the index stores labels of "
             f"{results.config.label_field!r}; sync an index with this field"
         )
     validation.check_classification_field(samples, label_field)
-    validation.check_classification_field(
-        samples, neighbors_field, "neighbors_field", required=False
-    )
-    schema = samples.get_field_schema()
-    if score_field in schema and not isinstance(
-        schema[score_field], fo.FloatField
-    ):
-        raise ValueError(
-            f"score_field={score_field!r} exists and is not a float field; "
-            "choose another name"
-        )
     emb_field = results.config.embeddings_field
+    never = {
+        label_field: "the ground-truth field (the labels under test)",
+        emb_field: "the embeddings field the index reads",
+    }
+    for param, name, types in (
+        ("score_field", score_field, (fo.FloatField,)),
+        (
+            "neighbors_field",
+            neighbors_field,
+            ((fo.EmbeddedDocumentField, fo.Classification),),
+        ),
+    ):
+        check_output_field(
+            samples,
+            name,
+            param,
+            records.MISTAKES,
+            overwrite=overwrite,
+            never=never,
+            types=types,
+        )
     validation.check_embeddings_field(samples, emb_field)
 
     flt = IndexFilter(labeled=True)
@@ -165,6 +175,7 @@ def find_label_mistakes(
     batch_size: int = 1000,
     progress: ProgressArg = True,
     method: str = "loo",
+    overwrite: bool = False,
 ) -> LabelMistakesResult:
     """Scores every labeled sample by how much its labeled neighbors
     disagree with its own label (leave-one-out: a sample never votes for
@@ -194,6 +205,9 @@ def find_label_mistakes(
             sample is scored by a head that never saw its label). Sharper,
             computed exactly in memory (suits up to ~10^5 labeled samples);
             ``vote`` does not apply
+        overwrite (False): allow ``score_field`` / ``neighbors_field`` to
+            replace fields that prelabel did not write (without it such a
+            field is refused); ``label_field`` is never overwritten
 
     Returns:
         a :class:`LabelMistakesResult`
@@ -209,6 +223,11 @@ def find_label_mistakes(
         vote=vote,
         brain_key=brain_key,
         method=method,
+        overwrite=overwrite,
+        batch_size=batch_size,
+    )
+    record = mistakes_record(
+        results.key, label_field, k, method, neighbors_field
     )
     if method == "adapted":
         from prelabel.scored import find_label_mistakes_adapted
@@ -222,6 +241,7 @@ def find_label_mistakes(
             neighbors_field=neighbors_field,
             progress=progress,
             t0=t0,
+            record=record,
         )
     emb_field = results.config.embeddings_field
     labeled = validation.labeled(samples, label_field).exists(emb_field)
@@ -243,6 +263,7 @@ def find_label_mistakes(
         neighbors_field: CLASSIFICATION,
     }
     with staged_fields(dataset, staged) as tmp:
+        tmp.record(records.MISTAKES, score_field, record)
         with Progress(progress, len(ids), "Scoring labels") as bar:
             for start in range(0, len(ids), batch_size):
                 chunk = ids[start : start + batch_size]
@@ -283,6 +304,19 @@ def find_label_mistakes(
     out.num_scored = len(ids)
     out.seconds["total"] = time.perf_counter() - t0
     return out
+
+
+def mistakes_record(
+    brain_key, label_field, k, method, neighbors_field
+) -> dict:
+    """What the run records of a score field say about its run."""
+    return {
+        "brain_key": brain_key,
+        "label_field": label_field,
+        "k": k,
+        "method": method,
+        "neighbors_field": neighbors_field,
+    }
 
 
 def suspicious_labels(

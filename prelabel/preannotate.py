@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 import fiftyone as fo
 import numpy as np
 
-from prelabel import constants, knn, validation
-from prelabel.fields import CLASSIFICATION, staged_fields
+from prelabel import constants, knn, records, validation
+from prelabel.fields import CLASSIFICATION, check_output_field, staged_fields
+from prelabel.health import check_index
 from prelabel.index.base import IndexFilter
 from prelabel.progress import Progress, ProgressArg
 
@@ -99,11 +100,23 @@ def resolve_index(samples, index=None, brain_key=None):
     """The similarity results of ``index`` (results, a brain key or None)."""
     from prelabel.index.brain import PrelabelQdrantSimilarityIndex
 
+    dataset = samples._root_dataset
     if isinstance(index, PrelabelQdrantSimilarityIndex):
+        owner = index.samples._root_dataset
+        if owner._doc.id != dataset._doc.id:
+            raise ValueError(
+                f"index= is the index of dataset '{owner.name}', not of "
+                f"'{dataset.name}'; pass the results of sync_index on this "
+                "dataset (or its brain key)"
+            )
         return index
+    if index is not None and not isinstance(index, str):
+        raise ValueError(
+            f"index= must be the results of prelabel.sync_index or a brain "
+            f"key; got {type(index).__name__}"
+        )
     key = index if isinstance(index, str) else brain_key
     key = key or constants.DEFAULT_BRAIN_KEY
-    dataset = samples._root_dataset
     if key not in dataset.list_brain_runs():
         raise ValueError(
             f"brain_key={key!r} is not a run of dataset '{dataset.name}'; "
@@ -117,6 +130,41 @@ def resolve_index(samples, index=None, brain_key=None):
             "with prelabel.sync_index"
         )
     return results
+
+
+def check_reference(reference, samples) -> None:
+    """``reference`` names a reference set: None, a tag, a non-empty list
+    of tags, or a view of the same dataset."""
+    if reference is None:
+        return
+    if isinstance(reference, str):
+        tags = [reference]
+    elif isinstance(reference, (list, tuple)):
+        tags = list(reference)
+        if not tags:
+            raise ValueError(
+                "reference=[] selects no sample; pass None for every "
+                "labeled sample, a tag (or a list of tags), or a view"
+            )
+    elif isinstance(reference, fo.core.collections.SampleCollection):
+        mine, theirs = samples._root_dataset, reference._root_dataset
+        if mine._doc.id != theirs._doc.id:
+            raise ValueError(
+                f"reference= is a view of dataset '{theirs.name}', not of "
+                f"'{mine.name}'; pass a view of the targets' dataset"
+            )
+        return
+    else:
+        raise ValueError(
+            f"reference= must be None, a tag, a list of tags or a view; got "
+            f"{type(reference).__name__}"
+        )
+    for tag in tags:
+        if not isinstance(tag, str) or not tag:
+            raise ValueError(
+                f"reference={reference!r} holds {tag!r}, which is not a tag; "
+                "pass tags as non-empty strings"
+            )
 
 
 def reference_filter(
@@ -167,6 +215,8 @@ def check_preannotate(
     target_precision: float | None = None,
     propagate: bool = False,
     mode: str = "knn",
+    overwrite: bool = False,
+    batch_size: int = 1000,
 ):
     """Runs every check of :func:`preannotate` without writing a label, so
     that operator forms can show the reason before anything runs (a
@@ -186,16 +236,16 @@ def check_preannotate(
         raise ValueError(
             f"vote={vote!r} is not supported; use one of {knn.VOTES}"
         )
-    if min_confidence is not None and not 0.0 <= min_confidence <= 1.0:
-        raise ValueError(
-            f"min_confidence must be between 0 and 1; got {min_confidence}"
-        )
+    validation.check_fraction(min_confidence, "min_confidence")
+    validation.check_positive_int(batch_size, "batch_size")
+    check_reference(reference, targets)
     if eval_key is not None:
         validation.check_identifier(eval_key, "eval_key")
     from prelabel import scored
 
     scored.check_scored_args(mode, calibrate, target_precision, propagate)
     results = resolve_index(targets, index, brain_key)
+    check_index(targets, results, sample_size=64).raise_if_damaged()
     config = results.config
     if config.label_field != label_field:
         raise ValueError(
@@ -204,8 +254,21 @@ def check_preannotate(
             f"{config.label_field!r} or sync an index with this field"
         )
     validation.check_classification_field(targets, label_field)
-    validation.check_pred_field(targets, pred_field, label_field)
     emb_field = config.embeddings_field
+    check_output_field(
+        targets,
+        pred_field,
+        "pred_field",
+        records.RUNS,
+        overwrite=overwrite,
+        never={
+            label_field: (
+                "the ground-truth field (the labels the index votes with)"
+            ),
+            emb_field: "the embeddings field the index reads",
+        },
+        types=((fo.EmbeddedDocumentField, fo.Classification),),
+    )
     dim = validation.check_embeddings_field(targets, emb_field)
     if results.index.dim is not None and dim != results.index.dim:
         raise ValueError(
@@ -251,6 +314,7 @@ def preannotate(
     target_precision: float | None = None,
     propagate: bool = False,
     mode: str = "knn",
+    overwrite: bool = False,
 ) -> PreannotationResult:
     """Pre-annotates ``targets`` by a vote of their nearest labeled
     neighbors in the index.
@@ -300,6 +364,10 @@ def preannotate(
             under ``<brain_key>_adapted``, votes there together with the
             learned classifier, and calibrates. An index of adapted
             embeddings always votes with its classifier
+        overwrite (False): allow ``pred_field`` to replace a field that
+            prelabel did not write (without it, such a field, e.g. labels
+            a person reviewed, is refused); the ground truth and the
+            index's embeddings are never overwritten
 
     Returns:
         a :class:`PreannotationResult`
@@ -320,6 +388,8 @@ def preannotate(
         target_precision=target_precision,
         propagate=propagate,
         mode=mode,
+        overwrite=overwrite,
+        batch_size=batch_size,
     )
     from prelabel import scored
 
@@ -360,6 +430,19 @@ def preannotate(
     review_ids: list[str] = []
     t_query = t_write = 0.0
     with staged_fields(dataset, {pred_field: CLASSIFICATION}) as tmp:
+        tmp.record(
+            records.RUNS,
+            pred_field,
+            run_record(
+                results.key,
+                label_field,
+                k,
+                vote,
+                classes,
+                min_confidence,
+                reference,
+            ),
+        )
         with Progress(progress, len(ids), "Pre-annotating") as bar:
             for start in range(0, len(ids), batch_size):
                 chunk = ids[start : start + batch_size]
@@ -390,17 +473,6 @@ def preannotate(
         dataset.select(review_ids).tag_samples(constants.REVIEW_TAG)
     out.num_review = len(review_ids)
     out.num_labeled = out.num_targets - out.num_review
-    _save_run_info(
-        dataset,
-        pred_field,
-        results.key,
-        label_field,
-        k,
-        vote,
-        classes,
-        min_confidence,
-        reference,
-    )
     out.seconds = {"query_vote": t_query, "write": t_write}
 
     if eval_key is not None:
@@ -487,9 +559,7 @@ def _classifications(votes: knn.Votes, nb_ids, min_confidence):
     return labels, review
 
 
-def _save_run_info(
-    dataset,
-    pred_field,
+def run_record(
     brain_key,
     label_field,
     k,
@@ -498,21 +568,19 @@ def _save_run_info(
     min_confidence,
     reference,
     extra: dict | None = None,
-):
-    info = dict(dataset.info or {})
-    runs = dict(info.get("prelabel_runs") or {})
+) -> dict:
+    """What the run records of a pre-label field say about its run."""
     if reference is not None and not isinstance(reference, (str, list, tuple)):
         reference = "<view>"
-    runs[pred_field] = {
+    return {
         "brain_key": brain_key,
         "label_field": label_field,
         "k": k,
         "vote": vote,
         "classes": classes,
         "min_confidence": min_confidence,
-        "reference": reference,
+        "reference": (
+            list(reference) if isinstance(reference, tuple) else reference
+        ),
         **(extra or {}),
     }
-    info["prelabel_runs"] = runs
-    dataset.info = info
-    dataset.save()

@@ -26,14 +26,13 @@ threshold are fitted on those scores (:mod:`prelabel.calibration`).
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 
 import fiftyone as fo
 import numpy as np
 
-from prelabel import adapt, calibration, constants, knn
+from prelabel import adapt, calibration, constants, knn, records
 from prelabel import propagate as prop
 from prelabel.fields import CLASSIFICATION, staged_fields
 from prelabel.preannotate import (
@@ -41,8 +40,8 @@ from prelabel.preannotate import (
     _drop_self,
     _read_vectors,
     _reference_classes,
-    _save_run_info,
     evaluate,
+    run_record,
 )
 from prelabel.progress import Progress, ProgressArg
 
@@ -85,13 +84,6 @@ def wants_scored(
         return True
     record = adapt.adapter_record(dataset, results.config.embeddings_field)
     return record is not None
-
-
-def _reference_digest(ids, labels) -> str:
-    h = hashlib.blake2b(digest_size=12)
-    for sid, lbl in sorted(zip(ids, labels, strict=True)):
-        h.update(f"{sid}:{lbl};".encode())
-    return h.hexdigest()
 
 
 def check_adapt_index(
@@ -155,7 +147,7 @@ def adapt_index(
         the similarity results of the adapted index (``results`` itself
         when it already holds adapted embeddings)
     """
-    from prelabel.sync import sync_index
+    from prelabel.indexing import sync_index
 
     results, refs = check_adapt_index(dataset, results, reference, label_field)
     if refs is None:
@@ -164,7 +156,7 @@ def adapt_index(
     out_field = f"{emb_field}_adapted"
     brain_key = f"{results.key}_adapted"
     ref_ids, ref_labels = refs.values(["id", f"{label_field}.label"])
-    digest = _reference_digest(ref_ids, ref_labels)
+    digest = adapt.reference_digest(ref_ids, ref_labels)
     record = adapt.adapter_record(dataset, out_field)
     fresh = (
         record is not None
@@ -180,10 +172,6 @@ def adapt_index(
             out_field=out_field,
             progress=progress,
         )
-        info = dict(dataset.info)
-        info[adapt.INFO_KEY][out_field]["reference_digest"] = digest
-        dataset.info = info
-        dataset.save()
     return sync_index(
         dataset,
         embeddings_field=out_field,
@@ -388,7 +376,36 @@ def preannotate_scored(
 
     t4 = time.perf_counter()
     review_ids, accepted_n, written = [], 0, 0
+    run_extra = {
+        "mode": mode,
+        "calibrate": bool(calibrate),
+        "calibrator": cal.calibrator.to_dict() if calibrate else None,
+        "target_precision": target_precision,
+        "accept_threshold": cal.threshold,
+        "expected_coverage": cal.expected_coverage,
+        "expected_precision": cal.expected_precision,
+        # the references' held-out curve, in the written confidence
+        "expected_curve": calibration.curve_points(
+            cal.calibrator(conf_ref) if calibrate else conf_ref, correct
+        ),
+        "propagation": getattr(out, "propagation", None),
+        "accept_score": out.accept_score,
+    }
     with staged_fields(dataset, {pred_field: CLASSIFICATION}) as tmp:
+        tmp.record(
+            records.RUNS,
+            pred_field,
+            run_record(
+                results.key,
+                label_field,
+                k,
+                vote,
+                classes,
+                min_confidence,
+                reference,
+                extra=run_extra,
+            ),
+        )
         for i, (chunk_ids, votes, nb_ids, probs) in enumerate(chunks):
             labels, review, acc = _classifications(
                 votes,
@@ -418,32 +435,6 @@ def preannotate_scored(
         accepted_n / out.num_targets
         if target_precision is not None and out.num_targets
         else None
-    )
-    _save_run_info(
-        root,
-        pred_field,
-        results.key,
-        label_field,
-        k,
-        vote,
-        classes,
-        min_confidence,
-        reference,
-        extra={
-            "mode": mode,
-            "calibrate": bool(calibrate),
-            "calibrator": cal.calibrator.to_dict() if calibrate else None,
-            "target_precision": target_precision,
-            "accept_threshold": cal.threshold,
-            "expected_coverage": cal.expected_coverage,
-            "expected_precision": cal.expected_precision,
-            # the references' held-out curve, in the written confidence
-            "expected_curve": calibration.curve_points(
-                cal.calibrator(conf_ref) if calibrate else conf_ref, correct
-            ),
-            "propagation": getattr(out, "propagation", None),
-            "accept_score": out.accept_score,
-        },
     )
     out.seconds["write"] = time.perf_counter() - t4
 
@@ -640,6 +631,7 @@ def find_label_mistakes_adapted(
     neighbors_field: str,
     progress: ProgressArg,
     t0: float,
+    record: dict,
 ):
     """``find_label_mistakes(method="adapted")``: scores every labeled,
     embedded sample with :func:`prelabel.adapt.label_error_scores` and
@@ -697,6 +689,7 @@ def find_label_mistakes_adapted(
     }
     try:
         with staged_fields(dataset, staged) as tmp:
+            tmp.record(records.MISTAKES, score_field, record)
             dataset.set_values(
                 tmp[score_field],
                 dict(zip(ids, map(float, scores), strict=True)),

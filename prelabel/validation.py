@@ -9,19 +9,27 @@ from __future__ import annotations
 import fiftyone as fo
 from fiftyone import ViewField as F
 
-RESERVED_FIELDS = (
-    "id",
-    "_id",
-    "filepath",
-    "tags",
-    "metadata",
-    "media_type",
-    "created_at",
-    "last_modified_at",
+#: FiftyOne's own sample fields and names it reserves; never written
+RESERVED_FIELDS = frozenset(
+    {
+        "id",
+        "_id",
+        "filepath",
+        "tags",
+        "metadata",
+        "media_type",
+        "created_at",
+        "last_modified_at",
+        "frames",
+        "group",
+        "_dataset_id",
+        "_sample_id",
+    }
 )
 
 
 def check_identifier(value: str, param: str) -> None:
+    """``value`` is a name a field or a key can have."""
     if not isinstance(value, str) or not value.isidentifier():
         raise ValueError(
             f"{param}={value!r} is not a valid name; use letters, digits "
@@ -82,22 +90,28 @@ def check_classification_field(
         )
 
 
-def check_pred_field(samples, pred_field: str, label_field: str) -> None:
-    """The prediction field is a new name or a Classification field, and
-    never the ground truth."""
-    check_identifier(pred_field, "pred_field")
-    if pred_field == label_field:
+def check_positive_int(value, param: str) -> int:
+    """``value`` is a whole number of at least 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(
-            f"pred_field={pred_field!r} is the ground-truth field; "
-            "pre-labels go to their own field (e.g. 'prelabel')"
+            f"{param} must be a positive whole number; got {value!r}"
         )
-    if pred_field in RESERVED_FIELDS:
+    return value
+
+
+def check_fraction(value, param: str, optional: bool = True):
+    """``value`` is a number between 0 and 1 (or None when optional)."""
+    if value is None and optional:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0.0 <= float(value) <= 1.0
+    ):
         raise ValueError(
-            f"pred_field={pred_field!r} is a reserved field; choose another"
+            f"{param} must be a number between 0 and 1; got {value!r}"
         )
-    check_classification_field(
-        samples, pred_field, param="pred_field", required=False
-    )
+    return float(value)
 
 
 def check_k(k, num_reference: int) -> int:

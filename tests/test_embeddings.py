@@ -12,7 +12,8 @@ import torch
 import torchvision
 from PIL import Image
 
-from prelabel.embeddings import compute_embeddings
+from prelabel import fields, records
+from prelabel.embeddings import FAILED_TAG, EmbeddingCount, compute_embeddings
 from prelabel.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -271,10 +272,25 @@ def test_missing_image_writes_nothing(digits_dataset, tmp_path):
     sample.save()
 
     with pytest.raises(ValueError, match="1 of the 300") as error:
-        compute_embeddings(digits_dataset, model="pixels", progress=False)
+        compute_embeddings(
+            digits_dataset,
+            model="pixels",
+            skip_failures=False,
+            progress=False,
+        )
     assert gone in str(error.value)
+    assert "skip_failures=True" in str(error.value)
     assert digits_dataset.get_field("embeddings") is None
     assert "embeddings" not in digits_dataset.first()
+
+    # by default the missing image is skipped, tagged and counted
+    n = compute_embeddings(
+        digits_dataset, model="pixels", num_workers=0, progress=False
+    )
+    assert n == 299 and n.num_failed == 1
+    assert n.failures == {sample.id: "file not found"}
+    assert digits_dataset.match_tags(FAILED_TAG).values("id") == [sample.id]
+    assert digits_dataset[sample.id]["embeddings"] is None
 
 
 def test_resnet18_without_weights_warns(digits_dataset, no_torch_cache):
@@ -360,3 +376,296 @@ def test_top_level_api_is_lazy_about_torch():
         "assert f is g"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- nothing is lost: unreadable images, failed recomputes, ownership ----
+
+
+def _write_bad_images(folder, good_png):
+    """A 0-byte PNG, a text file named .png and a truncated real PNG."""
+    folder.mkdir(exist_ok=True)
+    empty = folder / "empty.png"
+    empty.write_bytes(b"")
+    text = folder / "notes.png"
+    text.write_text("these are my notes, not an image\n")
+    truncated = folder / "truncated.png"
+    with open(good_png, "rb") as f:
+        data = f.read()
+    truncated.write_bytes(data[: len(data) // 2])
+    return [str(empty), str(text), str(truncated)]
+
+
+def _point_at(dataset, sample_ids, paths):
+    for sample_id, path in zip(sample_ids, paths, strict=True):
+        sample = dataset[sample_id]
+        sample.filepath = path
+        sample.save()
+
+
+def _lengths(samples, field):
+    return {None if v is None else len(v) for v in samples.values(field)}
+
+
+def _tmp_fields(dataset):
+    dataset.reload()
+    return [
+        f for f in dataset.get_field_schema() if f.startswith("prelabel_tmp_")
+    ]
+
+
+def test_unreadable_images_are_skipped_tagged_and_counted(
+    digits_dataset, tmp_path
+):
+    dataset = digits_dataset
+    bad_ids = dataset.take(3, seed=5).values("id")
+    bad = _write_bad_images(tmp_path / "bad", dataset.first().filepath)
+    _point_at(dataset, bad_ids, bad)
+    # a sample that failed in an earlier run and is readable now
+    healed = dataset.exclude(bad_ids).first().id
+    dataset.select(healed).tag_samples(FAILED_TAG)
+
+    n = compute_embeddings(
+        dataset, model="pixels", batch_size=16, num_workers=2, progress=False
+    )
+
+    assert isinstance(n, EmbeddingCount) and isinstance(n, int)
+    assert n == 297 and n.num_failed == 3 and str(n) == "297"
+    assert sorted(n.failed_ids) == sorted(bad_ids)
+    reasons = [n.failures[i] for i in bad_ids]
+    assert "cannot identify image file" in reasons[0]
+    assert "cannot identify image file" in reasons[1]
+    assert "truncated" in reasons[2]
+    assert sorted(dataset.match_tags(FAILED_TAG).values("id")) == sorted(
+        bad_ids
+    )
+    assert dataset.select(bad_ids).values("embeddings") == [None] * 3
+    assert _lengths(dataset.exclude(bad_ids), "embeddings") == {784}
+
+    # the file is fixed: the next run embeds it alone and untags it
+    with open(dataset[healed].filepath, "rb") as f:
+        (tmp_path / "bad" / "empty.png").write_bytes(f.read())
+    again = compute_embeddings(
+        dataset, model="pixels", num_workers=0, progress=False
+    )
+    assert again == 1 and again.num_failed == 2
+    assert sorted(again.failed_ids) == sorted(bad_ids[1:])
+    assert dataset[bad_ids[0]]["embeddings"].shape == (784,)
+    assert sorted(dataset.match_tags(FAILED_TAG).values("id")) == sorted(
+        bad_ids[1:]
+    )
+
+
+def test_skip_failures_false_writes_nothing_on_recompute(
+    digits_dataset, tmp_path
+):
+    dataset = digits_dataset
+    compute_embeddings(
+        dataset, model="pixels", image_size=16, num_workers=0, progress=False
+    )
+    before = dataset.values("embeddings")
+    info = dict(dataset.get_field("embeddings").info)
+    bad_ids = dataset.take(3, seed=1).values("id")
+    bad = _write_bad_images(tmp_path / "bad", dataset.first().filepath)
+    _point_at(dataset, bad_ids, bad)
+
+    with pytest.raises(ValueError, match="skip_failures=True") as error:
+        compute_embeddings(
+            dataset,
+            model="pixels",
+            image_size=8,
+            skip_existing=False,
+            skip_failures=False,
+            num_workers=0,
+            write_every=50,
+            progress=False,
+        )
+    message = str(error.value)
+    assert "3 of the 300" in message and bad[0] in message
+    assert "Nothing was written" in message
+    after = dataset.values("embeddings")
+    assert all(
+        np.array_equal(a, b) for a, b in zip(before, after, strict=True)
+    )
+    assert dataset.get_field("embeddings").info == info
+    assert records.get(dataset, records.EMBEDDINGS, "embeddings") == info
+    assert _tmp_fields(dataset) == []
+    assert len(dataset.match_tags(FAILED_TAG)) == 0
+
+
+def test_failed_recompute_with_another_model_keeps_old_field_whole(
+    digits_dataset, monkeypatch
+):
+    dataset = digits_dataset
+    compute_embeddings(
+        dataset, model="pixels", image_size=16, num_workers=0, progress=False
+    )
+    before = dataset.values("embeddings")
+    info = dict(dataset.get_field("embeddings").info)
+    calls = []
+    set_values = fo.Dataset.set_values
+
+    def failing_set_values(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("the database went away")
+        return set_values(self, *args, **kwargs)
+
+    monkeypatch.setattr(fo.Dataset, "set_values", failing_set_values)
+    with pytest.raises(RuntimeError, match="went away"):
+        compute_embeddings(
+            dataset,
+            model="pixels",
+            image_size=8,
+            skip_existing=False,
+            num_workers=0,
+            batch_size=10,
+            write_every=50,
+            progress=False,
+        )
+    monkeypatch.undo()
+
+    assert len(calls) == 3  # two chunks were written (aside)
+    after = dataset.values("embeddings")
+    assert _lengths(dataset, "embeddings") == {256}
+    assert all(
+        np.array_equal(a, b) for a, b in zip(before, after, strict=True)
+    )
+    assert dataset.get_field("embeddings").info == info
+    assert _tmp_fields(dataset) == []
+    assert records.read(dataset, records.PENDING) == {}
+
+    n = compute_embeddings(
+        dataset,
+        model="pixels",
+        image_size=8,
+        skip_existing=False,
+        num_workers=0,
+        progress=False,
+    )
+    assert n == 300
+    assert _lengths(dataset, "embeddings") == {64}
+    assert dataset.get_field("embeddings").info["dim"] == 64
+    assert records.get(dataset, records.EMBEDDINGS, "embeddings")["dim"] == 64
+
+
+def test_recompute_of_a_view_never_mixes_models(digits_dataset):
+    dataset = digits_dataset
+    compute_embeddings(
+        dataset, model="pixels", image_size=16, num_workers=0, progress=False
+    )
+    view = dataset.take(30, seed=2)
+    kwargs = dict(
+        model="pixels", skip_existing=False, num_workers=0, progress=False
+    )
+
+    with pytest.raises(ValueError, match="embeddings_field='embeddings'"):
+        compute_embeddings(view, image_size=8, **kwargs)
+    assert _lengths(dataset, "embeddings") == {256}
+
+    # the same model on a subset is fine: only the subset changes
+    other = dataset.exclude(view.values("id")).values("embeddings")
+    assert compute_embeddings(view, image_size=16, **kwargs) == 30
+    assert _lengths(dataset, "embeddings") == {256}
+    kept = dataset.exclude(view.values("id")).values("embeddings")
+    assert all(np.array_equal(a, b) for a, b in zip(other, kept, strict=True))
+
+    # overwrite=True replaces the field whole: one model, the view's
+    assert compute_embeddings(view, image_size=8, overwrite=True, **kwargs)
+    assert _lengths(dataset.exists("embeddings"), "embeddings") == {64}
+    assert len(dataset.exists("embeddings")) == 30
+
+
+def test_foreign_vector_field_needs_overwrite(digits_dataset):
+    dataset = digits_dataset
+    dataset.add_sample_field("emb", fo.VectorField)
+    ids = dataset.values("id")
+    theirs = {i: np.full(5, k, dtype=np.float32) for k, i in enumerate(ids)}
+    dataset.set_values("emb", theirs, key_field="id")
+
+    for skip_existing in (True, False):
+        with pytest.raises(ValueError, match="overwrite=True") as error:
+            compute_embeddings(
+                dataset,
+                model="pixels",
+                embeddings_field="emb",
+                skip_existing=skip_existing,
+                progress=False,
+            )
+        assert "embeddings_field='emb'" in str(error.value)
+    assert _lengths(dataset, "emb") == {5}
+
+    view = dataset.take(50, seed=0)
+    n = compute_embeddings(
+        view,
+        model="pixels",
+        embeddings_field="emb",
+        overwrite=True,
+        num_workers=0,
+        progress=False,
+    )
+    assert n == 50
+    # replaced whole: no vector of the other tool is left beside ours
+    assert len(dataset.exists("emb")) == 50
+    assert _lengths(view, "emb") == {784}
+    assert records.writer_of(dataset, "emb") == records.EMBEDDINGS
+    assert dataset.get_field("emb").info["model"] == "pixels"
+    # now it is prelabel's: the rest is embedded without overwrite
+    n = compute_embeddings(
+        dataset,
+        model="pixels",
+        embeddings_field="emb",
+        num_workers=0,
+        progress=False,
+    )
+    assert n == 250
+
+
+def test_field_of_an_older_prelabel_is_ours(digits_dataset):
+    view = digits_dataset.take(20, seed=0)
+    compute_embeddings(view, model="pixels", num_workers=0, progress=False)
+    # older prelabel kept no record, only the model in the field's info
+    records.remove(digits_dataset, records.EMBEDDINGS, "embeddings")
+    assert records.writer_of(digits_dataset, "embeddings") is None
+
+    n = compute_embeddings(
+        digits_dataset, model="pixels", num_workers=0, progress=False
+    )
+    assert n == 280
+    assert records.writer_of(digits_dataset, "embeddings") == (
+        records.EMBEDDINGS
+    )
+    assert (
+        compute_embeddings(
+            view, model="pixels", skip_existing=False, progress=False
+        )
+        == 20
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"skip_failures": "yes"}, "skip_failures must be True or False"),
+        ({"skip_existing": None}, "skip_existing must be True or False"),
+        ({"overwrite": 1}, "overwrite must be True or False"),
+        ({"write_every": 0}, "write_every=1000"),
+        ({"num_workers": -1}, "num_workers=-1"),
+        ({"embeddings_field": "prelabel_tmp_0_x"}, "prelabel reserves"),
+        ({"embeddings_field": "my-field"}, "plain top-level"),
+    ],
+)
+def test_bad_arguments_are_named(digits_dataset, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        compute_embeddings(
+            digits_dataset, model="pixels", progress=False, **kwargs
+        )
+    assert digits_dataset.get_field("embeddings") is None
+
+
+def test_field_written_by_a_live_job_is_busy(digits_dataset):
+    with fields.staged_fields(
+        digits_dataset, {"embeddings": (fo.VectorField, {})}
+    ):
+        with pytest.raises(fields.FieldBusyError, match="embeddings"):
+            compute_embeddings(digits_dataset, model="pixels", progress=False)
+    assert _tmp_fields(digits_dataset) == []

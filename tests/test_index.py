@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from prelabel.index import base
-from prelabel.index.base import IndexBusyError, IndexFilter
+from prelabel.index.base import IndexBusyError, IndexDamagedError, IndexFilter
 from prelabel.index.edge import EdgeIndex
 from prelabel.index.server import ServerIndex, connect
 
@@ -364,8 +364,9 @@ def test_drop_deletes_everything(index):
 
 def test_edge_create_twice_and_query_before_create(tmp_path):
     index = EdgeIndex(str(tmp_path / "index"))
-    with pytest.raises(FileNotFoundError, match="sync the embeddings"):
+    with pytest.raises(IndexDamagedError, match="missing.*rebuild"):
         index.query(np.ones((1, 4)), 1)
+    assert not os.path.exists(index.path)  # a failed read creates nothing
     index.create(4)
     with pytest.raises(FileExistsError):
         index.create(4)
@@ -374,16 +375,27 @@ def test_edge_create_twice_and_query_before_create(tmp_path):
     assert index.count() == 0
 
 
-def test_edge_half_created_folder_is_recreated(tmp_path):
+def test_edge_folder_without_marker_is_damaged_and_dropped_safely(tmp_path):
     path = tmp_path / "index"
-    # what a create killed before it wrote index.json leaves behind
+    # what a create of an older prelabel killed before it wrote index.json
+    # leaves behind, beside a file of the user's
     (path / "shard" / "segments").mkdir(parents=True)
     (path / "shard" / "junk").write_text("half written")
+    (path / "notes.txt").write_text("mine")
     index = EdgeIndex(str(path))
-    assert not index.exists()
-    assert index.count() == 0
+    assert index.exists()
+    with pytest.raises(IndexDamagedError, match="index.json is missing"):
+        index.count()
+    with pytest.raises(ValueError, match="not empty"):
+        index.create(4)
+    index.drop()
+    assert not (path / "shard").exists()
+    assert (path / "notes.txt").read_text() == "mine"
+    # a folder holding a file of the user's is not free for a new index
+    with pytest.raises(ValueError, match="not empty"):
+        index.create(4)
+    (path / "notes.txt").unlink()
     ids, vectors, _, _ = fill(index, 5, 4)
-    assert not (path / "shard" / "junk").exists()
     meta = json.loads((path / "index.json").read_text())
     assert meta["dim"] == 4 and meta["metric"] == "cosine"
     assert EdgeIndex(str(path)).count() == 5

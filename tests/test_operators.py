@@ -268,6 +268,7 @@ def test_compute_embeddings_writes_vectors_and_reports_progress(
         "with_embeddings": 120,
         "embeddings_field": "embeddings",
         "model": "pixels",
+        "failed": 0,
     }
     assert_progress(progress_of(result), "Embedding images with pixels")
     assert triggered(result, "reload_dataset")
@@ -501,7 +502,8 @@ def test_knn_preannotate_form_and_python_checks(indexed):
     choices = [c.value for c in props["brain_key"].view.choices]
     assert choices == ["prelabel_qdrant"]
 
-    # targets embedded with another model than the index's
+    # targets embedded with another model than the index's (the samples
+    # outside the targets lose their vectors: one model per field)
     from prelabel.embeddings import compute_embeddings
 
     compute_embeddings(
@@ -509,6 +511,7 @@ def test_knn_preannotate_form_and_python_checks(indexed):
         model="pixels",
         image_size=8,
         skip_existing=False,
+        overwrite=True,
         progress=False,
         num_workers=0,
     )

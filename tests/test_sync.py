@@ -21,7 +21,7 @@ import prelabel
 from prelabel.index import base
 from prelabel.index.edge import EdgeIndex
 from prelabel.index.server import ServerIndex, connect
-from prelabel.sync import sync_points
+from prelabel.index.sync import sync_points
 
 DIM = 16
 
@@ -434,8 +434,9 @@ def test_sync_killed_half_way_is_finished_by_the_next(tmp_path):
     """A ``sync_index`` of 20k points SIGKILLed in another process, mid-way
     (its progress callback pauses after each batch of 2,000, so the sync
     outlasts the 2 s lease on the index however fast the machine writes):
-    the next ``sync_index`` loads its brain run and sends only what is
-    missing."""
+    no run is registered (a first sync registers its run only when
+    complete), and the next ``sync_index`` of that key takes the unfinished
+    index over and sends only what is missing."""
     n = 20000
     ds, vectors = _big_dataset(n, 64)
     path = str(tmp_path / "index")
@@ -465,14 +466,16 @@ def test_sync_killed_half_way_is_finished_by_the_next(tmp_path):
         done = EdgeIndex(path).count()
         assert 2000 <= done < n
         ds.reload()
-        assert "prelabel_qdrant" in ds.list_brain_runs()
+        assert "prelabel_qdrant" not in ds.list_brain_runs()
+        assert EdgeIndex(path).meta["complete"] is False
 
-        results = prelabel.sync_index(ds, progress=False)
+        results = prelabel.sync_index(ds, path=path, progress=False)
         assert results.config.path == path
         assert stats_of(results.last_sync) == counts(
             added=n - done, unchanged=done
         )
         _check_complete(results.index, ds, vectors)
+        assert EdgeIndex(path).meta["complete"] is True
         loaded = ds.load_brain_results("prelabel_qdrant")
         assert loaded.total_index_size == n
     finally:

@@ -129,6 +129,15 @@ class IndexBusyError(RuntimeError):
     """The embedded index stayed locked by another process too long."""
 
 
+class IndexDamagedError(ValueError):
+    """The index cannot be read as it is (files damaged or missing); the
+    message says how to rebuild it."""
+
+
+class IndexUnreachableError(RuntimeError):
+    """The Qdrant server could not be reached or refused the request."""
+
+
 class VectorIndex(abc.ABC):
     """A vector index of FiftyOne samples with payloads."""
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 
 import fiftyone.brain as fob
 import fiftyone.core.utils as fou
@@ -28,9 +27,9 @@ from fiftyone.brain.similarity import (
 )
 
 from prelabel import constants
-from prelabel.index import base
+from prelabel.index import base, ownership
 from prelabel.index.base import IndexFilter, VectorIndex
-from prelabel.index.edge import EdgeIndex
+from prelabel.index.sync import SyncStats, payloads_for, sync_points
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +64,11 @@ class PrelabelQdrantSimilarityConfig(SimilarityConfig):
         api_key (None): the Qdrant API key (never stored)
         prefer_grpc (None): use gRPC to talk to the server
         grpc_port (None): the server's gRPC port
+        dataset_id (None): the dataset the run was made for (set when the
+            run is created; a clone of the dataset has another id, which is
+            how its copy of the run is recognized)
+        index_id (None): the id written in the index's marker (set when
+            the run is created)
         **kwargs: keyword arguments for
             :class:`fiftyone.brain.similarity.SimilarityConfig`
     """
@@ -86,6 +90,8 @@ class PrelabelQdrantSimilarityConfig(SimilarityConfig):
         api_key=None,
         prefer_grpc=None,
         grpc_port=None,
+        dataset_id=None,
+        index_id=None,
         **kwargs,
     ):
         if metric not in base.METRICS:
@@ -111,6 +117,8 @@ class PrelabelQdrantSimilarityConfig(SimilarityConfig):
         self.write_consistency_factor = write_consistency_factor
         self.hnsw_config = hnsw_config
         self.quantization = quantization
+        self.dataset_id = dataset_id
+        self.index_id = index_id
         # private, so they are never serialized into the run document
         self._url = url
         self._api_key = api_key
@@ -191,15 +199,35 @@ class PrelabelQdrantSimilarity(Similarity):
         self.ensure_requirements()
 
     def cleanup(self, samples, key):
-        # called by ``delete_brain_run``: the index goes with the run
+        # called by ``delete_brain_run``: the index goes with the run, if
+        # its marker says it is this run's (a clone's copy of the run
+        # document points to the original's index, which stays)
         if self.config.location == "embedded" and self.config.path is None:
             return
-        open_index_for(self.config).drop()
+        ownership.drop_if_owned(
+            ownership.open_index_for(self.config),
+            self.config,
+            samples._root_dataset,
+        )
+
+    def rename(self, samples, key, new_key):
+        index = ownership.open_index_for(self.config)
+        state = index.state()
+        if ownership.is_owned_by(
+            state.meta, self.config, samples._root_dataset
+        ):
+            index.update_meta(brain_key=new_key)
 
     def initialize(self, samples, brain_key):
-        return PrelabelQdrantSimilarityIndex(
+        dataset = samples._root_dataset
+        if self.config.index_id is None:
+            ownership.place_new_run(self.config, dataset, brain_key)
+        results = PrelabelQdrantSimilarityIndex(
             samples, self.config, brain_key, backend=self
         )
+        if brain_key is not None and brain_key in dataset.list_brain_runs():
+            results.save_config()  # registered first (compute_similarity)
+        return results
 
 
 class PrelabelQdrantSimilarityIndex(SimilarityIndex):
@@ -215,42 +243,49 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex):
     def __init__(self, samples, config, brain_key, backend=None):
         self._index: VectorIndex | None = None
         super().__init__(samples, config, brain_key, backend=backend)
-        self._resolve_location()
+        if brain_key is not None and config.index_id is not None:
+            if ownership.is_foreign_run(config, samples._root_dataset):
+                ownership.rehome_clone(self)
+        elif brain_key is not None and self._registered():
+            ownership.adopt_legacy(self)
+        if brain_key is not None:
+            self._warn_if_damaged()
+
+    def _warn_if_damaged(self) -> None:
+        """The cheap check at load: the marker (no shard opened). Loading
+        never fails on damage, so that a rebuild can load the run."""
+        try:
+            self.index.state()
+            if self.config.location == "embedded":
+                self.index.meta  # noqa: B018 - raises on a bad marker
+        except Exception as e:  # damaged, or a server not reachable now
+            logger.warning("%s", e)
+
+    def _registered(self) -> bool:
+        return self.key in self.samples._root_dataset.list_brain_runs()
 
     # ---- the underlying index -----------------------------------------
-
-    def _resolve_location(self):
-        config = self.config
-        dataset = self.samples._root_dataset
-        changed = False
-        if config.location == "embedded" and config.path is None:
-            path = default_index_path(dataset, self.key)
-            if os.path.exists(path):
-                # taken, e.g. by a run renamed away from this key (its config
-                # still points here): two runs must never share a folder
-                path = f"{path}-{uuid.uuid4().hex[:8]}"
-            config.path = path
-            changed = True
-        if config.collection_name is None:
-            # the server collection; for the embedded index the same name is
-            # what the App shows, like FiftyOne's Qdrant backend does
-            slug = fou.to_slug(dataset.name)
-            config.collection_name = f"prelabel-{slug}-{self.key}"
-            changed = True
-        if changed and self.key is not None:
-            self.save_config()
 
     @property
     def index(self) -> VectorIndex:
         """The :class:`prelabel.index.base.VectorIndex` behind this run."""
         if self._index is None:
-            self._index = open_index_for(self.config)
+            dataset = self.samples._root_dataset
+            label = (
+                f"The index of brain key {self.key!r} of dataset "
+                f"'{dataset.name}'"
+            )
+            self._index = ownership.open_index_for(self.config, label=label)
+            self._index.repair_hint = (
+                "rebuild it with prelabel.sync_index(dataset, "
+                f"brain_key={self.key!r}, rebuild=True)"
+            )
         return self._index
 
     @property
-    def last_sync(self):
-        """The :class:`prelabel.sync.SyncStats` of the last sync in this
-        process, or None."""
+    def last_sync(self) -> SyncStats | None:
+        """The :class:`prelabel.index.sync.SyncStats` of the last sync in
+        this process, or None."""
         return getattr(self, "_last_sync", None)
 
     @property
@@ -261,16 +296,17 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex):
     def total_index_size(self):
         return self.index.count()
 
-    def sync(self, samples=None, progress=True, batch_size=2000):
-        """Brings the index up to date with ``samples`` (default: the
-        dataset): new and changed embeddings and labels are written, deleted
-        samples removed, nothing else re-sent.
+    def sync(
+        self, samples=None, progress=True, batch_size=2000, verify=True
+    ) -> SyncStats:
+        """Brings the index (which must exist) up to date with ``samples``
+        (default: the dataset): new and changed embeddings and labels are
+        written, deleted samples removed, damaged points repaired, nothing
+        else re-sent.
 
         Returns:
-            a :class:`prelabel.sync.SyncStats`
+            a :class:`prelabel.index.sync.SyncStats`
         """
-        from prelabel.sync import sync_points
-
         if samples is None:
             samples = self.samples._root_dataset
         stats = sync_points(
@@ -278,9 +314,12 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex):
             samples,
             embeddings_field=self.config.embeddings_field,
             label_field=self.config.label_field,
+            dim=self.index.dim,
             batch_size=batch_size,
             progress=progress,
+            verify=verify,
         )
+        self._last_sync = stats
         self.reload()
         return stats
 
@@ -306,7 +345,14 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex):
         sample_ids = [str(s) for s in sample_ids]
         index = self.index
         if not index.exists():
-            index.create(embeddings.shape[1])
+            index.create(
+                embeddings.shape[1],
+                owner=ownership.owner_of(
+                    self.samples._root_dataset,
+                    self.key,
+                    self.config.index_id,
+                ),
+            )
         if not overwrite or not allow_existing or warn_existing:
             present = {sid for sid, _ in index.iter_payloads([])}
             existing = [s for s in sample_ids if s in present]
@@ -327,8 +373,6 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex):
                 ]
                 embeddings = embeddings[keep]
                 sample_ids = [sample_ids[i] for i in keep]
-
-        from prelabel.sync import payloads_for
 
         dataset = self.samples._root_dataset
         for start in range(0, len(sample_ids), batch_size):
@@ -389,7 +433,9 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex):
         return vectors, np.array(found), None
 
     def cleanup(self):
-        self.index.drop()
+        ownership.drop_if_owned(
+            self.index, self.config, self.samples._root_dataset
+        )
 
     def _kneighbors(
         self,
@@ -411,6 +457,15 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex):
             )
         if aggregation not in (None, "mean"):
             raise ValueError(f"Unsupported aggregation {aggregation!r}")
+        if k is not None and (
+            isinstance(k, bool)
+            or not isinstance(k, (int, np.integer))
+            or k < 1
+        ):
+            raise ValueError(
+                f"k must be a positive whole number (or None for all); got "
+                f"{k!r}"
+            )
 
         query = self._query_vectors(query)
         if aggregation == "mean" and query.ndim == 2:
@@ -503,47 +558,6 @@ def _parse_env(value: str):
     if low.isdigit():
         return int(low)
     return value
-
-
-def default_index_path(dataset, brain_key: str | None) -> str:
-    """Where an embedded index of ``dataset`` under ``brain_key`` lives."""
-    return os.path.join(
-        constants.home_dir(),
-        "indexes",
-        str(dataset._doc.id),
-        brain_key or "unnamed",
-    )
-
-
-def open_index_for(config: PrelabelQdrantSimilarityConfig) -> VectorIndex:
-    """The :class:`VectorIndex` a run config points to."""
-    if config.location == "embedded":
-        return EdgeIndex(
-            config.path,
-            metric=config.metric,
-            hnsw_config=config.hnsw_config,
-            quantization=config.quantization,
-        )
-    from prelabel.index.server import ServerIndex, connect
-
-    if config.url is None:
-        config.load_credentials()
-    client = connect(
-        config.url,
-        api_key=config.api_key,
-        prefer_grpc=config.prefer_grpc,
-        grpc_port=config.grpc_port,
-    )
-    return ServerIndex(
-        client,
-        config.collection_name,
-        metric=config.metric,
-        shard_number=config.shard_number,
-        replication_factor=config.replication_factor,
-        write_consistency_factor=config.write_consistency_factor,
-        hnsw_config=config.hnsw_config,
-        quantization=config.quantization,
-    )
 
 
 def register_backend() -> None:

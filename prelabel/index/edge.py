@@ -2,35 +2,56 @@
 
 Layout of an index folder::
 
+    <folder>/index.json   the marker: who owns the folder (dataset, brain
+                          key, index id, database) and how to reopen it
+                          (dimension, metric); written first, so that a
+                          folder prelabel made always says so
     <folder>/shard/       the Qdrant Edge shard (segments, HNSW, WAL)
-    <folder>/index.json   what we need to reopen it: dimension, metric
-    <folder>.lock         the inter-process lock (outside, so that dropping
-                          the folder never pulls the lock from under a waiter)
 
-Every public method opens the shard under the folder lock, works, flushes
-and closes it again (see :mod:`prelabel.index.locking` for why). Use
+The inter-process lock lives in prelabel's home folder, never in a folder
+a user named. Nothing else in the folder is ever touched: :meth:`drop`
+deletes the two entries above and the folder only if it is then empty, so
+a file a user keeps there survives, and :meth:`create` refuses a
+non-empty folder that is not a prelabel index.
+
+Every public method opens the shard under the lock, works, flushes and
+closes it again (see :mod:`prelabel.index.locking` for why). Use
 :meth:`EdgeIndex.session` to keep it open across several calls of one job.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
+from prelabel import constants
 from prelabel.index import base
-from prelabel.index.base import IndexFilter, VectorIndex
+from prelabel.index.base import (
+    IndexBusyError,
+    IndexDamagedError,
+    IndexFilter,
+    VectorIndex,
+)
 from prelabel.index.locking import FolderLock
 
-_META = "index.json"
-_SHARD = "shard"
+INDEX_FILE = "index.json"
+SHARD = "shard"
+#: the version of ``index.json`` this code writes (1 had no owner)
+FORMAT = 2
+_TMP_PREFIX = ".tmp-"
 _KEYWORD_FIELDS = (base.SAMPLE_ID, base.LABEL, base.TAGS)
+#: what the engine says when another process has the shard open
+_BUSY = "WouldBlock"
 
 
 def _edge():
@@ -48,6 +69,52 @@ def default_lock_timeout() -> float:
     return float(os.environ.get("PRELABEL_LOCK_TIMEOUT", "120"))
 
 
+def lock_path(folder: str) -> str:
+    """The lock file of an index folder, in prelabel's home."""
+    digest = hashlib.blake2b(folder.encode(), digest_size=10).hexdigest()
+    return os.path.join(constants.home_dir(), "locks", f"{digest}.lock")
+
+
+@dataclass
+class FolderState:
+    """What a folder holds, as far as prelabel is concerned.
+
+    Attributes:
+        kind: ``"missing"``, ``"empty"``, ``"ours"`` (a readable marker),
+            ``"unreadable"`` (prelabel's entries, but the marker cannot be
+            read) or ``"foreign"`` (other files, no marker: not ours)
+        meta: the marker's contents when ``kind == "ours"``
+    """
+
+    kind: str
+    meta: dict | None = None
+
+
+def inspect_folder(path: str) -> FolderState:
+    """Tells whether ``path`` is free, a prelabel index, or someone
+    else's folder."""
+    if not os.path.exists(path):
+        return FolderState("missing")
+    if not os.path.isdir(path):
+        return FolderState("foreign")
+    entries = set(os.listdir(path))
+    if not entries:
+        return FolderState("empty")
+    if INDEX_FILE in entries:
+        try:
+            meta = _read_json(os.path.join(path, INDEX_FILE))
+        except (OSError, ValueError):
+            meta = None
+        if isinstance(meta, dict) and "dim" in meta:
+            return FolderState("ours", meta)
+        return FolderState("unreadable")
+    if SHARD in entries and entries <= {SHARD} | {
+        e for e in entries if e.startswith(_TMP_PREFIX)
+    }:
+        return FolderState("unreadable")
+    return FolderState("foreign")
+
+
 class EdgeIndex(VectorIndex):
     """A Qdrant Edge shard on disk.
 
@@ -60,6 +127,8 @@ class EdgeIndex(VectorIndex):
             4x less memory for vectors, rescored)
         lock_timeout (None): seconds to wait for another process holding
             the index (``$PRELABEL_LOCK_TIMEOUT`` or 120)
+        label (None): how messages name this index (default: its folder)
+        repair_hint (None): what a message on damage tells to do
     """
 
     location = "embedded"
@@ -71,6 +140,8 @@ class EdgeIndex(VectorIndex):
         hnsw_config: dict | None = None,
         quantization: str | None = None,
         lock_timeout: float | None = None,
+        label: str | None = None,
+        repair_hint: str | None = None,
     ):
         if metric not in base.METRICS:
             raise ValueError(
@@ -86,9 +157,13 @@ class EdgeIndex(VectorIndex):
         self.metric = metric
         self.hnsw_config = hnsw_config
         self.quantization = quantization
+        self.label = label or f"The embedded index at {self.path}"
+        self.repair_hint = repair_hint or (
+            "rebuild it with prelabel.sync_index(..., rebuild=True)"
+        )
         if lock_timeout is None:
             lock_timeout = default_lock_timeout()
-        self._handle = _handle_for(self.path, lock_timeout)
+        self._handle = _handle_for(self.path, lock_timeout, self.label)
         self._lock = self._handle.lock
         self._meta: dict | None = None
 
@@ -100,20 +175,39 @@ class EdgeIndex(VectorIndex):
 
     @property
     def dim(self) -> int | None:
-        meta = self._read_meta()
+        meta = self.meta
         return meta["dim"] if meta else None
 
-    def exists(self) -> bool:
-        return self._read_meta() is not None
+    @property
+    def meta(self) -> dict | None:
+        """The marker (``index.json``), or None if there is no index.
 
-    def _read_meta(self) -> dict | None:
+        Raises:
+            IndexDamagedError: the marker cannot be read
+        """
         if self._meta is None:
+            path = os.path.join(self.path, INDEX_FILE)
             try:
-                with open(os.path.join(self.path, _META)) as f:
-                    self._meta = json.load(f)
+                meta = _read_json(path)
             except FileNotFoundError:
+                if os.path.isdir(os.path.join(self.path, SHARD)):
+                    raise self._damaged(f"{INDEX_FILE} is missing") from None
                 return None
+            except (OSError, ValueError) as e:
+                raise self._damaged(f"{INDEX_FILE} is unreadable: {e}") from e
+            if not isinstance(meta, dict) or "dim" not in meta:
+                raise self._damaged(f"{INDEX_FILE} is not an index marker")
+            self._meta = meta
         return self._meta
+
+    def exists(self) -> bool:
+        return os.path.exists(
+            os.path.join(self.path, INDEX_FILE)
+        ) or os.path.isdir(os.path.join(self.path, SHARD))
+
+    def state(self) -> FolderState:
+        """What the folder holds (see :func:`inspect_folder`)."""
+        return inspect_folder(self.path)
 
     def size_on_disk(self) -> int:
         """Bytes used by the index folder."""
@@ -123,6 +217,11 @@ class EdgeIndex(VectorIndex):
                 with contextlib.suppress(OSError):
                     total += os.path.getsize(os.path.join(root, name))
         return total
+
+    def _damaged(self, problem: str) -> IndexDamagedError:
+        return IndexDamagedError(
+            f"{self.label} is damaged ({problem}); {self.repair_hint}"
+        )
 
     # ---- opening -------------------------------------------------------
 
@@ -135,13 +234,12 @@ class EdgeIndex(VectorIndex):
                 yield handle.shard
                 return
             if not self.exists():
-                raise FileNotFoundError(
-                    f"No index at {self.path}; sync the embeddings first "
-                    "(prelabel.sync_index)"
+                raise IndexDamagedError(
+                    f"{self.label} is missing (no index at {self.path}); "
+                    f"{self.repair_hint}"
                 )
-            handle.shard = _edge().EdgeShard.load(
-                os.path.join(self.path, _SHARD)
-            )
+            self.meta  # noqa: B018 - raises on a damaged marker
+            handle.shard = self._load()
             try:
                 yield handle.shard
             finally:
@@ -151,8 +249,89 @@ class EdgeIndex(VectorIndex):
                 finally:
                     shard.close()
 
-    def create(self, dim: int) -> None:
+    def _load(self):
+        """Opens the shard; waits while another process (one that does not
+        share our lock) has it open; a damaged shard is an
+        :class:`IndexDamagedError`."""
+        deadline = time.monotonic() + self._lock.timeout
+        shard_dir = os.path.join(self.path, SHARD)
+        if not os.path.isdir(shard_dir):
+            raise self._damaged(f"the folder {SHARD}/ is missing")
+        while True:
+            try:
+                return _edge().EdgeShard.load(shard_dir)
+            except Exception as e:  # the engine raises bare Exceptions
+                if _BUSY not in str(e):
+                    raise self._damaged(_engine_message(e)) from e
+                if time.monotonic() >= deadline:
+                    raise IndexBusyError(
+                        f"{self.label} stayed open in another process for "
+                        f"more than {self._lock.timeout:.0f} s; wait for it "
+                        "to finish, or raise PRELABEL_LOCK_TIMEOUT"
+                    ) from e
+                time.sleep(0.1)
+
+    @contextlib.contextmanager
+    def _engine(self):
+        """Turns the engine's errors during an operation into a sentence
+        naming the index and the way to repair it."""
+        try:
+            yield
+        except Exception as e:
+            if type(e) is Exception:  # the engine's own errors only
+                raise self._damaged(_engine_message(e)) from e
+            raise
+
+    def create(self, dim: int, owner: dict | None = None) -> None:
+        """Creates an empty index in a missing or empty folder.
+
+        Args:
+            dim: the vector size
+            owner (None): who owns it, written into the marker (dataset
+                id, brain key, ...)
+
+        Raises:
+            FileExistsError: the folder already holds a prelabel index
+            ValueError: the folder holds other files (not ours)
+        """
         qe = _edge()
+        with self._lock:
+            state = self.state()
+            if state.kind in ("ours", "unreadable"):
+                raise FileExistsError(f"An index already exists at {self}")
+            if state.kind == "foreign":
+                raise ValueError(
+                    f"path={self.path!r} is not empty and is not a prelabel "
+                    "index; name a new or empty folder (its files are never "
+                    "deleted)"
+                )
+            os.makedirs(self.path, exist_ok=True)
+            meta = {
+                "format": FORMAT,
+                "dim": int(dim),
+                "metric": self.metric,
+                "quantization": self.quantization,
+                "hnsw_config": self.hnsw_config,
+                **(owner or {}),
+            }
+            # the marker first: a folder we started is always recognizable
+            _write_json_atomic(os.path.join(self.path, INDEX_FILE), meta)
+            self._meta = meta
+            shard = qe.EdgeShard.create(
+                os.path.join(self.path, SHARD), self._edge_config(qe, dim)
+            )
+            try:
+                for key in _KEYWORD_FIELDS:
+                    shard.update(
+                        qe.UpdateOperation.create_field_index(
+                            key, qe.PayloadSchemaType.Keyword
+                        )
+                    )
+                shard.flush()
+            finally:
+                shard.close()
+
+    def _edge_config(self, qe, dim: int):
         distance = {
             "cosine": qe.Distance.Cosine,
             "dotproduct": qe.Distance.Dot,
@@ -167,42 +346,64 @@ class EdgeIndex(VectorIndex):
             kwargs["quantization_config"] = qe.ScalarQuantizationConfig(
                 type=qe.ScalarType.Int8, quantile=0.99
             )
-        config = qe.EdgeConfig(
+        return qe.EdgeConfig(
             vectors=qe.EdgeVectorParams(size=int(dim), distance=distance),
             **kwargs,
         )
+
+    def update_meta(self, **changes) -> dict:
+        """Changes entries of the marker (atomically)."""
         with self._lock:
-            if self.exists():
-                raise FileExistsError(f"An index already exists at {self}")
-            # a folder without index.json is a create that died half way
-            shutil.rmtree(self.path, ignore_errors=True)
-            os.makedirs(self.path)
-            shard = qe.EdgeShard.create(
-                os.path.join(self.path, _SHARD), config
-            )
-            try:
-                for key in _KEYWORD_FIELDS:
-                    shard.update(
-                        qe.UpdateOperation.create_field_index(
-                            key, qe.PayloadSchemaType.Keyword
-                        )
-                    )
-                shard.flush()
-            finally:
-                shard.close()
-            meta = {
-                "dim": int(dim),
-                "metric": self.metric,
-                "quantization": self.quantization,
-                "format": 1,
-            }
-            _write_json_atomic(os.path.join(self.path, _META), meta)
+            meta = dict(self.meta or {})
+            meta.update(changes)
+            _write_json_atomic(os.path.join(self.path, INDEX_FILE), meta)
             self._meta = meta
+            return meta
 
     def drop(self) -> None:
+        """Deletes the index: the marker, the shard and the files prelabel
+        left half-written; the folder too if nothing else is in it. Any
+        other file in the folder stays."""
         with self._lock:
-            shutil.rmtree(self.path, ignore_errors=True)
+            if self._handle.shard is not None:
+                raise RuntimeError(f"cannot drop {self} while it is open")
+            for entry in _our_entries(self.path):
+                path = os.path.join(self.path, entry)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)
+            with contextlib.suppress(OSError):
+                os.rmdir(self.path)
             self._meta = None
+
+    def copy_to(self, path: str, **meta_changes) -> EdgeIndex:
+        """Copies this index into a new (missing or empty) folder, with
+        marker entries changed, e.g. the owner of a cloned dataset.
+
+        Returns:
+            the :class:`EdgeIndex` of the copy
+        """
+        target = EdgeIndex(
+            path,
+            metric=self.metric,
+            hnsw_config=self.hnsw_config,
+            quantization=self.quantization,
+            lock_timeout=self._lock.timeout,
+        )
+        with self._lock, target._lock:
+            if target.state().kind not in ("missing", "empty"):
+                raise FileExistsError(f"{target.path} is not empty")
+            meta = dict(self.meta or {})
+            meta.update(meta_changes)
+            os.makedirs(target.path, exist_ok=True)
+            _write_json_atomic(os.path.join(target.path, INDEX_FILE), meta)
+            staging = os.path.join(target.path, f"{_TMP_PREFIX}{SHARD}")
+            shutil.copytree(os.path.join(self.path, SHARD), staging)
+            os.replace(staging, os.path.join(target.path, SHARD))
+            target._meta = meta
+        return target
 
     # ---- writing -------------------------------------------------------
 
@@ -217,7 +418,7 @@ class EdgeIndex(VectorIndex):
         ]
         if not points:
             return
-        with self.session() as shard:
+        with self.session() as shard, self._engine():
             shard.update(qe.UpdateOperation.upsert_points(points))
 
     def set_payload(self, sample_ids, payload) -> None:
@@ -225,7 +426,7 @@ class EdgeIndex(VectorIndex):
             return
         qe = _edge()
         ids = [base.to_point_id(s) for s in sample_ids]
-        with self.session() as shard:
+        with self.session() as shard, self._engine():
             shard.update(qe.UpdateOperation.set_payload(ids, payload))
 
     def delete(self, sample_ids) -> None:
@@ -233,11 +434,11 @@ class EdgeIndex(VectorIndex):
             return
         qe = _edge()
         ids = [base.to_point_id(s) for s in sample_ids]
-        with self.session() as shard:
+        with self.session() as shard, self._engine():
             shard.update(qe.UpdateOperation.delete_points(ids))
 
     def optimize(self) -> None:
-        with self.session() as shard:
+        with self.session() as shard, self._engine():
             shard.optimize()
 
     # ---- reading -------------------------------------------------------
@@ -246,7 +447,7 @@ class EdgeIndex(VectorIndex):
         if not self.exists():
             return 0
         qe = _edge()
-        with self.session() as shard:
+        with self.session() as shard, self._engine():
             return shard.count(qe.CountRequest(filter=_to_filter(filter)))
 
     def iter_payloads(
@@ -260,7 +461,7 @@ class EdgeIndex(VectorIndex):
         qe = _edge()
         offset = None
         while True:
-            with self.session() as shard:
+            with self.session() as shard, self._engine():
                 records, offset = shard.scroll(
                     qe.ScrollRequest(
                         offset=offset,
@@ -277,7 +478,7 @@ class EdgeIndex(VectorIndex):
 
     def get_vectors(self, sample_ids):
         ids = [base.to_point_id(s) for s in sample_ids]
-        with self.session() as shard:
+        with self.session() as shard, self._engine():
             records = shard.retrieve(ids, with_payload=False, with_vector=True)
         found = {base.to_sample_id(r.id): r.vector for r in records}
         order = [s for s in sample_ids if s in found]
@@ -305,7 +506,7 @@ class EdgeIndex(VectorIndex):
             )
             for v in vectors
         ]
-        with self.session() as shard:
+        with self.session() as shard, self._engine():
             results = shard.query_batch(qe.QueryBatchRequest(requests))
         sign = -1.0 if self.metric == "euclidean" else 1.0
         hits = [
@@ -330,8 +531,8 @@ class _Handle:
     lock and the open shard, so that two objects for the same index (say,
     two loaded brain results) nest instead of waiting on each other."""
 
-    def __init__(self, path: str, timeout: float):
-        self.lock = FolderLock(path + ".lock", timeout=timeout)
+    def __init__(self, path: str, timeout: float, label: str):
+        self.lock = FolderLock(lock_path(path), timeout=timeout, what=label)
         self.shard = None
 
 
@@ -339,13 +540,31 @@ _HANDLES: dict[str, _Handle] = {}
 _HANDLES_LOCK = threading.Lock()
 
 
-def _handle_for(path: str, timeout: float) -> _Handle:
+def _handle_for(path: str, timeout: float, label: str) -> _Handle:
     with _HANDLES_LOCK:
         handle = _HANDLES.get(path)
         if handle is None:
-            handle = _HANDLES[path] = _Handle(path, timeout)
+            handle = _HANDLES[path] = _Handle(path, timeout, label)
         handle.lock.timeout = timeout
+        handle.lock.what = label
         return handle
+
+
+def _our_entries(path: str) -> list[str]:
+    """The entries of an index folder that prelabel made."""
+    try:
+        entries = os.listdir(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [
+        e
+        for e in entries
+        if e in (INDEX_FILE, SHARD) or e.startswith(_TMP_PREFIX)
+    ]
+
+
+def _engine_message(e: Exception) -> str:
+    return str(e).replace("Service runtime error: ", "").strip()[:300]
 
 
 def _to_filter(f: IndexFilter | None):
@@ -378,11 +597,21 @@ def _to_filter(f: IndexFilter | None):
     return qe.Filter(must=must or None, must_not=must_not or None)
 
 
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
 def _write_json_atomic(path: str, obj: dict) -> None:
     folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=_TMP_PREFIX)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise

@@ -14,10 +14,72 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import socket
 import threading
 import time
+from dataclasses import asdict, dataclass
 
 from prelabel.index.base import IndexBusyError
+
+
+@dataclass(frozen=True)
+class ProcessId:
+    """Which process on which machine holds something: enough to tell,
+    later and from another process, whether it is still running (a pid
+    alone may have been reused).
+
+    Attributes:
+        host: the machine's host name
+        pid: the process id
+        started: the process's start time (seconds since the epoch)
+    """
+
+    host: str = ""
+    pid: int = 0
+    started: float = 0.0
+
+    @classmethod
+    def current(cls) -> ProcessId:
+        pid = os.getpid()
+        return cls(socket.gethostname(), pid, _start_time(pid) or 0.0)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ProcessId:
+        return cls(
+            str(d.get("host", "")),
+            int(d.get("pid", 0) or 0),
+            float(d.get("started", 0.0) or 0.0),
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def alive(self) -> bool:
+        """Whether the process may still run: True for a process of another
+        machine (it cannot be checked from here)."""
+        if not self.pid:
+            return False
+        if self.host != socket.gethostname():
+            return True
+        started = _start_time(self.pid)
+        return started is not None and abs(started - self.started) < 1.0
+
+    def __str__(self) -> str:
+        return f"process {self.pid} on {self.host or 'an unknown host'}"
+
+
+def _start_time(pid: int) -> float | None:
+    """When process ``pid`` started, or None if there is no such process
+    (a zombie counts as gone)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc.create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
 
 
 class FolderLock:
@@ -27,11 +89,16 @@ class FolderLock:
         path: the lock file (created if missing)
         timeout (120.0): seconds to wait before raising
             :class:`IndexBusyError`
+        what (None): what the lock guards, for the message (default: the
+            lock file)
     """
 
-    def __init__(self, path: str, timeout: float = 120.0):
+    def __init__(
+        self, path: str, timeout: float = 120.0, what: str | None = None
+    ):
         self.path = path
         self.timeout = timeout
+        self.what = what or path
         self._thread_lock = threading.RLock()
         self._depth = 0
         self._fd: int | None = None
@@ -50,21 +117,7 @@ class FolderLock:
 
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            delay = 0.005
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as e:
-                    if e.errno not in (errno.EAGAIN, errno.EACCES):
-                        os.close(fd)
-                        raise
-                    if time.monotonic() >= deadline:
-                        os.close(fd)
-                        raise self._busy_error() from None
-                    time.sleep(delay)
-                    delay = min(delay * 2, 0.1)
+            fd = self._wait_for(deadline)
             os.ftruncate(fd, 0)
             os.write(fd, str(os.getpid()).encode())
         except BaseException:
@@ -73,6 +126,36 @@ class FolderLock:
 
         self._fd = fd
         self._depth = 1
+
+    def _wait_for(self, deadline: float) -> int:
+        """The locked descriptor of the lock file. A file deleted (and
+        perhaps made anew) while this process waited on it locks nothing:
+        the lock is taken again on the file now at the path."""
+        delay = 0.005
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except OSError as e:
+                        if e.errno not in (errno.EAGAIN, errno.EACCES):
+                            raise
+                        if time.monotonic() >= deadline:
+                            raise self._busy_error() from None
+                        time.sleep(delay)
+                        delay = min(delay * 2, 0.1)
+                try:
+                    same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+            except BaseException:
+                os.close(fd)
+                raise
+            if same:
+                return fd
+            os.close(fd)
 
     def release(self) -> None:
         if self._depth <= 0:
@@ -97,10 +180,8 @@ class FolderLock:
                 holder = f.read().strip() or "unknown"
         except OSError:
             holder = "unknown"
-        # the lock file is "<index folder>.lock", next to the folder
-        folder = self.path.removesuffix(".lock")
         return IndexBusyError(
-            f"The embedded index at {folder} was held "
+            f"{self.what} was held "
             f"by another process (pid {holder}) for more than "
             f"{self.timeout:.0f} s; wait for it to finish, or raise "
             "PRELABEL_LOCK_TIMEOUT"

@@ -9,13 +9,23 @@ API in-process, which is how the tests exercise this module.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from prelabel.index import base
-from prelabel.index.base import IndexFilter, VectorIndex
+from prelabel.index.base import (
+    IndexDamagedError,
+    IndexFilter,
+    IndexUnreachableError,
+    VectorIndex,
+)
+from prelabel.index.edge import FolderState
+
+#: the key of a collection's metadata that marks it as prelabel's
+META_KEY = "prelabel"
 
 
 def _models():
@@ -59,6 +69,11 @@ def connect(
 class ServerIndex(VectorIndex):
     """A collection on a Qdrant server.
 
+    The collection's metadata holds the same marker as an embedded index
+    folder (who owns it, its dimension and metric) under ``"prelabel"``.
+    Every error of the client (the server unreachable, a refused key) is
+    raised as an :class:`IndexUnreachableError` that names the URL.
+
     Args:
         client: a ``qdrant_client.QdrantClient``
         collection_name: the collection to use or create
@@ -68,6 +83,7 @@ class ServerIndex(VectorIndex):
         write_consistency_factor (None): of a new collection
         hnsw_config (None): dict of ``qdrant_client.models.HnswConfigDiff``
         quantization (None): ``None`` or ``"int8"``
+        url (None): the server's URL, to name it in messages
     """
 
     location = "server"
@@ -82,6 +98,7 @@ class ServerIndex(VectorIndex):
         write_consistency_factor: int | None = None,
         hnsw_config: dict | None = None,
         quantization: str | None = None,
+        url: str | None = None,
     ):
         if metric not in base.METRICS:
             raise ValueError(
@@ -96,7 +113,26 @@ class ServerIndex(VectorIndex):
         self.write_consistency_factor = write_consistency_factor
         self.hnsw_config = hnsw_config
         self.quantization = quantization
+        self.url = url
         self._dim: int | None = None
+
+    @contextlib.contextmanager
+    def _call(self):
+        """Names the server and what to do when the client fails."""
+        try:
+            yield
+        except (IndexDamagedError, IndexUnreachableError, ValueError):
+            raise
+        except Exception as e:
+            if not _is_client_error(e):
+                raise
+            where = self.url or "the configured URL"
+            raise IndexUnreachableError(
+                f"The Qdrant server at {where} did not answer for collection "
+                f"{self.collection_name!r} ({_reason(e)}); check that it is "
+                "running and that url= / api_key= (or PRELABEL_QDRANT_URL / "
+                "PRELABEL_QDRANT_API_KEY) are right"
+            ) from e
 
     @property
     def name(self) -> str:
@@ -105,14 +141,47 @@ class ServerIndex(VectorIndex):
     @property
     def dim(self) -> int | None:
         if self._dim is None and self.exists():
-            info = self.client.get_collection(self.collection_name)
+            with self._call():
+                info = self.client.get_collection(self.collection_name)
             self._dim = info.config.params.vectors.size
         return self._dim
 
-    def exists(self) -> bool:
-        return self.client.collection_exists(self.collection_name)
+    @property
+    def meta(self) -> dict | None:
+        """The marker in the collection's metadata (None: not ours, or no
+        collection)."""
+        if not self.exists():
+            return None
+        with self._call():
+            info = self.client.get_collection(self.collection_name)
+        meta = (getattr(info.config, "metadata", None) or {}).get(META_KEY)
+        return dict(meta) if isinstance(meta, dict) else None
 
-    def create(self, dim: int) -> None:
+    def state(self) -> FolderState:
+        """Like :func:`prelabel.index.edge.inspect_folder`, for the
+        collection: ``"missing"``, ``"ours"`` or ``"foreign"``."""
+        if not self.exists():
+            return FolderState("missing")
+        meta = self.meta
+        if meta is not None:
+            return FolderState("ours", meta)
+        return FolderState("foreign")
+
+    def update_meta(self, **changes) -> dict:
+        """Changes entries of the marker."""
+        meta = dict(self.meta or {})
+        meta.update(changes)
+        with self._call():
+            self.client.update_collection(
+                self.collection_name, metadata={META_KEY: meta}
+            )
+        return meta
+
+    def exists(self) -> bool:
+        with self._call():
+            return self.client.collection_exists(self.collection_name)
+
+    def create(self, dim: int, owner: dict | None = None) -> None:
         m = _models()
         distance = {
             "cosine": m.Distance.COSINE,
@@ -126,8 +195,24 @@ class ServerIndex(VectorIndex):
                     type=m.ScalarType.INT8, quantile=0.99
                 )
             )
+        if self.exists():
+            raise FileExistsError(
+                f"A collection named {self.collection_name!r} already exists"
+            )
+        meta = {
+            "dim": int(dim),
+            "metric": self.metric,
+            "quantization": self.quantization,
+            **(owner or {}),
+        }
+        with self._call():
+            self._create(m, dim, distance, quantization, meta)
+        self._dim = int(dim)
+
+    def _create(self, m, dim, distance, quantization, meta) -> None:
         self.client.create_collection(
             self.collection_name,
+            metadata={META_KEY: meta},
             vectors_config=m.VectorParams(size=int(dim), distance=distance),
             shard_number=self.shard_number,
             replication_factor=self.replication_factor,
@@ -147,49 +232,93 @@ class ServerIndex(VectorIndex):
                 self.client.create_payload_index(
                     self.collection_name, key, m.PayloadSchemaType.KEYWORD
                 )
-        self._dim = int(dim)
 
     def drop(self) -> None:
         if self.exists():
-            self.client.delete_collection(self.collection_name)
+            with self._call():
+                self.client.delete_collection(self.collection_name)
         self._dim = None
+
+    def copy_to(self, collection_name: str, **meta_changes) -> ServerIndex:
+        """Copies every point into a new collection, with marker entries
+        changed (e.g. the owner of a cloned dataset).
+
+        Returns:
+            the :class:`ServerIndex` of the copy
+        """
+        target = ServerIndex(
+            self.client,
+            collection_name,
+            metric=self.metric,
+            shard_number=self.shard_number,
+            replication_factor=self.replication_factor,
+            write_consistency_factor=self.write_consistency_factor,
+            hnsw_config=self.hnsw_config,
+            quantization=self.quantization,
+            url=self.url,
+        )
+        meta = dict(self.meta or {})
+        meta.update(meta_changes)
+        meta.pop("dim", None)
+        target.create(self.dim, owner=meta)
+        offset = None
+        while True:
+            with self._call():
+                points, offset = self.client.scroll(
+                    self.collection_name,
+                    limit=1000,
+                    offset=offset,
+                    with_payload=True,
+                    with_vectors=True,
+                )
+            if points:
+                target.upsert(
+                    [base.to_sample_id(p.id) for p in points],
+                    np.array([p.vector for p in points], dtype=np.float32),
+                    [p.payload or {} for p in points],
+                )
+            if offset is None:
+                return target
 
     def upsert(self, sample_ids, vectors, payloads) -> None:
         if not len(sample_ids):
             return
         m = _models()
         vectors = base.as_matrix(vectors, self.dim)
-        self.client.upsert(
-            self.collection_name,
-            points=m.Batch(
-                ids=[base.to_point_id(s) for s in sample_ids],
-                vectors=vectors.tolist(),
-                payloads=list(payloads),
-            ),
-            wait=True,
-        )
+        with self._call():
+            self.client.upsert(
+                self.collection_name,
+                points=m.Batch(
+                    ids=[base.to_point_id(s) for s in sample_ids],
+                    vectors=vectors.tolist(),
+                    payloads=list(payloads),
+                ),
+                wait=True,
+            )
 
     def set_payload(self, sample_ids, payload) -> None:
         if not len(sample_ids):
             return
-        self.client.set_payload(
-            self.collection_name,
-            payload=payload,
-            points=[base.to_point_id(s) for s in sample_ids],
-            wait=True,
-        )
+        with self._call():
+            self.client.set_payload(
+                self.collection_name,
+                payload=payload,
+                points=[base.to_point_id(s) for s in sample_ids],
+                wait=True,
+            )
 
     def delete(self, sample_ids) -> None:
         if not len(sample_ids):
             return
         m = _models()
-        self.client.delete(
-            self.collection_name,
-            points_selector=m.PointIdsList(
-                points=[base.to_point_id(s) for s in sample_ids]
-            ),
-            wait=True,
-        )
+        with self._call():
+            self.client.delete(
+                self.collection_name,
+                points_selector=m.PointIdsList(
+                    points=[base.to_point_id(s) for s in sample_ids]
+                ),
+                wait=True,
+            )
 
     def optimize(self) -> None:
         # the server builds HNSW in the background by itself
@@ -198,9 +327,12 @@ class ServerIndex(VectorIndex):
     def count(self, filter: IndexFilter | None = None) -> int:
         if not self.exists():
             return 0
-        return self.client.count(
-            self.collection_name, count_filter=_to_filter(filter), exact=True
-        ).count
+        with self._call():
+            return self.client.count(
+                self.collection_name,
+                count_filter=_to_filter(filter),
+                exact=True,
+            ).count
 
     def iter_payloads(
         self,
@@ -212,26 +344,28 @@ class ServerIndex(VectorIndex):
             return
         offset = None
         while True:
-            records, offset = self.client.scroll(
-                self.collection_name,
-                limit=batch_size,
-                offset=offset,
-                scroll_filter=_to_filter(filter),
-                with_payload=list(keys),
-                with_vectors=False,
-            )
+            with self._call():
+                records, offset = self.client.scroll(
+                    self.collection_name,
+                    limit=batch_size,
+                    offset=offset,
+                    scroll_filter=_to_filter(filter),
+                    with_payload=list(keys),
+                    with_vectors=False,
+                )
             for r in records:
                 yield base.to_sample_id(r.id), r.payload or {}
             if offset is None:
                 return
 
     def get_vectors(self, sample_ids):
-        records = self.client.retrieve(
-            self.collection_name,
-            ids=[base.to_point_id(s) for s in sample_ids],
-            with_payload=False,
-            with_vectors=True,
-        )
+        with self._call():
+            records = self.client.retrieve(
+                self.collection_name,
+                ids=[base.to_point_id(s) for s in sample_ids],
+                with_payload=False,
+                with_vectors=True,
+            )
         found = {base.to_sample_id(r.id): r.vector for r in records}
         order = [s for s in sample_ids if s in found]
         vectors = np.array([found[s] for s in order], dtype=np.float32)
@@ -255,9 +389,10 @@ class ServerIndex(VectorIndex):
             )
             for v in vectors
         ]
-        responses = self.client.query_batch_points(
-            self.collection_name, requests=requests
-        )
+        with self._call():
+            responses = self.client.query_batch_points(
+                self.collection_name, requests=requests
+            )
         sign = -1.0 if self.metric == "euclidean" else 1.0
         hits = [
             [
@@ -277,6 +412,22 @@ class ServerIndex(VectorIndex):
 
     def __repr__(self) -> str:
         return f"ServerIndex({self.collection_name!r})"
+
+
+def _is_client_error(e: Exception) -> bool:
+    """Whether ``e`` comes from talking to the server (HTTP, gRPC or the
+    connection), not from our own code."""
+    from qdrant_client.http.exceptions import ApiException
+
+    if isinstance(e, (ApiException, ConnectionError, TimeoutError)):
+        return True
+    module = type(e).__module__ or ""
+    return module.startswith(("httpx", "httpcore", "grpc"))
+
+
+def _reason(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
 
 
 def _to_filter(f: IndexFilter | None):

@@ -1,0 +1,417 @@
+"""Keeping an index in step with a FiftyOne collection.
+
+A sync compares what should be in the index (each sample's embedding,
+reference label and tags) with what is (the digests stored in the points'
+payloads) and sends only the difference: new or changed vectors are
+upserted, changed labels or tags are set as payload (no vector re-sent),
+points of samples that are gone are deleted. Point ids derive from sample
+ids, so a sync killed half way leaves no duplicates, and the next sync
+finishes the job.
+
+It also checks what it keeps: the vector stored for every point it would
+leave unchanged is read back and compared with the sample's embedding, and
+every payload with its own digest, so a damaged file (a point whose bytes
+changed on disk) is found and repaired instead of being reported as "in
+sync".
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from prelabel import validation
+from prelabel.index import base
+from prelabel.index.base import VectorIndex
+from prelabel.progress import Progress, ProgressArg
+
+logger = logging.getLogger(__name__)
+
+#: stored vectors may differ from the sample's (normalized) embedding by
+#: this much before the point counts as damaged
+VECTOR_TOLERANCE = 1e-3
+
+
+@dataclass
+class SyncStats:
+    """What a sync did.
+
+    Attributes:
+        added: points created
+        updated_vectors: points whose vector changed
+        updated_payloads: points whose label or tags changed (payload only)
+        deleted: points removed (their samples are gone or lost their
+            embedding)
+        repaired: points whose stored vector or payload had been damaged
+            (they no longer matched what was written) and were written
+            again
+        unchanged: points left as they were
+        skipped: samples without an embedding
+        seconds: per stage timings
+    """
+
+    added: int = 0
+    updated_vectors: int = 0
+    updated_payloads: int = 0
+    deleted: int = 0
+    repaired: int = 0
+    unchanged: int = 0
+    skipped: int = 0
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def sent(self) -> int:
+        return (
+            self.added
+            + self.updated_vectors
+            + self.updated_payloads
+            + self.repaired
+        )
+
+
+def _label_path(label_field: str | None) -> str | None:
+    return f"{label_field}.label" if label_field else None
+
+
+def read_chunk(dataset, ids, embeddings_field, label_field):
+    """``(ids, vectors-or-None, labels, tags)`` of the given samples."""
+    view = dataset.select(ids)
+    fields = ["id", embeddings_field, "tags"]
+    label_path = _label_path(label_field)
+    if label_path:
+        fields.append(label_path)
+    values = view.values(fields)
+    labels = values[3] if label_path else [None] * len(values[0])
+    return values[0], values[1], labels, values[2]
+
+
+def payloads_for(dataset, ids, vectors, label_field) -> list[dict]:
+    """The payloads of the given samples, whose vectors are ``vectors``."""
+    view = dataset.select(ids)
+    label_path = _label_path(label_field)
+    fields = ["id", "tags"] + ([label_path] if label_path else [])
+    values = view.values(fields)
+    meta = {
+        sid: (lbl, tags)
+        for sid, tags, lbl in zip(
+            values[0],
+            values[1],
+            values[2] if label_path else [None] * len(values[0]),
+            strict=True,
+        )
+    }
+    return [
+        base.make_payload(
+            sid, meta[sid][0], meta[sid][1], base.vector_digest(vec)
+        )
+        for sid, vec in zip(ids, vectors, strict=True)
+    ]
+
+
+def check_index_dim(index: VectorIndex, dim: int, embeddings_field: str):
+    """Raises if an existing ``index`` holds vectors of another length."""
+    if index.dim is not None and index.dim != dim:
+        raise ValueError(
+            f"embeddings_field={embeddings_field!r} holds {dim}-d "
+            f"vectors but the index {index.name} holds {index.dim}-d "
+            "ones; use a new brain key for embeddings of another model"
+        )
+
+
+def check_vector(vec, sid: str, embeddings_field: str, dim: int):
+    """A sample's embedding as float32, or a sentence naming the sample
+    and the field when it cannot be indexed."""
+    vec = np.asarray(vec, dtype=np.float32)
+    if vec.ndim != 1 or vec.shape[0] != dim:
+        raise ValueError(
+            f"sample {sid} has a {vec.size}-d embedding in "
+            f"embeddings_field={embeddings_field!r} where the others are "
+            f"{dim}-d; recompute it with compute_embeddings"
+        )
+    if not np.all(np.isfinite(vec)):
+        raise ValueError(
+            f"sample {sid} has NaN or infinite values in "
+            f"embeddings_field={embeddings_field!r}; recompute its embedding "
+            "(compute_embeddings(..., skip_existing=False) on it) or "
+            "exclude it from the sync"
+        )
+    return vec
+
+
+def embedding_dim(samples, embeddings_field: str) -> int | None:
+    """The length of the first embedding in ``samples`` (None: none)."""
+    first = samples.exists(embeddings_field).limit(1).values(embeddings_field)
+    return int(len(first[0])) if first else None
+
+
+def stored_form(vectors: np.ndarray, metric: str) -> np.ndarray:
+    """The vectors as the engine keeps them: unit length for cosine."""
+    if metric != "cosine":
+        return vectors
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.where(norms > 0, norms, 1.0)
+
+
+class _Lease:
+    """Keeps an embedded index open across the chunks of a long job, and
+    gives it back to other processes every few seconds.
+
+    Loading a shard costs more as it grows, so opening it per chunk makes a
+    big sync quadratic; holding it for the whole job would make the App wait
+    for minutes. Releasing it briefly every couple of seconds lets a waiting
+    process (which polls at least every 0.1 s) take its turn. The lease
+    lasts ``overhead`` times what the last reopening cost (within
+    ``hold`` and ``max_hold``, well under the waiters' lock timeout), so
+    that reopening a big shard takes about ``1 / overhead`` of the job.
+    """
+
+    def __init__(
+        self,
+        index,
+        hold: float = 2.0,
+        pause: float = 0.15,
+        overhead: float = 10.0,
+        max_hold: float = 30.0,
+    ):
+        self._session = getattr(index, "session", None)
+        self._hold, self._pause, self._overhead = hold, pause, overhead
+        self._max_hold = max_hold
+        self._cm = None
+        self._since = 0.0
+        self._lease = hold
+
+    def _open(self):
+        if self._session is not None:
+            t0 = time.monotonic()
+            self._cm = self._session()
+            self._cm.__enter__()
+            self._since = time.monotonic()
+            cost = self._since - t0 + self._pause
+            self._lease = min(
+                max(self._hold, self._overhead * cost), self._max_hold
+            )
+
+    def _close(self, *exc):
+        if self._cm is not None:
+            cm, self._cm = self._cm, None
+            cm.__exit__(*(exc or (None, None, None)))
+
+    def tick(self) -> None:
+        if (
+            self._cm is not None
+            and time.monotonic() - self._since > self._lease
+        ):
+            self._close()
+            time.sleep(self._pause)
+            self._open()
+
+    def __enter__(self):
+        self._open()
+        return self
+
+    def __exit__(self, *exc):
+        self._close(*exc)
+
+
+_CURRENT_KEYS = [
+    base.SAMPLE_ID,
+    base.LABEL,
+    base.TAGS,
+    base.VECTOR_DIGEST,
+    base.PAYLOAD_DIGEST,
+]
+
+
+def _read_current(index: VectorIndex) -> dict:
+    """``sample id -> (vector digest, payload digest, payload intact)``
+    of every point."""
+    current = {}
+    for sid, p in index.iter_payloads(_CURRENT_KEYS):
+        intact = p.get(base.SAMPLE_ID) == sid and p.get(
+            base.PAYLOAD_DIGEST
+        ) == base.payload_digest(p.get(base.LABEL), p.get(base.TAGS) or ())
+        current[sid] = (
+            p.get(base.VECTOR_DIGEST),
+            p.get(base.PAYLOAD_DIGEST),
+            intact,
+        )
+    return current
+
+
+class _Chunk:
+    """What one chunk of a sync sends."""
+
+    def __init__(self):
+        self.up_ids, self.up_vecs, self.up_payloads = [], [], []
+        self.meta_changes: dict[tuple, list[str]] = {}
+        self.keep_ids, self.keep_vecs = [], []
+
+    def upsert(self, sid, vec, payload):
+        self.up_ids.append(sid)
+        self.up_vecs.append(vec)
+        self.up_payloads.append(payload)
+
+    def keep(self, sid, vec, payload, unchanged: bool):
+        """A point whose stored vector should be the embedding already."""
+        self.keep_ids.append(sid)
+        self.keep_vecs.append((vec, payload, unchanged))
+
+
+def _plan_chunk(
+    values, current, stats, seen, dim, embeddings_field, verify
+) -> _Chunk:
+    chunk = _Chunk()
+    for sid, vec, label, tag_list in zip(*values, strict=True):
+        if vec is None:
+            stats.skipped += 1
+            continue
+        vec = check_vector(vec, sid, embeddings_field, dim)
+        seen.add(sid)
+        vd = base.vector_digest(vec)
+        payload = base.make_payload(sid, label, tag_list, vd)
+        old = current.get(sid)
+        if old is None:
+            stats.added += 1
+            chunk.upsert(sid, vec, payload)
+        elif old[0] != vd:
+            stats.updated_vectors += 1
+            chunk.upsert(sid, vec, payload)
+        elif not old[2]:
+            stats.repaired += 1
+            chunk.upsert(sid, vec, payload)
+        elif old[1] != payload[base.PAYLOAD_DIGEST]:
+            stats.updated_payloads += 1
+            key = (label, tuple(payload[base.TAGS]))
+            chunk.meta_changes.setdefault(key, []).append(sid)
+            if verify:
+                chunk.keep(sid, vec, payload, unchanged=False)
+        else:
+            stats.unchanged += 1
+            if verify:
+                chunk.keep(sid, vec, payload, unchanged=True)
+    return chunk
+
+
+def _verify_chunk(index, chunk: _Chunk, stats: SyncStats, metric: str):
+    """Reads back the vectors the chunk leaves in place; a point whose
+    stored vector differs from the embedding is written again."""
+    if not chunk.keep_ids:
+        return
+    found, stored = index.get_vectors(chunk.keep_ids)
+    where = {sid: i for i, sid in enumerate(found)}
+    want = stored_form(
+        np.stack([v for v, _, _ in chunk.keep_vecs]).astype(np.float32),
+        metric,
+    )
+    damaged = 0
+    for j, sid in enumerate(chunk.keep_ids):
+        i = where.get(sid)
+        if i is not None and np.allclose(
+            stored[i], want[j], atol=VECTOR_TOLERANCE, rtol=0
+        ):
+            continue
+        vec, payload, unchanged = chunk.keep_vecs[j]
+        chunk.upsert(sid, vec, payload)
+        damaged += 1
+        stats.unchanged -= int(unchanged)
+        stats.updated_payloads -= int(not unchanged)
+    stats.repaired += damaged
+    if damaged:
+        logger.warning(
+            "%s: %d points no longer held what was written (damaged "
+            "files?); they were written again",
+            index.name,
+            damaged,
+        )
+
+
+def _apply_chunk(index, chunk: _Chunk) -> None:
+    if chunk.up_ids:
+        index.upsert(chunk.up_ids, np.stack(chunk.up_vecs), chunk.up_payloads)
+    for (label, tag_list), sids in chunk.meta_changes.items():
+        index.set_payload(
+            sids,
+            {
+                base.LABEL: label,
+                base.TAGS: list(tag_list),
+                base.PAYLOAD_DIGEST: base.payload_digest(label, tag_list),
+            },
+        )
+
+
+def sync_points(
+    index: VectorIndex,
+    samples,
+    embeddings_field: str,
+    label_field: str | None,
+    dim: int | None = None,
+    batch_size: int = 2000,
+    progress: ProgressArg = True,
+    verify: bool = True,
+) -> SyncStats:
+    """Brings ``index`` up to date with ``samples``.
+
+    Args:
+        index: the :class:`prelabel.index.base.VectorIndex`
+        samples: the collection the index mirrors
+        embeddings_field: the vector field to index
+        label_field: the Classification field whose labels go in payloads
+        dim (None): the vectors' dimension; None checks the fields and
+            creates the index if it does not exist
+        batch_size (2000): points per write
+        progress (True): a bar, nothing, or ``progress(fraction, label)``
+        verify (True): read back the stored vector of every point left
+            unchanged and repair those that differ (a damaged file)
+
+    Returns:
+        a :class:`SyncStats`
+    """
+    if dim is None:
+        dim = validation.check_embeddings_field(samples, embeddings_field)
+        if label_field:
+            validation.check_classification_field(samples, label_field)
+        if index.exists():
+            check_index_dim(index, dim, embeddings_field)
+        else:
+            index.create(dim)
+    stats = SyncStats()
+    t0 = time.perf_counter()
+    current = _read_current(index)
+    stats.seconds["read_index"] = time.perf_counter() - t0
+
+    dataset = samples._dataset
+    all_ids = samples.values("id")
+    seen: set[str] = set()
+    metric = getattr(index, "metric", "cosine")
+    t1 = time.perf_counter()
+    with (
+        Progress(progress, len(all_ids), "Syncing index") as bar,
+        _Lease(index) as lease,
+    ):
+        for start in range(0, len(all_ids), batch_size):
+            lease.tick()
+            ids = all_ids[start : start + batch_size]
+            values = read_chunk(dataset, ids, embeddings_field, label_field)
+            chunk = _plan_chunk(
+                values, current, stats, seen, dim, embeddings_field, verify
+            )
+            _verify_chunk(index, chunk, stats, metric)
+            _apply_chunk(index, chunk)
+            bar.update(len(ids))
+    stats.seconds["write"] = time.perf_counter() - t1
+
+    stale = [sid for sid in current if sid not in seen]
+    for start in range(0, len(stale), batch_size):
+        index.delete(stale[start : start + batch_size])
+    stats.deleted = len(stale)
+
+    t2 = time.perf_counter()
+    if stats.added or stats.updated_vectors or stats.deleted or stats.repaired:
+        index.optimize()
+    stats.seconds["optimize"] = time.perf_counter() - t2
+    stats.seconds["total"] = time.perf_counter() - t0
+    logger.info("Synced %s: %s", index.name, stats)
+    return stats
