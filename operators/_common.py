@@ -298,6 +298,22 @@ def vote_input(inputs, remembered):
     )
 
 
+def overwrite_input(inputs, what):
+    """The checkbox that lets a run replace a field prelabel did not write
+    (``overwrite=True``). Never remembered: each run asks again."""
+    inputs.bool(
+        "overwrite",
+        default=False,
+        required=False,
+        label="Overwrite (overwrite=True)",
+        description=(
+            f"Replace {what} even if prelabel did not write it (for "
+            "example labels a person reviewed). The ground truth is never "
+            "overwritten"
+        ),
+    )
+
+
 def brain_key_input(ctx, inputs, remembered):
     """A dropdown of this dataset's prelabel indexes.
 

@@ -26,6 +26,7 @@ def _params(ctx, last):
     return {
         **c.index_params(ctx, last),
         "reference_tag": p.get("reference_tag") or None,
+        "overwrite": bool(p.get("overwrite", False)),
     }
 
 
@@ -77,12 +78,17 @@ class AdaptEmbeddings(foo.Operator):
             "Only labeled samples with this tag train it; empty for every "
             "labeled sample",
         )
+        c.overwrite_input(inputs, "the adapted embeddings field")
 
         p = _params(ctx, last)
         try:
             results = c.load_index(ctx, dataset, p["brain_key"])
             results, refs = check_adapt_index(
-                dataset, results, p["reference_tag"], p["label_field"]
+                dataset,
+                results,
+                p["reference_tag"],
+                p["label_field"],
+                p["overwrite"],
             )
         except ValueError as e:
             c.show_error(inputs, e)
@@ -123,8 +129,9 @@ class AdaptEmbeddings(foo.Operator):
             reference=p["reference_tag"],
             label_field=p["label_field"],
             progress=c.ProgressReporter(ctx),
+            overwrite=p["overwrite"],
         )
-        c.remember(ctx, NAME, p)
+        c.remember(ctx, NAME, {**p, "overwrite": False})
 
         field = adapted.config.embeddings_field
         record = adapter_record(dataset, field) or {}
@@ -162,6 +169,7 @@ class AdaptEmbeddings(foo.Operator):
         brain_key=constants.DEFAULT_BRAIN_KEY,
         label_field=None,
         reference_tag=None,
+        overwrite=False,
         delegate=False,
     ):
         """Adapts the embeddings of an index to the labels.
@@ -175,6 +183,8 @@ class AdaptEmbeddings(foo.Operator):
                 index's label field
             reference_tag (None): only labeled samples with this tag train
                 it
+            overwrite (False): allow the adapted field to replace a field
+                prelabel did not write
             delegate (False): queue a delegated operation instead
 
         Returns:
@@ -184,6 +194,7 @@ class AdaptEmbeddings(foo.Operator):
             brain_key=brain_key,
             label_field=label_field,
             reference_tag=reference_tag,
+            overwrite=overwrite,
         )
         return c.execute(self, sample_collection, params, delegate=delegate)
 

@@ -36,6 +36,7 @@ def _params(ctx):
         "skip_existing": p.get("skip_existing", True),
         "skip_failures": p.get("skip_failures", True),
         "image_size": p.get("image_size"),
+        "overwrite": bool(p.get("overwrite", False)),
     }
 
 
@@ -123,6 +124,7 @@ class ComputeEmbeddings(foo.Operator):
                 "unreadable image fails the run"
             ),
         )
+        c.overwrite_input(inputs, "the embeddings field")
 
         c.header(inputs, "perf_header", "Speed")
         inputs.int(
@@ -175,8 +177,9 @@ class ComputeEmbeddings(foo.Operator):
             skip_failures=p["skip_failures"],
             progress=c.ProgressReporter(ctx),
             image_size=p["image_size"],
+            overwrite=p["overwrite"],
         )
-        c.remember(ctx, NAME, p)
+        c.remember(ctx, NAME, {**p, "overwrite": False})
         c.show_in_app(ctx)
         return {
             "embedded": int(num),
@@ -211,6 +214,7 @@ class ComputeEmbeddings(foo.Operator):
         skip_existing=True,
         image_size=None,
         skip_failures=True,
+        overwrite=False,
         delegate=False,
     ):
         """Computes embeddings of ``sample_collection``.
@@ -226,6 +230,8 @@ class ComputeEmbeddings(foo.Operator):
             image_size (None): the model input size; its default if None
             skip_failures (True): skip (tag and count) unreadable images
                 instead of failing the run
+            overwrite (False): allow replacing a vector field prelabel did
+                not write (every sample of the field is then recomputed)
             delegate (False): queue a delegated operation instead
 
         Returns:
@@ -239,6 +245,7 @@ class ComputeEmbeddings(foo.Operator):
             skip_existing=skip_existing,
             image_size=image_size,
             skip_failures=skip_failures,
+            overwrite=overwrite,
         )
         return c.execute(self, sample_collection, params, delegate=delegate)
 

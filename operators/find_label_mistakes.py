@@ -29,12 +29,13 @@ def _params(ctx, last):
         "score_field": p.get("score_field") or constants.DEFAULT_SCORE_FIELD,
         "vote": p.get("vote") or "majority",
         "method": p.get("method") or "loo",
+        "overwrite": bool(p.get("overwrite", False)),
     }
 
 
 def _kwargs(p):
     """The arguments of ``find_label_mistakes`` (and its check)."""
-    keys = ("label_field", "k", "score_field", "vote", "method")
+    keys = ("label_field", "k", "score_field", "vote", "method", "overwrite")
     return {name: p[name] for name in keys}
 
 
@@ -128,6 +129,7 @@ class FindLabelMistakes(foo.Operator):
                 "<score field>_label"
             ),
         )
+        c.overwrite_input(inputs, "the score and neighbors' label fields")
 
         p = _params(ctx, last)
         try:
@@ -157,7 +159,7 @@ class FindLabelMistakes(foo.Operator):
             progress=c.ProgressReporter(ctx),
             **_kwargs(p),
         )
-        c.remember(ctx, NAME, p)
+        c.remember(ctx, NAME, {**p, "overwrite": False})
 
         view = suspicious_labels(targets, out.score_field)
         c.show_in_app(
@@ -194,6 +196,7 @@ class FindLabelMistakes(foo.Operator):
         score_field=constants.DEFAULT_SCORE_FIELD,
         vote="majority",
         method="loo",
+        overwrite=False,
         delegate=False,
     ):
         """Scores the labels of ``sample_collection``.
@@ -208,6 +211,8 @@ class FindLabelMistakes(foo.Operator):
             vote ("majority"): ``"majority"`` or ``"weighted"``
             method ("loo"): ``"loo"`` or ``"adapted"`` (see
                 :func:`prelabel.find_label_mistakes`)
+            overwrite (False): allow the output fields to replace fields
+                prelabel did not write
             delegate (False): queue a delegated operation instead
 
         Returns:
@@ -220,6 +225,7 @@ class FindLabelMistakes(foo.Operator):
             score_field=score_field,
             vote=vote,
             method=method,
+            overwrite=overwrite,
         )
         return c.execute(self, sample_collection, params, delegate=delegate)
 

@@ -34,6 +34,7 @@ def _params(ctx, last):
         "target_precision": p.get("target_precision") or None,
         "calibrate": bool(p.get("calibrate", False)),
         "propagate": bool(p.get("propagate", False)),
+        "overwrite": bool(p.get("overwrite", False)),
     }
 
 
@@ -49,6 +50,7 @@ _ARGS = (
     "target_precision",
     "calibrate",
     "propagate",
+    "overwrite",
 )
 
 
@@ -141,9 +143,10 @@ class KnnPreannotate(foo.Operator):
             default=last.get("pred_field") or constants.DEFAULT_PRED_FIELD,
             required=False,
             label="Prediction field",
-            description="The Classification field to write; replaced if it "
-            "exists, never the ground truth",
+            description="The Classification field to write; replaced if "
+            "prelabel wrote it, never the ground truth",
         )
+        c.overwrite_input(inputs, "the prediction field")
         p = _params(ctx, last)
         has_truth = bool(
             p["label_field"] in labels
@@ -202,7 +205,7 @@ class KnnPreannotate(foo.Operator):
             progress=c.ProgressReporter(ctx),
             **_kwargs(p),
         )
-        c.remember(ctx, NAME, p)
+        c.remember(ctx, NAME, {**p, "overwrite": False})
 
         pred = p["pred_field"]
         view = targets.exists(pred).sort_by(f"{pred}.confidence", reverse=True)
@@ -259,6 +262,7 @@ class KnnPreannotate(foo.Operator):
         target_precision=None,
         calibrate=False,
         propagate=False,
+        overwrite=False,
         delegate=False,
     ):
         """Pre-annotates ``sample_collection`` (the targets).
@@ -284,6 +288,8 @@ class KnnPreannotate(foo.Operator):
             calibrate (False): write calibrated confidences
             propagate (False): spread labels over the neighbor graph when
                 the references say it helps
+            overwrite (False): allow ``pred_field`` to replace a field
+                prelabel did not write
             delegate (False): queue a delegated operation instead
 
         Returns:
@@ -302,6 +308,7 @@ class KnnPreannotate(foo.Operator):
             target_precision=target_precision,
             calibrate=calibrate,
             propagate=propagate,
+            overwrite=overwrite,
         )
         return c.execute(self, sample_collection, params, delegate=delegate)
 

@@ -37,6 +37,7 @@ def _params(ctx):
         "compute_missing": bool(p.get("compute_missing", False)),
         "model": p.get("model") or constants.DEFAULT_MODEL,
         "image_size": p.get("image_size"),
+        "rebuild": bool(p.get("rebuild", False)),
     }
 
 
@@ -130,6 +131,7 @@ class SyncIndex(foo.Operator):
                     )
                 ),
             )
+            _rebuild_input(inputs, dataset, p["brain_key"])
         elif run is None:
             _location_inputs(inputs, p, url_secret, api_key)
 
@@ -254,9 +256,14 @@ class SyncIndex(foo.Operator):
             url=(p["url"] or url_secret) if server else None,
             api_key=api_key if server else None,
             progress=sync_progress,
+            rebuild=p["rebuild"],
         )
         stats = results.last_sync
-        c.remember(ctx, NAME, {k: v for k, v in p.items() if k != "url"})
+        c.remember(
+            ctx,
+            NAME,
+            {k: v for k, v in p.items() if k not in ("url", "rebuild")},
+        )
         c.show_in_app(ctx)
         return {
             "brain_key": p["brain_key"],
@@ -266,6 +273,7 @@ class SyncIndex(foo.Operator):
             "updated_vectors": stats.updated_vectors,
             "updated_payloads": stats.updated_payloads,
             "deleted": stats.deleted,
+            "repaired": stats.repaired,
             "unchanged": stats.unchanged,
             "skipped": stats.skipped,
             "index_size": results.total_index_size,
@@ -284,6 +292,7 @@ class SyncIndex(foo.Operator):
                 ("updated_vectors", "Vectors updated"),
                 ("updated_payloads", "Labels/tags updated"),
                 ("deleted", "Deleted"),
+                ("repaired", "Repaired (damaged points written again)"),
                 ("unchanged", "Unchanged"),
                 ("skipped", "Skipped (no embedding)"),
             ],
@@ -300,6 +309,7 @@ class SyncIndex(foo.Operator):
         compute_missing=False,
         model=constants.DEFAULT_MODEL,
         image_size=None,
+        rebuild=False,
         delegate=False,
     ):
         """Creates or updates the Qdrant index of the dataset of
@@ -321,6 +331,8 @@ class SyncIndex(foo.Operator):
             compute_missing (False): compute missing embeddings first
             model ("efficientnet_lite0"): the model for ``compute_missing``
             image_size (None): its input size
+            rebuild (False): delete the run's index and build it again
+                (the way out of a damaged index)
             delegate (False): queue a delegated operation instead
 
         Returns:
@@ -337,8 +349,44 @@ class SyncIndex(foo.Operator):
             compute_missing=compute_missing,
             model=model,
             image_size=image_size,
+            rebuild=rebuild,
         )
         return c.execute(self, sample_collection, params, delegate=delegate)
+
+
+def _rebuild_input(inputs, dataset, brain_key):
+    """The rebuild checkbox, with a warning when the index is damaged."""
+    from prelabel.health import check_index
+
+    try:
+        health = check_index(dataset, brain_key, sample_size=32)
+    except Exception as e:  # e.g. a server that cannot be reached
+        health = None
+        inputs.view(
+            "index_unreadable",
+            types.Warning(
+                label="Could not check the index", description=str(e)
+            ),
+        )
+    if health is not None and not health.ok:
+        inputs.view(
+            "index_damaged",
+            types.Warning(
+                label="The index is damaged",
+                description=f"{health.problems[0]}; rebuild it from the "
+                "dataset (tick below)",
+            ),
+        )
+    inputs.bool(
+        "rebuild",
+        default=False,
+        label="Rebuild from the dataset",
+        description=(
+            "Deletes this run's index (only prelabel's own files) and "
+            "builds it again from the embeddings: the way out of a "
+            "damaged index"
+        ),
+    )
 
 
 def _location_inputs(inputs, p, url_secret, api_key):

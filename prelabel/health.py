@@ -270,6 +270,9 @@ def _check_self_queries(index, health, seed, n: int = 16) -> None:
     rng = np.random.default_rng(seed)
     pick = [ids[i] for i in rng.choice(len(ids), min(n, len(ids)), False)]
     found, vectors = index.get_vectors(pick)
+    finite = np.all(np.isfinite(vectors), axis=1)
+    found = [sid for sid, ok in zip(found, finite, strict=True) if ok]
+    vectors = vectors[finite]
     if not found:
         return
     res = index.query(vectors, 1)

@@ -25,6 +25,20 @@ from prelabel.progress import ProgressArg
 
 logger = logging.getLogger(__name__)
 
+#: the parameters of a new index that ``sync_index`` passes to the config
+INDEX_PARAMS = frozenset(
+    {
+        "location",
+        "hnsw_config",
+        "quantization",
+        "shard_number",
+        "replication_factor",
+        "write_consistency_factor",
+        "prefer_grpc",
+        "grpc_port",
+    }
+)
+
 
 def check_sync_index(
     samples,
@@ -109,6 +123,7 @@ def sync_index(
     progress: ProgressArg = True,
     rebuild: bool = False,
     verify: bool = True,
+    batch_size: int = 2000,
     **index_kwargs,
 ) -> PrelabelQdrantSimilarityIndex:
     """Creates or updates the Qdrant index of ``samples`` under a brain key.
@@ -138,6 +153,7 @@ def sync_index(
             index)
         verify (True): read back every vector the sync would leave
             unchanged and repair those that differ from the dataset
+        batch_size (2000): points read and written at a time
         **index_kwargs: other
             :class:`prelabel.index.brain.PrelabelQdrantSimilarityConfig`
             parameters of a new index (``hnsw_config``, ``quantization``,
@@ -150,6 +166,13 @@ def sync_index(
     """
     if not isinstance(rebuild, bool):
         raise ValueError(f"rebuild must be True or False; got {rebuild!r}")
+    validation.check_positive_int(batch_size, "batch_size")
+    unknown = sorted(set(index_kwargs) - INDEX_PARAMS)
+    if unknown:
+        raise ValueError(
+            f"sync_index() has no parameter {unknown[0]!r}; the index "
+            f"parameters are {sorted(INDEX_PARAMS)}"
+        )
     config = check_sync_index(
         samples,
         embeddings_field=embeddings_field,
@@ -165,6 +188,7 @@ def sync_index(
     delete_orphans(keep=(dataset, brain_key))
     if config is None:
         with ownership.run_lock(dataset, brain_key):
+            dataset.reload()  # another process may have made it meanwhile
             if brain_key not in dataset.list_brain_runs():
                 return _first_sync(
                     samples,
@@ -180,6 +204,7 @@ def sync_index(
                     ),
                     brain_key,
                     progress,
+                    batch_size,
                 )
     results = dataset.load_brain_results(
         brain_key, url=url, api_key=api_key, cache=False
@@ -189,12 +214,14 @@ def sync_index(
     elif not results.index.exists():
         # the folder (or collection) was deleted: nothing left to keep
         _recreate(results, samples)
-    results.sync(samples, progress=progress, verify=verify)
+    results.sync(
+        samples, progress=progress, verify=verify, batch_size=batch_size
+    )
     results.save()
     return results
 
 
-def _first_sync(samples, config_kwargs, brain_key, progress):
+def _first_sync(samples, config_kwargs, brain_key, progress, batch_size):
     """Creates the index of a new run, fills it, and only then registers
     the run."""
     dataset = samples._root_dataset
@@ -214,7 +241,7 @@ def _first_sync(samples, config_kwargs, brain_key, progress):
         else:
             logger.info("Resuming the unfinished first sync of %s", index)
             check_index_dim(index, dim, config.embeddings_field)
-        stats = results.sync(samples, progress=progress)
+        stats = results.sync(samples, progress=progress, batch_size=batch_size)
         index.update_meta(complete=True, creator=None)
         method.register_run(dataset, brain_key, overwrite=False)
         results.save()

@@ -27,8 +27,9 @@ import fiftyone as fo
 import numpy as np
 from fiftyone import ViewField as F
 
-from prelabel import constants, validation
+from prelabel import constants, records, validation
 from prelabel.calibration import precision_curve
+from prelabel.fields import check_output_field
 from prelabel.mistakes import high_confidence_mistakes, suspicious_labels
 from prelabel.preannotate import _natural_key
 
@@ -679,22 +680,21 @@ def tag_samples(view, tag: str) -> int:
 
 def check_accept_field(dataset, source: Source, field: str) -> None:
     """Raises unless ``field`` can receive accepted labels: a new name, or
-    a Classification field that is neither the ground truth nor the field
-    the labels come from."""
-    validation.check_identifier(field, "accept_field")
-    if field in (source.gt_field, source.pred_field) or (
-        field in validation.RESERVED_FIELDS
-    ):
-        raise ValueError(
-            f"accept_field={field!r} would overwrite {field!r}; choose a "
-            "new field name (ground truth is never overwritten)"
-        )
-    if source.score_field and field == source.score_field:
-        raise ValueError(
-            f"accept_field={field!r} is the score field; choose a new name"
-        )
-    validation.check_classification_field(
-        dataset, field, "accept_field", required=False
+    a field this action wrote before; never the ground truth, the field
+    the labels come from, or a field a person or another tool wrote."""
+    never = {
+        source.gt_field: "the ground-truth field",
+        source.pred_field: "the field the labels come from",
+    }
+    if source.score_field:
+        never[source.score_field] = "the score field"
+    check_output_field(
+        dataset,
+        field,
+        "accept_field",
+        records.ACCEPTED,
+        never=never,
+        types=((fo.EmbeddedDocumentField, fo.Classification),),
     )
 
 
@@ -719,6 +719,10 @@ def accept_labels(view, source: Source, field: str) -> int:
     if not values:
         return 0
     if not dataset.has_sample_field(field):
+        # recorded first: a field this action made stays its own
+        records.put(
+            dataset, records.ACCEPTED, field, {"from": source.pred_field}
+        )
         dataset.add_sample_field(
             field,
             fo.EmbeddedDocumentField,

@@ -12,6 +12,8 @@ entry per field (or per adapted field):
   the adapter file that wrote them;
 - :data:`EMBEDDINGS` (``prelabel_embeddings``): embeddings fields written
   by :func:`prelabel.compute_embeddings`;
+- :data:`ACCEPTED` (``prelabel_accepted``): fields the mistakes panel's
+  "accept" action copies labels into;
 - :data:`PENDING` (``prelabel_pending``): field writes in progress (see
   :mod:`prelabel.fields`), so that a killed job can be finished or undone.
 
@@ -28,9 +30,10 @@ RUNS = "prelabel_runs"
 MISTAKES = "prelabel_mistakes"
 ADAPTERS = "prelabel_adapters"
 EMBEDDINGS = "prelabel_embeddings"
+ACCEPTED = "prelabel_accepted"
 PENDING = "prelabel_pending"
 
-KINDS = (RUNS, MISTAKES, ADAPTERS, EMBEDDINGS, PENDING)
+KINDS = (RUNS, MISTAKES, ADAPTERS, EMBEDDINGS, ACCEPTED, PENDING)
 
 #: what each kind of record is called in a message
 WRITERS = {
@@ -38,6 +41,7 @@ WRITERS = {
     MISTAKES: "prelabel.find_label_mistakes",
     ADAPTERS: "prelabel.adapt_embeddings",
     EMBEDDINGS: "prelabel.compute_embeddings",
+    ACCEPTED: "the mistakes panel's accept action",
 }
 
 

@@ -91,6 +91,7 @@ def check_adapt_index(
     results=None,
     reference=None,
     label_field: str = constants.DEFAULT_LABEL_FIELD,
+    overwrite: bool = False,
 ):
     """Runs every check of :func:`adapt_index` without writing.
 
@@ -113,6 +114,7 @@ def check_adapt_index(
         label_field,
         emb_field,
         f"{emb_field}_adapted",
+        overwrite=overwrite,
     )
     return results, refs
 
@@ -123,6 +125,7 @@ def adapt_index(
     reference=None,
     label_field: str = constants.DEFAULT_LABEL_FIELD,
     progress: ProgressArg = True,
+    overwrite: bool = False,
 ):
     """Learns embeddings adapted to the labels of the references from the
     embeddings of an index, and indexes them: the index that
@@ -142,6 +145,8 @@ def adapt_index(
             labeled in ``label_field``, a tag (or list of tags), or a view
         label_field ("ground_truth"): the Classification field of labels
         progress (True): a bar, nothing, or ``progress(fraction, label)``
+        overwrite (False): allow ``<embeddings_field>_adapted`` to replace
+            a field prelabel did not write
 
     Returns:
         the similarity results of the adapted index (``results`` itself
@@ -149,7 +154,9 @@ def adapt_index(
     """
     from prelabel.indexing import sync_index
 
-    results, refs = check_adapt_index(dataset, results, reference, label_field)
+    results, refs = check_adapt_index(
+        dataset, results, reference, label_field, overwrite
+    )
     if refs is None:
         return results  # already an adapted index
     emb_field = results.config.embeddings_field
@@ -171,6 +178,7 @@ def adapt_index(
             embeddings_field=emb_field,
             out_field=out_field,
             progress=progress,
+            overwrite=overwrite,
         )
     return sync_index(
         dataset,

@@ -751,3 +751,44 @@ def test_open_mistakes_panel(indexed):
         op(indexed, pred_field="nothing")
     with pytest.raises(ValueError, match="not a score written"):
         op(indexed, score_field="ground_truth")
+
+
+def test_a_person_s_field_needs_the_overwrite_box(indexed):
+    """A field prelabel did not write is refused in the form, naming the
+    input and the box that allows it; with the box ticked the run
+    replaces it, and the box is never remembered."""
+    targets = indexed.match_tags("test")
+    reviewed = {
+        sid: fo.Classification(label="reviewed")
+        for sid in targets.values("id")
+    }
+    indexed.set_values("gt_reviewed", reviewed, key_field="id")
+    base = {"brain_key": "prelabel_qdrant", "pred_field": "gt_reviewed"}
+    props = form("knn_preannotate", targets, **base)
+    assert "overwrite=True" in errors(props)["pred_field"]
+    with pytest.raises(ValueError, match="pred_field='gt_reviewed'"):
+        foo.get_operator(uri("knn_preannotate"))(
+            targets, pred_field="gt_reviewed", k=5
+        )
+    assert set(indexed.distinct("gt_reviewed.label")) == {"reviewed"}
+
+    assert not errors(form("knn_preannotate", targets, **base, overwrite=True))
+    run("knn_preannotate", targets, **base, k=5, overwrite=True)
+    assert "reviewed" not in indexed.distinct("gt_reviewed.label")
+    assert form("knn_preannotate", targets)["overwrite"].default is False
+
+
+def test_sync_index_form_shows_a_damaged_index_and_rebuilds_it(indexed):
+    config = indexed.get_brain_info("prelabel_qdrant").config
+    with open(os.path.join(config.path, "index.json"), "w") as f:
+        f.write("garbled")
+    props = form("sync_index", indexed, brain_key="prelabel_qdrant")
+    assert "index_damaged" in props
+    with pytest.raises(Exception, match="rebuild=True"):
+        run("sync_index", indexed, brain_key="prelabel_qdrant")
+    result = run(
+        "sync_index", indexed, brain_key="prelabel_qdrant", rebuild=True
+    )
+    assert result.result["added"] == len(indexed)
+    props = form("sync_index", indexed, brain_key="prelabel_qdrant")
+    assert "index_damaged" not in props

@@ -238,6 +238,7 @@ class EdgeIndex(VectorIndex):
                     f"{self.label} is missing (no index at {self.path}); "
                     f"{self.repair_hint}"
                 )
+            self._meta = None  # read again: another process may change it
             self.meta  # noqa: B018 - raises on a damaged marker
             handle.shard = self._load()
             try:
