@@ -255,8 +255,10 @@ def run_local_loop(dataset, client, subset_ids, label_of):
 
 def run_exact(dataset, pred_field):
     """Exact kNN in numpy, with the same vote and documents as ours."""
-    from prelabel import knn
-    from prelabel.preannotate import _classifications
+    from prelabel.core.voting import vote
+    from prelabel.neighbors import Neighbors
+    from prelabel.preannotate import classify
+    from prelabel.scorers import ChunkScores
 
     stages = {}
     t0 = time.perf_counter()
@@ -272,12 +274,14 @@ def run_exact(dataset, pred_field):
     ref_ids = np.asarray(ref_ids)
     ref_labels = np.asarray(ref_labels)
     nb_ids = ref_ids[idx].tolist()
-    votes = knn.vote(
-        ref_labels[idx].tolist(), sims, sorted(set(ref_labels)), K
-    )
+    nb_labels = ref_labels[idx].tolist()
+    votes = vote(nb_labels, sims, sorted(set(ref_labels)), K)
     t2 = time.perf_counter()
     stages["search_vote"] = t2 - t1
-    labels, _ = _classifications(votes, nb_ids, None)
+    chunk = ChunkScores(
+        Neighbors(tgt_ids, Q, nb_ids, nb_labels, sims), votes, votes.probs
+    )
+    labels, _, _ = classify(chunk)
     dataset.set_values(
         pred_field, dict(zip(tgt_ids, labels, strict=True)), key_field="id"
     )

@@ -155,7 +155,7 @@ def measure(correct, rank, conf):
     """``(accuracy, coverage at 99 % precision, ECE)``: coverage ranks by
     ``rank`` (the raw score, finer than a calibrated step function), ECE
     is of the written confidence ``conf``."""
-    from prelabel.calibration import (
+    from prelabel.core.calibration import (
         coverage_at_precision,
         expected_calibration_error,
     )

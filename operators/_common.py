@@ -118,7 +118,7 @@ def load_index(ctx, dataset, brain_key):
     """The prelabel similarity results of ``brain_key``, with the server
     credentials of this context filled in (they are never stored in the
     run)."""
-    from prelabel.preannotate import resolve_index
+    from prelabel.neighbors import resolve_index
 
     results = resolve_index(dataset, brain_key=brain_key)
     config = results.config
@@ -279,8 +279,8 @@ def reference_tag_input(inputs, dataset, remembered, description):
 
 
 def vote_input(inputs, remembered):
-    """The radio group of the kNN vote (``prelabel.knn.VOTES``)."""
-    from prelabel.knn import VOTES
+    """The radio group of the kNN vote (``constants.VOTES``)."""
+    VOTES = constants.VOTES
 
     view = types.RadioGroup()
     view.add_choice("majority", label="Majority", description="One vote each")

@@ -45,7 +45,7 @@ class AdaptEmbeddings(foo.Operator):
         )
 
     def resolve_input(self, ctx):
-        from prelabel.scored import check_adapt_index
+        from prelabel.adapt import check_adapt_index
 
         inputs = types.Object()
         dataset = ctx.dataset
@@ -117,8 +117,7 @@ class AdaptEmbeddings(foo.Operator):
         return _form(inputs)
 
     def execute(self, ctx):
-        from prelabel.adapt import adapter_record
-        from prelabel.scored import adapt_index
+        from prelabel.adapt import adapt_index, adapter_record
 
         dataset = ctx.dataset
         p = _params(ctx, c.remembered(ctx, NAME))

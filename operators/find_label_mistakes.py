@@ -13,7 +13,7 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from prelabel import constants
-from prelabel.mistakes import METHODS
+from prelabel.constants import METHODS
 
 from . import _common as c
 

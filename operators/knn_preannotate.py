@@ -12,7 +12,7 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from prelabel import constants
-from prelabel.scored import MODES
+from prelabel.constants import MODES
 
 from . import _common as c
 

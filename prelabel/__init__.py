@@ -26,7 +26,7 @@ confidence, and the threshold that keeps 99 % precision)::
     result.expected_coverage, result.num_accepted  # the rest: needs_review
 """
 
-from prelabel.adapt import adapt_embeddings
+from prelabel.adapt import adapt_embeddings, adapt_index
 from prelabel.constants import BACKEND_NAME, PLUGIN_NAME
 from prelabel.fields import recover
 from prelabel.health import check_index
@@ -39,7 +39,6 @@ from prelabel.mistakes import (
 )
 from prelabel.orphans import delete_orphans
 from prelabel.preannotate import evaluate, preannotate
-from prelabel.scored import adapt_index
 
 _register_backend()
 

@@ -49,3 +49,14 @@ def cache_dir() -> str:
 #: the precision that accepted pre-labels keep unless asked otherwise (the
 #: panel's default, and what ranks adapted pre-labels without a target)
 DEFAULT_TARGET_PRECISION = 0.99
+
+#: how neighbors vote: one vote each, or weighted by similarity
+VOTES = ("majority", "weighted")
+
+#: how :func:`prelabel.preannotate` scores targets: the kNN vote in the
+#: index, or the vote and classifier of embeddings adapted to the labels
+MODES = ("knn", "adapted")
+
+#: how :func:`prelabel.find_label_mistakes` scores labels: the index's
+#: leave-one-out vote, or a sharper in-memory score (see its docstring)
+METHODS = ("loo", "adapted")

@@ -6,32 +6,32 @@ Two rankings:
   truth, most confident first (a confident disagreement is either a bad
   pre-label worth understanding or a wrong ground-truth label);
 - :func:`find_label_mistakes`: for labeled samples, the leave-one-out vote
-  of their labeled neighbors against their own label.
+  of their labeled neighbors against their own label (through the same
+  neighbor loop as pre-annotation, :mod:`prelabel.neighbors`), or a
+  sharper in-memory score (``method="adapted"``).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import fiftyone as fo
+import numpy as np
 from fiftyone import ViewField as F
 
-from prelabel import constants, knn, records, validation
+from prelabel import adapt, constants, neighbors, records, validation
+from prelabel.core.adapter import label_error_scores
+from prelabel.core.voting import own_label_scores, sort_classes, summarize
+from prelabel.core.voting import vote as vote_of
 from prelabel.fields import CLASSIFICATION, check_output_field, staged_fields
 from prelabel.health import check_index
 from prelabel.index.base import IndexFilter
-from prelabel.preannotate import (
-    _drop_self,
-    _natural_key,
-    _read_vectors,
-    resolve_index,
-)
 from prelabel.progress import Progress, ProgressArg
 
-#: how :func:`find_label_mistakes` scores: ``"loo"`` (the index's
-#: leave-one-out vote) or ``"adapted"`` (see :mod:`prelabel.scored`)
-METHODS = ("loo", "adapted")
+#: how :func:`find_label_mistakes` scores (also in ``constants``)
+METHODS = constants.METHODS
 
 
 def high_confidence_mistakes(
@@ -119,13 +119,15 @@ def check_find_label_mistakes(
             "another name"
         )
     validation.check_positive_int(batch_size, "batch_size")
-    if vote not in knn.VOTES:
-        raise ValueError(f"vote={vote!r} is not supported; use {knn.VOTES}")
+    if vote not in constants.VOTES:
+        raise ValueError(
+            f"vote={vote!r} is not supported; use {constants.VOTES}"
+        )
     if method not in METHODS:
         raise ValueError(
             f"method={method!r} is not supported; use one of {METHODS}"
         )
-    results = resolve_index(samples, index, brain_key)
+    results = neighbors.resolve_index(samples, index, brain_key)
     check_index(samples, results, sample_size=64).raise_if_damaged()
     if results.config.label_field != label_field:
         raise ValueError(
@@ -184,7 +186,8 @@ def find_label_mistakes(
     Writes ``score_field`` (``1 - share of the vote for the sample's own
     label``; higher = more likely mislabeled) and ``neighbors_field``, a
     Classification with the neighbors' majority label, its share and the
-    vote. Sort by ``score_field`` (descending) to review.
+    vote. Sort by ``score_field`` (descending) to review. Both fields are
+    written aside and swapped in together when every sample is scored.
 
     Args:
         samples: the labeled samples to score (a dataset or view)
@@ -229,81 +232,123 @@ def find_label_mistakes(
     record = mistakes_record(
         results.key, label_field, k, method, neighbors_field
     )
-    if method == "adapted":
-        from prelabel.scored import find_label_mistakes_adapted
-
-        return find_label_mistakes_adapted(
-            samples,
-            results,
-            label_field=label_field,
-            k=k,
-            score_field=score_field,
-            neighbors_field=neighbors_field,
-            progress=progress,
-            t0=t0,
-            record=record,
-        )
     emb_field = results.config.embeddings_field
+    if method == "adapted":
+        # an index of adapted embeddings: score in the frozen ones
+        record_of = adapt.adapter_record(samples._root_dataset, emb_field)
+        emb_field = record_of["embeddings_field"] if record_of else emb_field
     labeled = validation.labeled(samples, label_field).exists(emb_field)
-    classes = sorted(
-        {
-            p.get("label")
-            for _, p in results.index.iter_payloads(["label"], flt)
-        }
-        - {None},
-        key=_natural_key,
-    )
-
-    dataset = samples._dataset
     ids, own = labeled.values(["id", f"{label_field}.label"])
-    own_by_id = dict(zip(ids, own, strict=True))
+    if method == "adapted":
+        rows = _adapted_rows(labeled, emb_field, ids, own, k, batch_size)
+    else:
+        classes = neighbors.reference_classes(results, flt)
+        rows = _loo_rows(results, flt, ids, own, classes, k, vote, batch_size)
     out = LabelMistakesResult(score_field, neighbors_field)
-    staged = {
-        score_field: (fo.FloatField, {}),
-        neighbors_field: CLASSIFICATION,
-    }
-    with staged_fields(dataset, staged) as tmp:
-        tmp.record(records.MISTAKES, score_field, record)
-        with Progress(progress, len(ids), "Scoring labels") as bar:
-            for start in range(0, len(ids), batch_size):
-                chunk = ids[start : start + batch_size]
-                chunk_ids, vectors = _read_vectors(dataset, chunk, emb_field)
-                res = results.index.query(vectors, k + 1, flt)
-                nb_ids, nb_labels, sims = _drop_self(res, chunk_ids, k)
-                votes = knn.vote(nb_labels, sims, classes, k, vote)
-                mine = [own_by_id[s] for s in chunk_ids]
-                scores = knn.own_label_scores(votes, mine)
-                majority = [
-                    (
-                        fo.Classification(
-                            label=lbl,
-                            confidence=float(votes.confidence[i]),
-                            votes=votes.summary(i),
-                            neighbors=list(nb_ids[i]),
-                        )
-                        if lbl is not None
-                        else None
-                    )
-                    for i, lbl in enumerate(votes.labels)
-                ]
-                out.num_disagree += sum(
-                    lbl is not None and lbl != m
-                    for lbl, m in zip(votes.labels, mine, strict=True)
-                )
-                dataset.set_values(
-                    tmp[score_field],
-                    dict(zip(chunk_ids, map(float, scores), strict=True)),
-                    key_field="id",
-                )
-                dataset.set_values(
-                    tmp[neighbors_field],
-                    dict(zip(chunk_ids, majority, strict=True)),
-                    key_field="id",
-                )
-                bar.update(len(chunk))
-    out.num_scored = len(ids)
+    with Progress(progress, len(ids), "Scoring labels") as bar:
+        _write(samples._dataset, out, record, rows, bar)
     out.seconds["total"] = time.perf_counter() - t0
     return out
+
+
+Rows = Iterator[tuple[list[str], np.ndarray, list, int]]
+
+
+def _loo_rows(results, flt, ids, own, classes, k, vote, batch_size) -> Rows:
+    """``(ids, scores, neighbors' majority, number disagreeing)`` chunk by
+    chunk: the leave-one-out vote of each labeled sample's neighbors."""
+    own_by_id = dict(zip(ids, own, strict=True))
+    dataset = results.samples._root_dataset
+    for nb in neighbors.stream(
+        results,
+        dataset,
+        ids,
+        results.config.embeddings_field,
+        k,
+        flt,
+        batch_size,
+    ):
+        votes = vote_of(nb.labels, nb.sims, classes, k, vote)
+        mine = [own_by_id[s] for s in nb.ids]
+        majority = [
+            (
+                fo.Classification(
+                    label=lbl,
+                    confidence=float(votes.confidence[i]),
+                    votes=votes.summary(i),
+                    neighbors=list(nb.neighbor_ids[i]),
+                )
+                if lbl is not None
+                else None
+            )
+            for i, lbl in enumerate(votes.labels)
+        ]
+        disagree = sum(
+            lbl is not None and lbl != m
+            for lbl, m in zip(votes.labels, mine, strict=True)
+        )
+        yield nb.ids, own_label_scores(votes, mine), majority, disagree
+
+
+def _adapted_rows(labeled, emb_field, ids, own, k, batch_size) -> Rows:
+    """The same rows from
+    :func:`prelabel.core.adapter.label_error_scores`, computed in memory
+    over every labeled sample, then handed out in chunks."""
+    if len(ids) <= k:
+        raise ValueError(
+            f"only {len(ids)} labeled samples with {emb_field!r}; need more "
+            f"than k={k} to score them"
+        )
+    classes = sort_classes(own)
+    lookup = {c: i for i, c in enumerate(classes)}
+    y = np.array([lookup[c] for c in own], dtype=np.int64)
+    # the same view as ``ids``: the same order
+    X = np.stack(
+        [np.asarray(v, dtype=np.float32) for v in labeled.values(emb_field)]
+    )
+    scores, probs, nb, _ = label_error_scores(X, y, len(classes), k=k)
+    wins = probs.argmax(axis=1)
+    counts = np.zeros((len(ids), len(classes)), dtype=np.int64)
+    np.add.at(
+        counts, (np.repeat(np.arange(len(ids)), nb.shape[1]), y[nb].ravel()), 1
+    )
+    for a in range(0, len(ids), batch_size):
+        rows = range(a, min(a + batch_size, len(ids)))
+        majority = [
+            fo.Classification(
+                label=classes[wins[i]],
+                confidence=float(probs[i, wins[i]]),
+                votes=summarize(classes, counts[i], int(wins[i])),
+                neighbors=[ids[j] for j in nb[i]],
+            )
+            for i in rows
+        ]
+        disagree = int((wins[a : rows.stop] != y[a : rows.stop]).sum())
+        yield ids[a : rows.stop], scores[a : rows.stop], majority, disagree
+
+
+def _write(dataset, out, record, rows: Rows, bar) -> None:
+    """Writes the rows aside, then swaps both fields in with the record."""
+    staged = {
+        out.score_field: (fo.FloatField, {}),
+        out.label_field: CLASSIFICATION,
+    }
+    with staged_fields(dataset, staged) as stage:
+        stage.record(records.MISTAKES, out.score_field, record)
+        for ids, scores, majority, disagree in rows:
+            dataset.set_values(
+                stage[out.score_field],
+                dict(zip(ids, map(float, scores), strict=True)),
+                key_field="id",
+            )
+            dataset.set_values(
+                stage[out.label_field],
+                dict(zip(ids, majority, strict=True)),
+                key_field="id",
+            )
+            out.num_scored += len(ids)
+            out.num_disagree += disagree
+            bar.update(len(ids))
 
 
 def mistakes_record(

@@ -28,10 +28,10 @@ import numpy as np
 from fiftyone import ViewField as F
 
 from prelabel import constants, records, validation
-from prelabel.calibration import precision_curve
+from prelabel.core.calibration import precision_curve
+from prelabel.core.voting import natural_key
 from prelabel.fields import check_output_field
 from prelabel.mistakes import high_confidence_mistakes, suspicious_labels
-from prelabel.preannotate import _natural_key
 
 #: the two review modes and what the panel calls them
 MODES = {
@@ -399,7 +399,7 @@ def class_choices(dataset, source: Source) -> list[str]:
     labels = set(dataset.distinct(f"{source.gt_field}.label"))
     labels |= set(dataset.distinct(f"{source.pred_field}.label"))
     labels.discard(None)
-    return sorted(labels, key=_natural_key)
+    return sorted(labels, key=natural_key)
 
 
 def evidence_view(dataset, sample_id: str, source: Source):
@@ -455,7 +455,7 @@ def confusion_matrix(
     pred = [MISSING if p is None else p for p in pred]
     classes = _eval_classes(dataset, pred_field, eval_key)
     seen = (set(truth) | set(pred)) - set(classes) - {MISSING}
-    classes += sorted(seen, key=_natural_key)
+    classes += sorted(seen, key=natural_key)
     if MISSING in truth or MISSING in pred:
         classes.append(MISSING)
     index = {c: i for i, c in enumerate(classes)}

@@ -1,32 +1,35 @@
 """Pre-annotation: each target gets the vote of its nearest labeled
 neighbors, written as a ``fo.Classification`` in a field of its own.
 
-The reference set is selected inside Qdrant by a payload filter (labeled
-points, optionally with a tag), never by sending id lists; targets are
-queried in batches (one request per chunk); a sample never votes for
-itself. Results are written to a temporary field and moved into place only
-when every chunk succeeded, so a failure leaves the previous pre-labels as
-they were.
+One path for every option::
+
+    check → scorer (kNN vote | adapted: vote and classifier in the
+            adapted space) → the references' verdict (each reference
+            scored without its own label: calibration, the accept
+            threshold, whether spreading helps) → the targets, chunk by
+            chunk (query, score, classify, write aside) → swap the field
+            in → run record → evaluation
+
+Targets stream in chunks of ``batch_size``: memory does not grow with the
+number of targets, except with ``propagate=True``, whose graph holds every
+reference and target (see :mod:`prelabel.scorers`).
 """
 
 from __future__ import annotations
 
-import logging
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import fiftyone as fo
 import numpy as np
 
-from prelabel import constants, knn, records, validation
+from prelabel import adapt, constants, neighbors, records, scorers, validation
+from prelabel.core import calibration
+from prelabel.core.voting import logits, winners
 from prelabel.fields import CLASSIFICATION, check_output_field, staged_fields
 from prelabel.health import check_index
-from prelabel.index.base import IndexFilter
-from prelabel.progress import Progress, ProgressArg
-
-logger = logging.getLogger(__name__)
+from prelabel.progress import ProgressArg
 
 
 @dataclass
@@ -37,19 +40,20 @@ class PreannotationResult:
         pred_field: the field written
         num_targets: targets considered
         num_labeled: targets given a pre-label
-        num_review: targets left for review (below ``min_confidence``)
+        num_review: targets left for review (no label, below
+            ``min_confidence``, or not accepted)
         classes: the classes of the reference set
         eval_key: the evaluation key, if the run was evaluated
         accuracy: accuracy against ground truth, if evaluated
         seconds: per stage timings
+        mode: ``"knn"`` or ``"adapted"``
+        brain_key: the index that voted (the adapted one in that mode)
 
     With ``calibrate``, ``target_precision``, ``propagate`` or
     ``mode="adapted"`` (estimated from the references, each scored without
-    its own label; see :mod:`prelabel.scored`):
+    its own label):
 
     Attributes:
-        mode: ``"knn"`` or ``"adapted"``
-        brain_key: the index that voted (the adapted one in that mode)
         calibrated: whether ``confidence`` was calibrated
         reference_accuracy: held-out accuracy on the references
         ece_raw: calibration error of the raw confidence on the references
@@ -96,106 +100,29 @@ class PreannotationResult:
     accept_score: str | None = None
 
 
-def resolve_index(samples, index=None, brain_key=None):
-    """The similarity results of ``index`` (results, a brain key or None)."""
-    from prelabel.index.brain import PrelabelQdrantSimilarityIndex
-
-    dataset = samples._root_dataset
-    if isinstance(index, PrelabelQdrantSimilarityIndex):
-        owner = index.samples._root_dataset
-        if owner._doc.id != dataset._doc.id:
-            raise ValueError(
-                f"index= is the index of dataset '{owner.name}', not of "
-                f"'{dataset.name}'; pass the results of sync_index on this "
-                "dataset (or its brain key)"
-            )
-        return index
-    if index is not None and not isinstance(index, str):
+def check_options(
+    mode: str = "knn",
+    calibrate: bool = False,
+    target_precision: float | None = None,
+    propagate: bool = False,
+) -> None:
+    """Raises ``ValueError`` on a bad value of the quality options."""
+    if mode not in constants.MODES:
         raise ValueError(
-            f"index= must be the results of prelabel.sync_index or a brain "
-            f"key; got {type(index).__name__}"
+            f"mode={mode!r} is not supported; use one of {constants.MODES}"
         )
-    key = index if isinstance(index, str) else brain_key
-    key = key or constants.DEFAULT_BRAIN_KEY
-    if key not in dataset.list_brain_runs():
+    if target_precision is not None and not (
+        isinstance(target_precision, (int, float))
+        and not isinstance(target_precision, bool)
+        and 0.0 < float(target_precision) < 1.0
+    ):
         raise ValueError(
-            f"brain_key={key!r} is not a run of dataset '{dataset.name}'; "
-            "run prelabel.sync_index first"
+            "target_precision must be a number between 0 and 1 (e.g. 0.99); "
+            f"got {target_precision!r}"
         )
-    results = dataset.load_brain_results(key)
-    if not isinstance(results, PrelabelQdrantSimilarityIndex):
-        raise ValueError(
-            f"brain_key={key!r} is a run of another backend "
-            f"({type(results.config).__name__}); sync a prelabel index "
-            "with prelabel.sync_index"
-        )
-    return results
-
-
-def check_reference(reference, samples) -> None:
-    """``reference`` names a reference set: None, a tag, a non-empty list
-    of tags, or a view of the same dataset."""
-    if reference is None:
-        return
-    if isinstance(reference, str):
-        tags = [reference]
-    elif isinstance(reference, (list, tuple)):
-        tags = list(reference)
-        if not tags:
-            raise ValueError(
-                "reference=[] selects no sample; pass None for every "
-                "labeled sample, a tag (or a list of tags), or a view"
-            )
-    elif isinstance(reference, fo.core.collections.SampleCollection):
-        mine, theirs = samples._root_dataset, reference._root_dataset
-        if mine._doc.id != theirs._doc.id:
-            raise ValueError(
-                f"reference= is a view of dataset '{theirs.name}', not of "
-                f"'{mine.name}'; pass a view of the targets' dataset"
-            )
-        return
-    else:
-        raise ValueError(
-            f"reference= must be None, a tag, a list of tags or a view; got "
-            f"{type(reference).__name__}"
-        )
-    for tag in tags:
-        if not isinstance(tag, str) or not tag:
-            raise ValueError(
-                f"reference={reference!r} holds {tag!r}, which is not a tag; "
-                "pass tags as non-empty strings"
-            )
-
-
-def reference_filter(
-    results, reference, label_field: str
-) -> tuple[IndexFilter, int]:
-    """The payload filter selecting the reference set, and its size.
-
-    ``reference`` is ``None`` (every labeled sample), a tag or list of tags,
-    or a FiftyOne view of labeled samples. A view is marked once in the
-    payloads (a one-off write keyed by a fresh token) so that the queries
-    select it by filter.
-    """
-    index = results.index
-    if reference is None or isinstance(reference, (str, list, tuple)):
-        flt = IndexFilter.reference(reference)
-    else:
-        ref_ids = validation.labeled(reference, label_field).values("id")
-        # only points can be marked: a sample added or embedded after the
-        # last sync is not in the index (and setting a payload on it fails)
-        present = [
-            sid
-            for start in range(0, len(ref_ids), 10000)
-            for sid, _ in index.iter_payloads(
-                [],
-                IndexFilter(sample_ids=tuple(ref_ids[start : start + 10000])),
-            )
-        ]
-        token = uuid.uuid4().hex[:12]
-        index.set_payload(present, {"refset": token})
-        flt = IndexFilter(labeled=True, match=(("refset", token),))
-    return flt, index.count(flt)
+    for name, value in (("calibrate", calibrate), ("propagate", propagate)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False; got {value!r}")
 
 
 def check_preannotate(
@@ -221,7 +148,7 @@ def check_preannotate(
     """Runs every check of :func:`preannotate` without writing a label, so
     that operator forms can show the reason before anything runs (a
     reference given as a view is marked in the payloads, as
-    :func:`reference_filter` does).
+    :func:`prelabel.neighbors.reference_filter` does).
 
     Args: as :func:`preannotate`
 
@@ -232,19 +159,17 @@ def check_preannotate(
     Raises:
         ValueError: one sentence saying what is wrong and what to do
     """
-    if vote not in knn.VOTES:
+    if vote not in constants.VOTES:
         raise ValueError(
-            f"vote={vote!r} is not supported; use one of {knn.VOTES}"
+            f"vote={vote!r} is not supported; use one of {constants.VOTES}"
         )
     validation.check_fraction(min_confidence, "min_confidence")
     validation.check_positive_int(batch_size, "batch_size")
-    check_reference(reference, targets)
+    neighbors.check_reference(reference, targets)
     if eval_key is not None:
         validation.check_identifier(eval_key, "eval_key")
-    from prelabel import scored
-
-    scored.check_scored_args(mode, calibrate, target_precision, propagate)
-    results = resolve_index(targets, index, brain_key)
+    check_options(mode, calibrate, target_precision, propagate)
+    results = neighbors.resolve_index(targets, index, brain_key)
     check_index(targets, results, sample_size=64).raise_if_damaged()
     config = results.config
     if config.label_field != label_field:
@@ -269,6 +194,21 @@ def check_preannotate(
         },
         types=((fo.EmbeddedDocumentField, fo.Classification),),
     )
+    _check_targets_embedded(targets, results)
+    flt, num_ref = neighbors.reference_filter(results, reference, label_field)
+    if num_ref == 0:
+        raise ValueError(
+            "the reference set is empty: no sample in the index has a "
+            f"label in {label_field!r}"
+            + (f" and the tag(s) {reference!r}" if reference else "")
+            + "; label some samples (and sync the index) first"
+        )
+    validation.check_k(k, num_ref)
+    return results, flt, num_ref
+
+
+def _check_targets_embedded(targets, results) -> None:
+    emb_field = results.config.embeddings_field
     dim = validation.check_embeddings_field(targets, emb_field)
     if results.index.dim is not None and dim != results.index.dim:
         raise ValueError(
@@ -283,16 +223,37 @@ def check_preannotate(
             "compute_embeddings on them first"
         )
 
-    flt, num_ref = reference_filter(results, reference, label_field)
-    if num_ref == 0:
-        raise ValueError(
-            "the reference set is empty: no sample in the index has a "
-            f"label in {label_field!r}"
-            + (f" and the tag(s) {reference!r}" if reference else "")
-            + "; label some samples (and sync the index) first"
-        )
-    validation.check_k(k, num_ref)
-    return results, flt, num_ref
+
+@dataclass
+class _Run:
+    """A pre-annotation as the checks resolved it: what every stage of the
+    path reads, passed down once."""
+
+    targets: object
+    results: object
+    flt: object
+    reference: object
+    label_field: str
+    pred_field: str
+    k: int
+    vote: str
+    min_confidence: float | None
+    eval_key: str | None
+    batch_size: int
+    progress: ProgressArg
+    calibrate: bool
+    target_precision: float | None
+    propagate: bool
+    mode: str
+    overwrite: bool
+
+    @property
+    def dataset(self):
+        return self.targets._dataset
+
+    @property
+    def root(self):
+        return self.targets._root_dataset
 
 
 def preannotate(
@@ -357,7 +318,8 @@ def preannotate(
             reports the threshold and the expected coverage
         propagate (False): spread the labels over the neighbor graph of
             references and targets, when the references (hidden folds) say
-            it helps (:mod:`prelabel.propagate`)
+            it helps (:func:`prelabel.scorers.propagate`; holds every
+            reference and target in memory, at most 100,000)
         mode ("knn"): ``"knn"`` votes in ``index``; ``"adapted"`` first
             learns embeddings adapted to the references' labels (once per
             reference set, :func:`prelabel.adapt_embeddings`), indexes them
@@ -373,7 +335,7 @@ def preannotate(
         a :class:`PreannotationResult`
     """
     t0 = time.perf_counter()
-    results, flt, num_ref = check_preannotate(
+    results, flt, _ = check_preannotate(
         targets,
         index=index,
         reference=reference,
@@ -391,99 +353,325 @@ def preannotate(
         overwrite=overwrite,
         batch_size=batch_size,
     )
-    from prelabel import scored
-
-    if scored.wants_scored(
+    run = _Run(
+        targets,
         results,
-        mode,
-        calibrate,
+        flt,
+        reference,
+        label_field,
+        pred_field,
+        k,
+        vote,
+        min_confidence,
+        eval_key,
+        batch_size,
+        progress,
+        calibrate or mode == "adapted",
         target_precision,
         propagate,
-        targets._root_dataset,
-    ):
-        return scored.preannotate_scored(
-            targets,
-            results,
-            flt,
-            label_field=label_field,
-            pred_field=pred_field,
-            k=k,
-            vote=vote,
-            min_confidence=min_confidence,
-            eval_key=eval_key,
-            batch_size=batch_size,
-            progress=progress,
-            reference=reference,
-            calibrate=calibrate or mode == "adapted",
-            target_precision=target_precision,
-            propagate=propagate,
-            mode=mode,
-            t0=t0,
+        mode,
+        overwrite,
+    )
+    scorer, frozen = _scorers(run)
+    out = PreannotationResult(
+        pred_field=pred_field,
+        classes=scorer.classes,
+        mode=mode,
+        brain_key=scorer.results.key,
+    )
+    verdict = _verdict(run, scorer, frozen, out)
+    _write(run, scorer, verdict, out)
+    if eval_key is not None:
+        t1 = time.perf_counter()
+        out.eval_key = eval_key
+        out.accuracy = evaluate(
+            targets, pred_field, label_field, eval_key, out.classes
         )
-    emb_field = results.config.embeddings_field
-    classes = _reference_classes(results, flt)
-    out = PreannotationResult(pred_field=pred_field, classes=classes)
+        out.seconds["evaluate"] = time.perf_counter() - t1
+    out.seconds["total"] = time.perf_counter() - t0
+    return out
 
-    dataset = targets._dataset
-    ids = targets.values("id")
-    out.num_targets = len(ids)
-    review_ids: list[str] = []
-    t_query = t_write = 0.0
-    with staged_fields(dataset, {pred_field: CLASSIFICATION}) as tmp:
-        tmp.record(
-            records.RUNS,
-            pred_field,
-            run_record(
-                results.key,
-                label_field,
-                k,
-                vote,
-                classes,
-                min_confidence,
-                reference,
-            ),
+
+def _scorers(run: _Run):
+    """The scorer of the targets, and in adapted mode a scorer of the
+    frozen index (the second opinion that may rank acceptance)."""
+    results, flt = run.results, run.flt
+    frozen = None
+    if run.mode == "adapted":
+        frozen = (results, flt)
+        results = adapt.adapt_index(
+            run.root,
+            results,
+            run.reference,
+            run.label_field,
+            run.progress,
         )
-        with Progress(progress, len(ids), "Pre-annotating") as bar:
-            for start in range(0, len(ids), batch_size):
-                chunk = ids[start : start + batch_size]
-                t1 = time.perf_counter()
-                chunk_ids, vectors = _read_vectors(dataset, chunk, emb_field)
-                res = results.index.query(vectors, k + 1, flt)
-                nb_ids, nb_labels, sims = _drop_self(res, chunk_ids, k)
-                votes = knn.vote(nb_labels, sims, classes, k, vote)
-                t2 = time.perf_counter()
-                labels, review = _classifications(
-                    votes, nb_ids, min_confidence
-                )
-                review_ids.extend(
-                    sid for sid, r in zip(chunk_ids, review, strict=True) if r
-                )
-                dataset.set_values(
-                    tmp[pred_field],
-                    dict(zip(chunk_ids, labels, strict=True)),
-                    key_field="id",
-                )
-                t_query += t2 - t1
-                t_write += time.perf_counter() - t2
-                bar.update(len(chunk))
+        flt, _ = neighbors.reference_filter(
+            results, run.reference, run.label_field
+        )
+    classes = neighbors.reference_classes(results, flt)
+    adapter = adapt.load_adapter(run.root, results.config.embeddings_field)
+    args = (results, flt, classes, run.k, run.vote)
+    if adapter is None:
+        return scorers.VoteScorer(*args), None
+    scorer = scorers.AdaptedScorer(*args, adapter)
+    if frozen is not None:
+        frozen = scorers.VoteScorer(*frozen, classes, run.k, run.vote)
+    return scorer, frozen
+
+
+@dataclass
+class _Verdict:
+    """What the references decided, before any target is written."""
+
+    cal: calibration.Calibration | None = None
+    calibrate: bool = False
+    threshold: float | None = None
+    spreading: scorers.Spreading | None = None
+    frozen: scorers.VoteScorer | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def scored(self) -> bool:
+        return self.cal is not None
+
+
+def _verdict(run: _Run, scorer, frozen, out) -> _Verdict:
+    """Scores the references (each without its own label) and fits on them
+    what the targets need: spreading, the accept score, the calibrator and
+    the accept threshold. A plain vote needs none of it."""
+    scored = (
+        run.mode != "knn"
+        or run.calibrate
+        or run.propagate
+        or run.target_precision is not None
+        or isinstance(scorer, scorers.AdaptedScorer)
+    )
+    verdict = _Verdict(calibrate=run.calibrate)
+    if not scored:
+        verdict.extra = _record_extra(run, verdict, None, None)
+        return verdict
+    t0 = time.perf_counter()
+    refs = scorer.score_references(run.dataset)
+    out.seconds["reference_scores"] = time.perf_counter() - t0
+    if run.propagate:
+        verdict.spreading = _spread(run, scorer, refs, out)
+        out.propagation = verdict.spreading.record()
+    conf_ref = refs.confidence
+    if frozen is not None:
+        t1 = time.perf_counter()
+        out.accept_score, conf_ref = scorers.choose_accept_score(
+            refs,
+            frozen,
+            run.root,
+            scorer.classes,
+            run.k,
+            run.vote,
+            run.target_precision or constants.DEFAULT_TARGET_PRECISION,
+        )
+        if out.accept_score != "adapted":
+            verdict.frozen = frozen
+        out.seconds["accept_score"] = time.perf_counter() - t1
+    cal = calibration.calibrate(conf_ref, refs.correct, run.target_precision)
+    verdict.cal = cal
+    if run.target_precision is not None:
+        verdict.threshold = cal.threshold
+        out.target_precision = float(run.target_precision)
+        out.accept_threshold = cal.threshold
+        out.expected_coverage = cal.expected_coverage
+        out.expected_precision = cal.expected_precision
+    out.calibrated = run.calibrate
+    out.reference_accuracy = cal.reference_accuracy
+    out.ece_raw = cal.ece_raw
+    out.ece = cal.ece_calibrated if run.calibrate else cal.ece_raw
+    out.num_reference_scored = cal.num_scored
+    verdict.extra = _record_extra(run, verdict, out, conf_ref, refs.correct)
+    return verdict
+
+
+def _spread(run: _Run, scorer, refs, out) -> scorers.Spreading:
+    """The first pass over the targets that spreading needs: every
+    target's score, for the graph."""
+    t0 = time.perf_counter()
+    ids, priors = [], []
+    for chunk in scorer.stream(
+        run.dataset,
+        run.targets.values("id"),
+        run.batch_size,
+        run.progress,
+        "Scoring targets for label spreading",
+    ):
+        ids.extend(chunk.neighbors.ids)
+        priors.append(chunk.probs)
+    adapter = getattr(scorer, "adapter", None)
+    # the graph is built on the frozen embeddings in adapted mode
+    src = adapter.info.get("embeddings_field") if adapter else scorer.field
+    spreading = scorers.propagate(
+        run.root,
+        src,
+        refs,
+        ids,
+        np.vstack(priors) if priors else np.zeros((0, len(scorer.classes))),
+        scorer.classes,
+    )
+    out.seconds["propagate"] = time.perf_counter() - t0
+    return spreading
+
+
+def _record_extra(run, verdict, out, conf_ref, correct=None) -> dict:
+    """The run record's entries on how the pre-labels were scored."""
+    cal = verdict.cal
+    if cal is None:
+        return {"mode": run.mode, "calibrate": False}
+    written = cal.calibrator(conf_ref) if run.calibrate else conf_ref
+    return {
+        "mode": run.mode,
+        "calibrate": bool(run.calibrate),
+        "calibrator": cal.calibrator.to_dict() if run.calibrate else None,
+        "target_precision": run.target_precision,
+        "accept_threshold": cal.threshold,
+        "expected_coverage": cal.expected_coverage,
+        "expected_precision": cal.expected_precision,
+        # the references' held-out curve, in the written confidence
+        "expected_curve": calibration.curve_points(written, correct),
+        "propagation": out.propagation,
+        "accept_score": out.accept_score,
+    }
+
+
+def _write(run: _Run, scorer, verdict: _Verdict, out) -> None:
+    """The targets, chunk by chunk: scored, classified and written aside;
+    swapped in with the run record when every chunk succeeded."""
+    dataset = run.dataset
+    ids = run.targets.values("id")
+    out.num_targets = len(ids)
+    review_ids, accepted = [], 0
+    t_query = t_write = 0.0
+    record = run_record(
+        scorer.results.key,
+        run.label_field,
+        run.k,
+        run.vote,
+        scorer.classes,
+        run.min_confidence,
+        run.reference,
+        extra=verdict.extra,
+    )
+    with staged_fields(dataset, {run.pred_field: CLASSIFICATION}) as stage:
+        stage.record(records.RUNS, run.pred_field, record)
+        t0 = time.perf_counter()
+        for chunk in scorer.stream(
+            dataset, ids, run.batch_size, run.progress, "Pre-annotating"
+        ):
+            scale = _prepare(run, chunk, verdict)
+            t1 = time.perf_counter()
+            labels, review, acc = classify(
+                chunk, verdict, run.min_confidence, scale
+            )
+            accepted += acc
+            out.num_labeled += sum(lbl is not None for lbl in labels)
+            review_ids.extend(
+                s
+                for s, r in zip(chunk.neighbors.ids, review, strict=True)
+                if r
+            )
+            dataset.set_values(
+                stage[run.pred_field],
+                dict(zip(chunk.neighbors.ids, labels, strict=True)),
+                key_field="id",
+            )
+            t2 = time.perf_counter()
+            t_query += t1 - t0
+            t_write += t2 - t1
+            t0 = t2
         t3 = time.perf_counter()
     t_write += time.perf_counter() - t3  # the swap of the field
-
     if review_ids:
         dataset.select(review_ids).tag_samples(constants.REVIEW_TAG)
     out.num_review = len(review_ids)
-    out.num_labeled = out.num_targets - out.num_review
-    out.seconds = {"query_vote": t_query, "write": t_write}
+    if verdict.threshold is not None:
+        out.num_accepted = accepted
+        out.coverage = accepted / out.num_targets if out.num_targets else None
+    out.seconds.update(query_vote=t_query, write=t_write)
 
-    if eval_key is not None:
-        t4 = time.perf_counter()
-        out.eval_key = eval_key
-        out.accuracy = evaluate(
-            targets, pred_field, label_field, eval_key, classes
+
+def _prepare(run: _Run, chunk, verdict: _Verdict):
+    """The chunk's distributions after spreading, and the factor of each
+    raw confidence (the frozen vote's share of the winner) if the
+    references chose it."""
+    spreading = verdict.spreading
+    if spreading is not None and spreading.probs is not None:
+        chunk.probs = np.stack(
+            [spreading.probs[s] for s in chunk.neighbors.ids]
         )
-        out.seconds["evaluate"] = time.perf_counter() - t4
-    out.seconds["total"] = time.perf_counter() - t0
-    return out
+    if verdict.frozen is None:
+        return None
+    return scorers.frozen_share(
+        verdict.frozen,
+        run.root,
+        chunk.neighbors.ids,
+        chunk.winners,
+        chunk.votes.classes,
+        run.k,
+        run.vote,
+    )
+
+
+def classify(chunk, verdict=None, min_confidence=None, scale=None):
+    """The Classifications of a chunk, which targets need review, and how
+    many were accepted.
+
+    Args:
+        chunk: a :class:`prelabel.scorers.ChunkScores`
+        verdict (None): what the references decided (calibrator,
+            threshold); None for the plain vote
+        min_confidence (None): below it (after calibration) no label is
+            written
+        scale (None): a factor of each row's raw confidence
+
+    Returns:
+        ``(labels, review flags, number accepted)``
+    """
+    verdict = verdict or _Verdict()
+    probs, votes = chunk.probs, chunk.votes
+    classes = votes.classes
+    log_probs = logits(probs)
+    wins = winners(probs, votes)
+    cal = verdict.cal if verdict.calibrate else None
+    labels, review, accepted = [], [], 0
+    for i in range(len(probs)):
+        if probs[i].sum() <= 0:
+            labels.append(None)
+            review.append(True)
+            continue
+        w = int(wins[i])
+        raw = float(probs[i, w])
+        if scale is not None:
+            raw *= float(scale[i])
+        conf = float(cal.calibrator(raw)) if cal is not None else raw
+        if min_confidence is not None and conf < min_confidence:
+            labels.append(None)
+            review.append(True)
+            continue
+        attrs = dict(
+            label=classes[w],
+            confidence=conf,
+            logits=log_probs[i],
+            votes=votes.summary(i),
+            neighbors=list(chunk.neighbors.neighbor_ids[i]),
+        )
+        if verdict.scored:
+            attrs["vote_share"] = float(votes.probs[i, w])
+        if cal is not None:
+            attrs["raw_confidence"] = raw
+        ok = True
+        if verdict.threshold is not None:
+            ok = raw >= verdict.threshold
+            attrs["accepted"] = bool(ok)
+            accepted += int(ok)
+        labels.append(fo.Classification(**attrs))
+        review.append(not ok)
+    return labels, review, accepted
 
 
 def evaluate(samples, pred_field, gt_field, eval_key, classes=None):
@@ -505,60 +693,6 @@ def evaluate(samples, pred_field, gt_field, eval_key, classes=None):
     return float(report.metrics()["accuracy"])
 
 
-def _reference_classes(results, flt) -> list[str]:
-    labels = {
-        payload.get("label")
-        for _, payload in results.index.iter_payloads(["label"], flt)
-    }
-    labels.discard(None)
-    return sorted(labels, key=_natural_key)
-
-
-def _natural_key(label: str):
-    return (0, int(label)) if label.isdigit() else (1, label)
-
-
-def _read_vectors(dataset, chunk, emb_field):
-    ids, vecs = dataset.select(chunk).values(["id", emb_field])
-    return ids, np.stack([np.asarray(v, dtype=np.float32) for v in vecs])
-
-
-def _drop_self(res, query_ids, k):
-    """Removes each query's own point from its neighbors; keeps ``k``."""
-    nb_ids, nb_labels = [], []
-    sims = np.full((len(query_ids), k), np.nan, dtype=np.float32)
-    for i, qid in enumerate(query_ids):
-        keep = [j for j, s in enumerate(res.sample_ids[i]) if s != qid][:k]
-        nb_ids.append([res.sample_ids[i][j] for j in keep])
-        nb_labels.append([res.labels[i][j] for j in keep])
-        sims[i, : len(keep)] = res.scores[i, keep]
-    return nb_ids, nb_labels, sims
-
-
-def _classifications(votes: knn.Votes, nb_ids, min_confidence):
-    logits = votes.logits()
-    labels, review = [], []
-    for i, label in enumerate(votes.labels):
-        conf = float(votes.confidence[i])
-        if label is None or (
-            min_confidence is not None and conf < min_confidence
-        ):
-            labels.append(None)
-            review.append(True)
-            continue
-        labels.append(
-            fo.Classification(
-                label=label,
-                confidence=conf,
-                logits=logits[i],
-                votes=votes.summary(i),
-                neighbors=list(nb_ids[i]),
-            )
-        )
-        review.append(False)
-    return labels, review
-
-
 def run_record(
     brain_key,
     label_field,
@@ -570,8 +704,6 @@ def run_record(
     extra: dict | None = None,
 ) -> dict:
     """What the run records of a pre-label field say about its run."""
-    if reference is not None and not isinstance(reference, (str, list, tuple)):
-        reference = "<view>"
     return {
         "brain_key": brain_key,
         "label_field": label_field,
@@ -579,8 +711,6 @@ def run_record(
         "vote": vote,
         "classes": classes,
         "min_confidence": min_confidence,
-        "reference": (
-            list(reference) if isinstance(reference, tuple) else reference
-        ),
+        "reference": neighbors.describe_reference(reference),
         **(extra or {}),
     }

@@ -15,7 +15,9 @@ from sklearn.datasets import load_digits
 from sklearn.metrics import roc_auc_score
 
 import prelabel
-from prelabel import adapt, calibration, constants
+from prelabel import adapt, constants
+from prelabel.core import adapter as core_adapter
+from prelabel.core import calibration
 
 K = 15
 
@@ -43,7 +45,7 @@ def _knn_accuracy(R, yr, T, yt, k=K):
 def test_adapted_embeddings_beat_raw_ones_for_knn(arrays):
     X, y = arrays
     n = 300
-    ad = adapt.fit_adapter(X[:n], y[:n], X_unlabeled=X[n:], folds=5)
+    ad = core_adapter.fit_adapter(X[:n], y[:n], X_unlabeled=X[n:], folds=5)
     V = ad.transform(X)
     assert V.shape == (len(X), ad.dim) and V.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(V, axis=1), 1.0, atol=1e-5)
@@ -60,10 +62,10 @@ def test_adapted_embeddings_beat_raw_ones_for_knn(arrays):
 def test_cross_fitting_scores_each_reference_without_its_label(arrays):
     X, y = arrays
     n = 300
-    ad = adapt.fit_adapter(X[:n], y[:n], folds=5)
+    ad = core_adapter.fit_adapter(X[:n], y[:n], folds=5)
     assert sorted(set(ad.folds.tolist())) == [0, 1, 2, 3, 4]
     classes = np.array(ad.classes)
-    oof = adapt.cross_fitted_proba(ad, X[:n], ad.folds)
+    oof = core_adapter.cross_fitted_proba(ad, X[:n], ad.folds)
     in_sample = ad.proba(ad.transform(X[:n]))
     oof_acc = (classes[oof.argmax(1)] == y[:n]).mean()
     in_acc = (classes[in_sample.argmax(1)] == y[:n]).mean()
@@ -74,7 +76,7 @@ def test_cross_fitting_scores_each_reference_without_its_label(arrays):
     assert in_acc > oof_acc
     assert abs(oof_acc - target_acc) < 0.05
     # a reference's neighbors come from the other folds
-    nb, sims = adapt.cross_fitted_neighbors(ad, X[:n], ad.folds, K)
+    nb, sims = core_adapter.cross_fitted_neighbors(ad, X[:n], ad.folds, K)
     assert nb.shape == (n, K) and np.all(nb >= 0)
     assert np.all(ad.folds[nb] != ad.folds[:, None])
     assert np.all(np.diff(sims, axis=1) <= 1e-6)

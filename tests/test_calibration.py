@@ -12,8 +12,9 @@ import pytest
 from sklearn.datasets import load_digits
 
 import prelabel
-from prelabel import calibration, constants
+from prelabel import constants
 from prelabel import panel_data as pdata
+from prelabel.core import calibration
 
 K = 15
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from prelabel.knn import Votes, own_label_scores, vote
+from prelabel.core.voting import Votes, own_label_scores, vote
 
 NAN = np.nan
 ABC = ["a", "b", "c"]

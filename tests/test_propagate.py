@@ -12,7 +12,8 @@ from sklearn.datasets import load_digits
 
 import prelabel
 from prelabel import constants
-from prelabel import propagate as prop
+from prelabel.core import propagation as prop
+from prelabel.core import vectors
 
 K = 15
 
@@ -27,12 +28,12 @@ def arrays():
 def test_spreading_from_few_labels_beats_their_vote(arrays):
     X, y = arrays
     n = 60
-    W = prop.whitened_features(X)
+    W = vectors.whitened_features(X)
     assert W.shape[0] == len(X)
     np.testing.assert_allclose(np.linalg.norm(W, axis=1), 1.0, atol=1e-5)
-    idx, sims = prop.knn_graph(W, k=10)
+    idx, sims = vectors.exact_neighbors(W, k=10)
     assert not np.any(idx == np.arange(len(X))[:, None])  # never itself
-    S = prop._operator(idx, sims)
+    S = prop.graph_operator(idx, sims)
     seeds = np.arange(n)
     F = prop.spread(S, seeds, y[:n], 10, alpha=0.9)
     np.testing.assert_allclose(F.sum(axis=1), 1.0, atol=1e-9)
@@ -50,8 +51,8 @@ def test_spreading_from_few_labels_beats_their_vote(arrays):
 def test_the_references_decide_and_score_held_out(arrays):
     X, y = arrays
     n = 100
-    W = prop.whitened_features(X)
-    S = prop._operator(*prop.knn_graph(W, k=10))
+    W = vectors.whitened_features(X)
+    S = prop.graph_operator(*vectors.exact_neighbors(W, k=10))
     choice = prop.choose(S, np.arange(n), y[:n], 10, None, None)
     assert set(choice.accuracy) == {
         c for c in prop.candidates() if not c[1]

@@ -5,10 +5,8 @@ A kNN vote looks at each target alone. The unlabeled targets also carry
 information: a target between two labeled clusters is often joined to one
 of them by a chain of other targets. Label spreading (Zhou et al., 2004)
 uses that chain: a sparse kNN graph over every sample, the references'
-labels as sources (each target's own vote can be kept as a source too,
-off by default, see :func:`candidates`),
-and a few rounds in which every sample takes ``alpha`` of its neighbors'
-label distribution and ``1 - alpha`` of its source.
+labels as sources, and a few rounds in which every sample takes ``alpha``
+of its neighbors' label distribution and ``1 - alpha`` of its source.
 
 Whether it helps depends on the data and on how many labels there are (on
 MNIST features it helps much with 250 labels, little with 2,500), so the
@@ -18,9 +16,10 @@ candidate ``alpha`` and for "no spreading". Targets' labels are never read.
 
 The graph is built on an unsupervised, label-free view of the embeddings
 (signed square root, L2, PCA whitening with shrinkage; see
-:func:`whitened_features`), so hiding a reference's label cannot change the
-graph. Pure numpy / scipy; exact blockwise kNN, which suits up to about
-10^5 samples on a laptop.
+:func:`prelabel.core.vectors.whitened_features`), so hiding a reference's
+label cannot change the graph. Pure numpy / scipy; the graph comes from
+exact blockwise kNN (:func:`prelabel.core.vectors.exact_neighbors`), which
+suits up to about 10^5 samples on a laptop.
 """
 
 from __future__ import annotations
@@ -29,77 +28,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from prelabel.core.adapter import stratified_folds
+
 #: the candidates measured on the references; 0.0 means "no spreading"
 ALPHAS = (0.0, 0.5, 0.9, 0.99)
 
 
-def whitened_features(
-    X: np.ndarray,
-    dim: int = 256,
-    shrinkage: float = 1.0,
-    max_fit: int = 20000,
-    seed: int = 0,
-) -> np.ndarray:
-    """Label-free features for neighbor search: signed square root, L2,
-    centering, PCA to ``dim`` and whitening with shrinkage (each
-    component scaled by ``1 / sqrt(variance + shrinkage * mean
-    variance)``, so weak, noisy directions are not blown up), then L2.
-
-    Args:
-        X: raw embeddings ``(n, D)``
-        dim (256): at most this many components
-        shrinkage (1.0): the regularization of the whitening, in units of
-            the mean variance (0 = full whitening)
-        max_fit (20000): the PCA is fitted on at most this many rows
-        seed (0): which rows, when there are more
-
-    Returns:
-        float32 ``(n, d)``, unit rows
-    """
-    from prelabel.adapt import _normalize, _signed_sqrt_l2
-
-    A = _signed_sqrt_l2(X)
-    fit = A
-    if len(A) > max_fit:
-        fit = A[np.random.default_rng(seed).choice(len(A), max_fit, False)]
-    mean = fit.mean(axis=0, dtype=np.float64).astype(np.float32)
-    C = fit - mean
-    cov = (C.T @ C).astype(np.float64) / len(C)
-    vals, vecs = np.linalg.eigh(cov)
-    d = int(min(dim, len(fit) - 1, A.shape[1]))
-    order = np.argsort(vals)[::-1][:d]
-    lam = np.maximum(vals[order], 0.0)
-    scale = 1.0 / np.sqrt(lam + shrinkage * max(vals.mean(), 1e-12))
-    W = (vecs[:, order] * scale).astype(np.float32)
-    return _normalize((A - mean) @ W).astype(np.float32)
-
-
-def knn_graph(
-    V: np.ndarray, k: int = 10, block: int = 2048
-) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's ``k`` nearest other rows by cosine similarity.
-
-    Returns:
-        ``(indices, similarities)`` ``(n, k)``
-    """
-    from prelabel.adapt import _normalize
-
-    V = _normalize(np.asarray(V, dtype=np.float32))
-    n = len(V)
-    k = int(min(k, n - 1))
-    idx = np.empty((n, k), dtype=np.int64)
-    sims = np.empty((n, k), dtype=np.float32)
-    for a in range(0, n, block):
-        S = V[a : a + block] @ V.T
-        rows = np.arange(S.shape[0])
-        S[rows, a + rows] = -np.inf
-        part = np.argpartition(-S, k - 1, axis=1)[:, :k]
-        idx[a : a + block] = part
-        sims[a : a + block] = np.take_along_axis(S, part, 1)
-    return idx, sims
-
-
-def _operator(idx: np.ndarray, sims: np.ndarray):
+def graph_operator(idx: np.ndarray, sims: np.ndarray):
     """The symmetrically normalized affinity ``D^-1/2 W D^-1/2`` of the
     (symmetrized) kNN graph, weights = positive cosine similarities."""
     import scipy.sparse as sp
@@ -126,7 +61,7 @@ def spread(
     rows for the seeds, ``prior`` rows or zeros for the others).
 
     Args:
-        S: the operator of :func:`_operator` (``(n, n)`` sparse)
+        S: the operator of :func:`graph_operator` (``(n, n)`` sparse)
         seeds: int indices of the labeled rows
         seed_labels: their class indices
         num_classes: ``C``
@@ -178,26 +113,18 @@ class PropagationChoice:
         return self.alpha > 0
 
 
-def candidates(
-    alphas=ALPHAS, with_prior: bool = False
-) -> list[tuple[float, bool]]:
+def candidates(alphas=ALPHAS) -> list[tuple[float, bool]]:
     """``(alpha, use_prior)`` pairs: no spreading (the votes as they are),
-    and each ``alpha`` spreading the references' labels alone, and, with
-    ``with_prior``, also keeping the targets' votes as sources.
+    and each ``alpha`` spreading the references' labels alone.
 
-    Spreading with the targets' votes is off by default: those votes were
-    cast by every reference, the hidden ones included, so a hidden
-    reference's label comes back to it through its neighbors' votes and
-    the held-out estimate flatters that candidate (measured: 0.83 expected
-    coverage for 0.81 accepted at 0.964 precision with 250 MNIST labels).
+    Spreading with the targets' votes kept as sources is not a candidate:
+    those votes were cast by every reference, the hidden ones included, so
+    a hidden reference's label comes back to it through its neighbors'
+    votes and the held-out estimate flatters that candidate (measured: 0.83
+    expected coverage for 0.81 accepted at 0.964 precision with 250 MNIST
+    labels).
     """
-    out = [(0.0, True)]
-    for a in alphas:
-        if a > 0:
-            if with_prior:
-                out.append((float(a), True))
-            out.append((float(a), False))
-    return out
+    return [(0.0, True)] + [(float(a), False) for a in alphas if a > 0]
 
 
 def choose(
@@ -210,7 +137,6 @@ def choose(
     alphas=ALPHAS,
     folds: int = 10,
     seed: int = 0,
-    with_prior: bool = False,
 ) -> PropagationChoice:
     """Measures spreading on the references: for each fold, its labels are
     hidden (its rows get ``ref_prior``, their scores computed without
@@ -229,15 +155,11 @@ def choose(
         folds (10), seed (0): the hidden folds (many, so that the
             references still labeled are nearly all of them, as for the
             targets; spreading is cheap)
-        with_prior (False): also try spreading with the targets' votes
-            kept as sources (see :func:`candidates` for why it is off)
 
     Returns:
         a :class:`PropagationChoice`: the candidate with the best held-out
         accuracy (ties: lower log-loss, then less spreading)
     """
-    from prelabel.adapt import stratified_folds
-
     ref_rows = np.asarray(ref_rows)
     ref_labels = np.asarray(ref_labels)
     which = stratified_folds(ref_labels, min(folds, len(ref_rows)), seed)
@@ -246,7 +168,7 @@ def choose(
     have_prior = prior is not None or ref_prior is not None
     out = PropagationChoice(alpha=0.0)
     held = {}
-    for alpha, use_prior in candidates(alphas, with_prior):
+    for alpha, use_prior in candidates(alphas):
         if use_prior and not have_prior and alpha == 0:
             continue
         if use_prior and not have_prior:

@@ -12,7 +12,29 @@ from dataclasses import dataclass
 
 import numpy as np
 
-VOTES = ("majority", "weighted")
+from prelabel.constants import VOTES
+
+
+def natural_key(label: str):
+    """Sorts class names as a person reads them: ``"2"`` before ``"10"``."""
+    return (0, int(label)) if label.isdigit() else (1, label)
+
+
+def sort_classes(labels) -> list[str]:
+    """The distinct labels (None dropped) in natural order."""
+    return sorted({lbl for lbl in labels if lbl is not None}, key=natural_key)
+
+
+def summarize(classes, counts_row, winner: int | None, top: int = 3) -> str:
+    """A vote as a person reads it: ``"7: 12, 1: 3"``, the winner first
+    (even when it won a tie on similarity), classes without votes left
+    out."""
+    order = list(np.argsort(-counts_row, kind="stable")[:top])
+    if winner is not None:
+        order = [winner] + [c for c in order if c != winner][: top - 1]
+    return ", ".join(
+        f"{classes[c]}: {counts_row[c]}" for c in order if counts_row[c] > 0
+    )
 
 
 @dataclass
@@ -36,23 +58,13 @@ class Votes:
 
     def summary(self, i: int, top: int = 3) -> str:
         """The vote of query ``i`` as a person reads it: ``"7: 12, 1: 3"``."""
-        order = list(np.argsort(-self.counts[i], kind="stable")[:top])
         winner = self.labels[i]
-        if winner is not None:
-            # the winner first, even when it won a tie on similarity
-            w = self.classes.index(winner)
-            order = [w] + [c for c in order if c != w][: top - 1]
-        return ", ".join(
-            f"{self.classes[c]}: {self.counts[i, c]}"
-            for c in order
-            if self.counts[i, c] > 0
-        )
+        w = self.classes.index(winner) if winner is not None else None
+        return summarize(self.classes, self.counts[i], w, top)
 
     def logits(self, eps: float = 1e-3) -> np.ndarray:
         """Log of the smoothed distribution, for FiftyOne's ``logits``."""
-        num_classes = max(len(self.classes), 1)
-        smoothed = (self.probs + eps) / (1.0 + eps * num_classes)
-        return np.log(smoothed).astype(np.float32)
+        return logits(self.probs, eps)
 
 
 def encode(
@@ -165,3 +177,21 @@ def own_label_scores(votes: Votes, own_labels: Sequence[str]) -> np.ndarray:
         0.0,
     )
     return 1.0 - share
+
+
+def winners(probs: np.ndarray, votes: Votes) -> np.ndarray:
+    """The class of each row of ``probs``: the most probable, and among
+    tied ones the vote's winner (which breaks ties by similarity)."""
+    out = probs.argmax(axis=1)
+    lookup = {c: i for i, c in enumerate(votes.classes)}
+    for i, lbl in enumerate(votes.labels):
+        j = lookup.get(lbl)
+        if j is not None and probs[i, j] >= probs[i, out[i]] - 1e-12:
+            out[i] = j
+    return out
+
+
+def logits(probs: np.ndarray, eps: float = 1e-3) -> np.ndarray:
+    """Log of the smoothed distribution, for FiftyOne's ``logits``."""
+    num_classes = max(probs.shape[1], 1)
+    return np.log((probs + eps) / (1.0 + eps * num_classes)).astype(np.float32)

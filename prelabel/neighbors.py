@@ -1,0 +1,234 @@
+"""Who votes, and who their neighbors are.
+
+The reference set (the labeled samples that vote) is chosen inside Qdrant
+by a payload filter, never by sending id lists; the vectors of the samples
+being scored are read from the dataset in chunks, and each chunk is one
+batched query in which a sample is never its own neighbor. Pre-annotation,
+the references' held-out scores and label-mistake finding all read and
+query through :func:`stream`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import fiftyone as fo
+import numpy as np
+
+from prelabel import constants, validation
+from prelabel.core.voting import sort_classes
+from prelabel.index.base import IndexFilter
+from prelabel.progress import Progress, ProgressArg
+
+
+def resolve_index(samples, index=None, brain_key=None):
+    """The similarity results of ``index`` (results, a brain key or None)
+    on ``samples``' dataset.
+
+    Raises:
+        ValueError: no such prelabel run, or the index of another dataset
+    """
+    from prelabel.index.brain import PrelabelQdrantSimilarityIndex
+
+    dataset = samples._root_dataset
+    if isinstance(index, PrelabelQdrantSimilarityIndex):
+        owner = index.samples._root_dataset
+        if owner._doc.id != dataset._doc.id:
+            raise ValueError(
+                f"index= is the index of dataset '{owner.name}', not of "
+                f"'{dataset.name}'; pass the results of sync_index on this "
+                "dataset (or its brain key)"
+            )
+        return index
+    if index is not None and not isinstance(index, str):
+        raise ValueError(
+            f"index= must be the results of prelabel.sync_index or a brain "
+            f"key; got {type(index).__name__}"
+        )
+    key = index if isinstance(index, str) else brain_key
+    key = key or constants.DEFAULT_BRAIN_KEY
+    if key not in dataset.list_brain_runs():
+        raise ValueError(
+            f"brain_key={key!r} is not a run of dataset '{dataset.name}'; "
+            "run prelabel.sync_index first"
+        )
+    results = dataset.load_brain_results(key)
+    if not isinstance(results, PrelabelQdrantSimilarityIndex):
+        raise ValueError(
+            f"brain_key={key!r} is a run of another backend "
+            f"({type(results.config).__name__}); sync a prelabel index "
+            "with prelabel.sync_index"
+        )
+    return results
+
+
+# ---- the reference set ------------------------------------------------
+
+
+def check_reference(reference, samples) -> None:
+    """``reference`` names a reference set: None, a tag, a non-empty list
+    of tags, or a view of the same dataset."""
+    if reference is None:
+        return
+    if isinstance(reference, str):
+        tags = [reference]
+    elif isinstance(reference, (list, tuple)):
+        tags = list(reference)
+        if not tags:
+            raise ValueError(
+                "reference=[] selects no sample; pass None for every "
+                "labeled sample, a tag (or a list of tags), or a view"
+            )
+    elif isinstance(reference, fo.core.collections.SampleCollection):
+        mine, theirs = samples._root_dataset, reference._root_dataset
+        if mine._doc.id != theirs._doc.id:
+            raise ValueError(
+                f"reference= is a view of dataset '{theirs.name}', not of "
+                f"'{mine.name}'; pass a view of the targets' dataset"
+            )
+        return
+    else:
+        raise ValueError(
+            f"reference= must be None, a tag, a list of tags or a view; got "
+            f"{type(reference).__name__}"
+        )
+    for tag in tags:
+        if not isinstance(tag, str) or not tag:
+            raise ValueError(
+                f"reference={reference!r} holds {tag!r}, which is not a tag; "
+                "pass tags as non-empty strings"
+            )
+
+
+def describe_reference(reference):
+    """``reference`` as a run record keeps it (a view as ``"<view>"``)."""
+    if reference is None or isinstance(reference, str):
+        return reference
+    if isinstance(reference, (list, tuple)):
+        return list(reference)
+    return "<view>"
+
+
+def reference_view(samples, reference, label_field: str):
+    """The labeled references among ``samples``, as a view: every labeled
+    sample (``None``), those with one of the tags, or a view of labeled
+    samples."""
+    labeled = validation.labeled(samples, label_field)
+    if reference is None:
+        return labeled
+    if isinstance(reference, str):
+        return labeled.match_tags(reference)
+    if isinstance(reference, (list, tuple)):
+        return labeled.match_tags(list(reference))
+    return validation.labeled(reference, label_field)
+
+
+def reference_filter(
+    results, reference, label_field: str
+) -> tuple[IndexFilter, int]:
+    """The payload filter selecting the reference set in the index, and
+    its size.
+
+    ``reference`` is ``None`` (every labeled sample), a tag or list of tags,
+    or a FiftyOne view of labeled samples. A view is marked once in the
+    payloads (a one-off write keyed by a fresh token) so that the queries
+    select it by filter.
+    """
+    index = results.index
+    if reference is None or isinstance(reference, (str, list, tuple)):
+        flt = IndexFilter.reference(reference)
+    else:
+        ref_ids = validation.labeled(reference, label_field).values("id")
+        # only points can be marked: a sample added or embedded after the
+        # last sync is not in the index (and setting a payload on it fails)
+        present = [
+            sid
+            for start in range(0, len(ref_ids), 10000)
+            for sid, _ in index.iter_payloads(
+                [],
+                IndexFilter(sample_ids=tuple(ref_ids[start : start + 10000])),
+            )
+        ]
+        token = uuid.uuid4().hex[:12]
+        index.set_payload(present, {"refset": token})
+        flt = IndexFilter(labeled=True, match=(("refset", token),))
+    return flt, index.count(flt)
+
+
+def reference_labels(results, flt) -> list[tuple[str, str]]:
+    """``(sample id, label)`` of every reference, as the index has them."""
+    return [
+        (sid, p.get("label"))
+        for sid, p in results.index.iter_payloads(["label"], flt)
+    ]
+
+
+def reference_classes(results, flt) -> list[str]:
+    """The classes of the reference set, in natural order."""
+    return sort_classes(lbl for _, lbl in reference_labels(results, flt))
+
+
+# ---- vectors and neighbors --------------------------------------------
+
+
+def read_vectors(dataset, ids: Sequence[str], field: str):
+    """``(ids, float32 matrix)`` of the given samples' ``field``, in the
+    order the database returns them."""
+    found, vecs = dataset.select(ids).values(["id", field])
+    return found, np.stack([np.asarray(v, dtype=np.float32) for v in vecs])
+
+
+@dataclass
+class Neighbors:
+    """A chunk of queries and their nearest references, closest first.
+
+    Attributes:
+        ids: the samples queried
+        vectors: their vectors, as read from the dataset
+        neighbor_ids: per query, the neighbors' sample ids (never itself)
+        labels: per query, the neighbors' labels
+        sims: float array (n, k) of similarities, NaN-padded
+    """
+
+    ids: list[str]
+    vectors: np.ndarray
+    neighbor_ids: list[list[str]]
+    labels: list[list[str | None]]
+    sims: np.ndarray
+
+
+def query(results, dataset, ids, field: str, k: int, flt) -> Neighbors:
+    """The ``k`` nearest references of the given samples (one batched
+    query; each sample's own point is dropped)."""
+    found, vectors = read_vectors(dataset, ids, field)
+    res = results.index.query(vectors, k + 1, flt)
+    nb_ids, nb_labels = [], []
+    sims = np.full((len(found), k), np.nan, dtype=np.float32)
+    for i, qid in enumerate(found):
+        keep = [j for j, s in enumerate(res.sample_ids[i]) if s != qid][:k]
+        nb_ids.append([res.sample_ids[i][j] for j in keep])
+        nb_labels.append([res.labels[i][j] for j in keep])
+        sims[i, : len(keep)] = res.scores[i, keep]
+    return Neighbors(found, vectors, nb_ids, nb_labels, sims)
+
+
+def stream(
+    results,
+    dataset,
+    ids: Sequence[str],
+    field: str,
+    k: int,
+    flt,
+    batch_size: int = 1000,
+    progress: ProgressArg = None,
+    label: str = "Querying neighbors",
+) -> Iterator[Neighbors]:
+    """:func:`query` over ``ids`` in chunks of ``batch_size``: the one
+    loop that reads vectors and queries the index."""
+    with Progress(progress, len(ids), label) as bar:
+        for start in range(0, len(ids), batch_size):
+            chunk = ids[start : start + batch_size]
+            yield query(results, dataset, chunk, field, k, flt)
+            bar.update(len(chunk))
