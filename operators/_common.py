@@ -118,9 +118,9 @@ def load_index(ctx, dataset, brain_key):
     """The prelabel similarity results of ``brain_key``, with the server
     credentials of this context filled in (they are never stored in the
     run)."""
-    from prelabel.neighbors import resolve_index
+    import prelabel
 
-    results = resolve_index(dataset, brain_key=brain_key)
+    results = prelabel.load_index(dataset, brain_key=brain_key)
     config = results.config
     if config.location == "server":
         url, api_key = qdrant_credentials(ctx)

@@ -117,7 +117,7 @@ class AdaptEmbeddings(foo.Operator):
         return _form(inputs)
 
     def execute(self, ctx):
-        from prelabel.adapt import adapt_index, adapter_record
+        from prelabel import adapt_index, adapter_record
 
         dataset = ctx.dataset
         p = _params(ctx, c.remembered(ctx, NAME))

@@ -54,8 +54,12 @@ class ComputeEmbeddings(foo.Operator):
         )
 
     def resolve_input(self, ctx):
-        from prelabel import embeddings as pe
-        from prelabel.models import check_model_name, list_models
+        from prelabel import list_models
+        from prelabel.embeddings import (
+            check_embeddings_output,
+            check_image_collection,
+        )
+        from prelabel.models import check_model_name
 
         inputs = types.Object()
         last = c.remembered(ctx, NAME)
@@ -145,12 +149,12 @@ class ComputeEmbeddings(foo.Operator):
 
         p = _params(ctx)
         ok, _ = c.run_check(inputs, check_model_name, p["model"])
-        ok = ok and c.run_check(inputs, pe.check_image_collection, target)[0]
+        ok = ok and c.run_check(inputs, check_image_collection, target)[0]
         ok = (
             ok
             and c.run_check(
                 inputs,
-                pe.check_embeddings_field,
+                check_embeddings_output,
                 ctx.dataset,
                 p["embeddings_field"],
             )[0]
@@ -163,7 +167,7 @@ class ComputeEmbeddings(foo.Operator):
         )
 
     def execute(self, ctx):
-        from prelabel.embeddings import compute_embeddings
+        from prelabel import compute_embeddings
 
         p = _params(ctx)
         target = ctx.target_view(require_flat=True)

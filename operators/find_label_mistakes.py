@@ -147,7 +147,7 @@ class FindLabelMistakes(foo.Operator):
         return _form(inputs)
 
     def execute(self, ctx):
-        from prelabel.mistakes import find_label_mistakes, suspicious_labels
+        from prelabel import find_label_mistakes, suspicious_labels
 
         dataset = ctx.dataset
         p = _params(ctx, c.remembered(ctx, NAME))

@@ -193,7 +193,7 @@ class KnnPreannotate(foo.Operator):
         return _form(inputs)
 
     def execute(self, ctx):
-        from prelabel.preannotate import preannotate
+        from prelabel import preannotate
 
         dataset = ctx.dataset
         p = _params(ctx, c.remembered(ctx, NAME))

@@ -8,11 +8,11 @@ nothing. Only runs immediately: a delegated run has no App to open a
 panel in.
 """
 
-import fiftyone as fo
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from prelabel import constants
+from prelabel import panel_data as pdata
 
 from . import _common as c
 
@@ -27,7 +27,7 @@ def _gt_field(dataset, pred_field, eval_key):
     pre-annotation run voted with."""
     if eval_key and eval_key in dataset.list_evaluations():
         return dataset.get_evaluation_info(eval_key).config.gt_field
-    runs = (dataset.info or {}).get("prelabel_runs") or {}
+    runs = pdata.prelabel_runs(dataset)
     return (runs.get(pred_field) or {}).get("label_field")
 
 
@@ -35,7 +35,7 @@ def _pred_fields(dataset):
     """The fields prelabel pre-annotated; if none, the Classification
     fields that are not the labels of a prelabel index."""
     fields = c.classification_fields(dataset)
-    runs = (dataset.info or {}).get("prelabel_runs") or {}
+    runs = pdata.prelabel_runs(dataset)
     ours = [f for f in fields if f in runs]
     if ours:
         return ours
@@ -49,13 +49,7 @@ def _pred_fields(dataset):
 def _score_fields(dataset):
     """Float fields written by find_label_mistakes (with their
     ``<score_field>_label`` companion)."""
-    schema = dataset.get_field_schema()
-    labels = set(c.classification_fields(dataset))
-    return sorted(
-        name
-        for name, field in schema.items()
-        if isinstance(field, fo.FloatField) and f"{name}_label" in labels
-    )
+    return pdata.find_sources(dataset)["suspicious"]
 
 
 def _default_pred_field(dataset, last):
@@ -96,7 +90,7 @@ class OpenMistakesPanel(foo.Operator):
         return config
 
     def resolve_input(self, ctx):
-        from prelabel import validation
+        from prelabel.validation import check_classification_field
 
         inputs = types.Object()
         dataset = ctx.dataset
@@ -149,7 +143,7 @@ class OpenMistakesPanel(foo.Operator):
             return _form(inputs)
         ok, _ = c.run_check(
             inputs,
-            validation.check_classification_field,
+            check_classification_field,
             dataset,
             pred_field,
             "pred_field",

@@ -56,9 +56,10 @@ class SyncIndex(foo.Operator):
         )
 
     def resolve_input(self, ctx):
-        from prelabel import embeddings as pe
+        from prelabel import list_models
+        from prelabel.embeddings import check_embeddings_output
         from prelabel.indexing import check_sync_index
-        from prelabel.models import check_model_name, list_models
+        from prelabel.models import check_model_name
 
         inputs = types.Object()
         dataset = ctx.dataset
@@ -137,9 +138,9 @@ class SyncIndex(foo.Operator):
 
         # missing embeddings: offer to compute them first, in this run
         emb = p["embeddings_field"]
-        field_ok = c.run_check(
-            inputs, pe.check_embeddings_field, dataset, emb
-        )[0]
+        field_ok = c.run_check(inputs, check_embeddings_output, dataset, emb)[
+            0
+        ]
         if not field_ok:
             return _form(inputs)
         num_missing = dataset.exists(emb, False).count()
@@ -225,8 +226,7 @@ class SyncIndex(foo.Operator):
         return _form(inputs)
 
     def execute(self, ctx):
-        from prelabel.embeddings import compute_embeddings
-        from prelabel.indexing import sync_index
+        from prelabel import compute_embeddings, sync_index
 
         p = _params(ctx)
         dataset = ctx.dataset
@@ -356,7 +356,7 @@ class SyncIndex(foo.Operator):
 
 def _rebuild_input(inputs, dataset, brain_key):
     """The rebuild checkbox, with a warning when the index is damaged."""
-    from prelabel.health import check_index
+    from prelabel import check_index
 
     try:
         health = check_index(dataset, brain_key, sample_size=32)

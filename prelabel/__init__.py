@@ -26,7 +26,7 @@ confidence, and the threshold that keeps 99 % precision)::
     result.expected_coverage, result.num_accepted  # the rest: needs_review
 """
 
-from prelabel.adapt import adapt_embeddings, adapt_index
+from prelabel.adapt import adapt_embeddings, adapt_index, adapter_record
 from prelabel.constants import BACKEND_NAME, PLUGIN_NAME
 from prelabel.fields import recover
 from prelabel.health import check_index
@@ -37,6 +37,7 @@ from prelabel.mistakes import (
     high_confidence_mistakes,
     suspicious_labels,
 )
+from prelabel.neighbors import load_index
 from prelabel.orphans import delete_orphans
 from prelabel.preannotate import evaluate, preannotate
 
@@ -64,10 +65,12 @@ __all__ = [
     "PLUGIN_NAME",
     "adapt_embeddings",
     "adapt_index",
+    "adapter_record",
     "check_index",
     "compute_embeddings",
     "delete_orphans",
     "list_models",
+    "load_index",
     "load_mnist_dataset",
     "evaluate",
     "find_label_mistakes",

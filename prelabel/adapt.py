@@ -31,6 +31,10 @@ from prelabel.progress import Progress, ProgressArg, sub
 #: where the adapters of a dataset are recorded in ``dataset.info``
 INFO_KEY = records.ADAPTERS
 
+#: unlabeled samples that the label-free part of the map (centering, PCA)
+#: is fitted on, at most (a random subset beyond)
+MAX_UNLABELED_FIT = 20000
+
 
 @dataclass
 class AdaptationResult:
@@ -208,7 +212,9 @@ def adapt_embeddings(
     with staged_fields(
         dataset, {out_field: (fo.VectorField, {"info": field_info})}
     ) as tmp:
-        data = _training_data(samples, refs, embeddings_field, label_field)
+        data = _training_data(
+            samples, refs, embeddings_field, label_field, seed
+        )
         t1 = time.perf_counter()
         adapter = fit_adapter(
             data.X_ref,
@@ -270,28 +276,36 @@ class _TrainingData:
     X_other: np.ndarray | None
 
 
-def _training_data(samples, refs, embeddings_field, label_field):
-    """The references' vectors and labels, and every other embedded
-    sample's vector (for the label-free part of the map)."""
+def _training_data(samples, refs, embeddings_field, label_field, seed=0):
+    """The references' vectors and labels, and the vectors of the other
+    embedded samples (at most :data:`MAX_UNLABELED_FIT`, a random subset
+    beyond) for the label-free part of the map, so that memory does not
+    grow with the number of unlabeled samples."""
     ref_ids, ref_vecs, ref_labels = refs.values(
         ["id", embeddings_field, f"{label_field}.label"]
     )
     ref_set = set(ref_ids)
-    all_ids, all_vecs = samples.exists(embeddings_field).values(
-        ["id", embeddings_field]
-    )
-    X_ref = np.stack([np.asarray(v, dtype=np.float32) for v in ref_vecs])
-    X_other = [
-        np.asarray(v, dtype=np.float32)
-        for sid, v in zip(all_ids, all_vecs, strict=True)
+    other = [
+        sid
+        for sid in samples.exists(embeddings_field).values("id")
         if sid not in ref_set
     ]
+    if len(other) > MAX_UNLABELED_FIT:
+        pick = np.random.default_rng(seed).choice(
+            len(other), MAX_UNLABELED_FIT, replace=False
+        )
+        other = [other[i] for i in sorted(pick)]
+    X_other = None
+    if other:
+        _, X_other = neighbors.read_vectors(
+            samples._dataset, other, embeddings_field
+        )
     return _TrainingData(
         ids=ref_ids,
         labels=ref_labels,
         classes=sort_classes(ref_labels),
-        X_ref=X_ref,
-        X_other=np.stack(X_other) if X_other else None,
+        X_ref=np.stack([np.asarray(v, dtype=np.float32) for v in ref_vecs]),
+        X_other=X_other,
     )
 
 
@@ -381,7 +395,7 @@ def check_adapt_index(
     Raises:
         ValueError: one sentence saying what is wrong and what to do
     """
-    results = neighbors.resolve_index(dataset, results)
+    results = neighbors.load_index(dataset, results)
     emb_field = results.config.embeddings_field
     if adapter_record(dataset, emb_field) is not None:
         return results, None

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from prelabel import fields, records
 from prelabel.constants import DEFAULT_EMBEDDINGS_FIELD, DEFAULT_MODEL
 from prelabel.models import EmbeddingModel, check_model_name, load_model
+from prelabel.progress import Progress, ProgressArg
 from prelabel.validation import RESERVED_FIELDS
 
 logger = logging.getLogger(__name__)
@@ -47,8 +48,6 @@ FAILED_TAG = "embedding_failed"
 #: the keys of :attr:`prelabel.models.EmbeddingModel.info`: a field whose
 #: info has them all was written by prelabel (before it kept records)
 _MODEL_INFO_KEYS = frozenset({"model", "dim", "image_size", "weights"})
-
-ProgressCallback = Callable[[float, str], None]
 
 
 class EmbeddingCount(int):
@@ -164,7 +163,7 @@ def compute_embeddings(
     batch_size: int = 64,
     num_workers: int | None = None,
     skip_existing: bool = True,
-    progress: bool | ProgressCallback = True,
+    progress: ProgressArg = True,
     image_size: int | None = None,
     weights: str | None = None,
     write_every: int = DEFAULT_WRITE_EVERY,
@@ -246,7 +245,7 @@ def compute_embeddings(
     )
     check_image_collection(samples)
     dataset = samples._dataset
-    check_embeddings_field(dataset, embeddings_field)
+    check_embeddings_output(dataset, embeddings_field)
     if isinstance(model, EmbeddingModel):
         emb_model = model
     else:
@@ -462,7 +461,7 @@ def _embed(
     dataset: fo.Dataset,
     field_name: str,
     write_every: int,
-    progress: bool | ProgressCallback,
+    progress: ProgressArg,
 ) -> dict[str, tuple[str, str]]:
     """Embeds every image of ``loader`` into ``field_name``; an image that
     cannot be read gets ``None``.
@@ -473,12 +472,9 @@ def _embed(
     total = len(ids)
     paths = loader.dataset.paths
     label = f"Embedding images with {model.name}"
-    report, close = _make_reporter(progress, total, label)
-    done = 0
     pending = {}
     failures = {}
-    try:
-        report(0)
+    with Progress(progress, total, label, unit="img") as bar:
         for indices, batch, failed in loader:
             if batch is not None:
                 vectors = model.embed(batch)
@@ -490,14 +486,9 @@ def _embed(
             if len(pending) >= write_every:
                 dataset.set_values(field_name, pending, key_field="id")
                 pending = {}
-            done += len(indices) + len(failed)
-            if done < total:
-                report(done)
+            bar.update(len(indices) + len(failed))
         if pending:
             dataset.set_values(field_name, pending, key_field="id")
-        report(total)
-    finally:
-        close()
     return failures
 
 
@@ -579,7 +570,7 @@ def check_image_collection(samples: foc.SampleCollection) -> None:
         )
 
 
-def check_embeddings_field(dataset: fo.Dataset, field_name: str) -> None:
+def check_embeddings_output(dataset: fo.Dataset, field_name: str) -> None:
     """Raises a ``ValueError`` unless ``field_name`` can hold embeddings.
 
     It must be a plain top-level name that is not a built-in field and
@@ -687,27 +678,3 @@ def _check_files_exist(paths: list[str]) -> None:
             f"from the view, or pass skip_failures=True to skip them. "
             f"Nothing was written."
         )
-
-
-def _make_reporter(
-    progress: bool | ProgressCallback, total: int, label: str
-) -> tuple[Callable[[int], None], Callable[[], None]]:
-    """``(report(done), close())`` for a callable, a bar or nothing."""
-    if callable(progress):
-
-        def report(done: int) -> None:
-            progress(done / total, f"{label} ({done:,}/{total:,})")
-
-        return report, lambda: None
-
-    if not progress:
-        return (lambda done: None), (lambda: None)
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, desc=label, unit="img")
-
-    def report(done: int) -> None:
-        bar.update(done - bar.n)
-
-    return report, bar.close

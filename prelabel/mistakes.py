@@ -127,7 +127,7 @@ def check_find_label_mistakes(
         raise ValueError(
             f"method={method!r} is not supported; use one of {METHODS}"
         )
-    results = neighbors.resolve_index(samples, index, brain_key)
+    results = neighbors.load_index(samples, index, brain_key)
     check_index(samples, results, sample_size=64).raise_if_damaged()
     if results.config.label_field != label_field:
         raise ValueError(

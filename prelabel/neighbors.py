@@ -23,9 +23,18 @@ from prelabel.index.base import IndexFilter
 from prelabel.progress import Progress, ProgressArg
 
 
-def resolve_index(samples, index=None, brain_key=None):
-    """The similarity results of ``index`` (results, a brain key or None)
-    on ``samples``' dataset.
+def load_index(samples, index=None, brain_key=None):
+    """The prelabel similarity results that ``index`` names, on
+    ``samples``' dataset.
+
+    Args:
+        samples: a dataset or view
+        index (None): the results of :func:`prelabel.sync_index`, or a
+            brain key; default ``brain_key`` or ``"prelabel_qdrant"``
+        brain_key (None): the brain key, when ``index`` is not given
+
+    Returns:
+        a :class:`prelabel.index.brain.PrelabelQdrantSimilarityIndex`
 
     Raises:
         ValueError: no such prelabel run, or the index of another dataset

@@ -200,8 +200,8 @@ class Coverage:
 
 
 def prelabel_runs(dataset) -> dict:
-    """``dataset.info["prelabel_runs"]``: pre-label field -> run info."""
-    return dict((dataset.info or {}).get("prelabel_runs") or {})
+    """The run records of the pre-label fields: field -> run info."""
+    return records.read(dataset, records.RUNS)
 
 
 def eval_keys_for(dataset, pred_field: str) -> list[str]:

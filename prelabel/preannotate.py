@@ -169,7 +169,7 @@ def check_preannotate(
     if eval_key is not None:
         validation.check_identifier(eval_key, "eval_key")
     check_options(mode, calibrate, target_precision, propagate)
-    results = neighbors.resolve_index(targets, index, brain_key)
+    results = neighbors.load_index(targets, index, brain_key)
     check_index(targets, results, sample_size=64).raise_if_damaged()
     config = results.config
     if config.label_field != label_field:

@@ -21,6 +21,7 @@ class Progress:
         label: what is being done
         start (0.0), span (1.0): map this stage into a part of a larger job
             when ``progress`` is a callable
+        unit ("sample"): what a step is, for the bar
     """
 
     def __init__(
@@ -30,6 +31,7 @@ class Progress:
         label: str,
         start: float = 0.0,
         span: float = 1.0,
+        unit: str = "sample",
     ):
         self.total = max(int(total), 0)
         self.label = label
@@ -40,7 +42,7 @@ class Progress:
         if progress is True:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=self.total, desc=label, unit="sample")
+            self._bar = tqdm(total=self.total, desc=label, unit=unit)
         self._report()
 
     def update(self, n: int) -> None:
@@ -53,7 +55,9 @@ class Progress:
         if self._callback is not None:
             fraction = self.done / self.total if self.total else 1.0
             self._callback(
-                self._start + self._span * min(fraction, 1.0), self.label
+                self._start + self._span * min(fraction, 1.0),
+                f"{self.label} ({min(self.done, self.total):,}/"
+                f"{self.total:,})",
             )
 
     def close(self) -> None:
