@@ -144,7 +144,9 @@ def child_run() -> dict:
         "base_anon": base["anon"],
         "peak_anon": anon.peak,
         "num_targets": res.num_targets,
-        "accuracy": float(np.mean([t == p for t, p in zip(truth, pred)])),
+        "accuracy": float(
+            np.mean([t == p for t, p in zip(truth, pred, strict=True)])
+        ),
         "coverage": res.coverage,
         "accepted_precision": float(np.mean(right)) if right else None,
     }
@@ -177,7 +179,9 @@ def run(quick: bool) -> dict:
     for n in sizes(quick):
         print(f"  {n:,} targets")
         results[n] = measure(n)
-        for name, r in zip(("first call", "again"), results[n]["runs"]):
+        for name, r in zip(
+            ("first call", "again"), results[n]["runs"], strict=True
+        ):
             rows.append(
                 [
                     f"{n:,}",
