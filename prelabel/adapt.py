@@ -25,6 +25,7 @@ import numpy as np
 from prelabel import constants, neighbors, records, validation
 from prelabel.core.adapter import Adapter, cross_fitted_proba, fit_adapter
 from prelabel.core.voting import sort_classes
+from prelabel.deprecation import moved
 from prelabel.fields import check_output_field, staged_fields
 from prelabel.progress import Progress, ProgressArg, sub
 
@@ -500,3 +501,23 @@ def delete_adapters(dataset, out_field: str | None = None) -> int:
     if set(os.listdir(folder)) <= {"owner.json"}:
         shutil.rmtree(folder, ignore_errors=True)
     return len(done)
+
+
+# names that lived here before the numbers moved to prelabel.core
+__getattr__ = moved(
+    __name__,
+    {
+        **{
+            name: "prelabel.core.adapter"
+            for name in (
+                "stratified_folds",
+                "Head",
+                "train_head",
+                "cross_fitted_neighbors",
+                "label_error_scores",
+            )
+        },
+        "fit_features": "prelabel.core.vectors",
+        "reference_view": "prelabel.neighbors",
+    },
+)

@@ -27,6 +27,7 @@ import numpy as np
 from prelabel import adapt, constants, neighbors, records, scorers, validation
 from prelabel.core import calibration
 from prelabel.core.voting import logits, winners
+from prelabel.deprecation import moved
 from prelabel.fields import CLASSIFICATION, check_output_field, staged_fields
 from prelabel.health import check_index
 from prelabel.progress import ProgressArg
@@ -714,3 +715,13 @@ def run_record(
         "reference": neighbors.describe_reference(reference),
         **(extra or {}),
     }
+
+
+# names that lived here before the neighbor loop had a module of its own
+__getattr__ = moved(
+    __name__,
+    {
+        "resolve_index": "prelabel.neighbors:load_index",
+        "reference_filter": "prelabel.neighbors",
+    },
+)

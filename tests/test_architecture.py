@@ -223,3 +223,37 @@ def test_the_plugin_imports_only_the_public_api_and_checks(path):
             assert name.startswith(
                 "check_"
             ), f"{path} imports {name} from {module}"
+
+
+@pytest.mark.parametrize(
+    "old, name, new",
+    [
+        ("prelabel.knn", "vote", "prelabel.core.voting.vote"),
+        (
+            "prelabel.calibration",
+            "calibrate",
+            "prelabel.core.calibration.calibrate",
+        ),
+        (
+            "prelabel.propagate",
+            "knn_graph",
+            "prelabel.core.vectors.exact_neighbors",
+        ),
+        ("prelabel.scored", "adapt_index", "prelabel.adapt.adapt_index"),
+        ("prelabel.sync", "sync_points", "prelabel.index.sync.sync_points"),
+        ("prelabel.adapt", "train_head", "prelabel.core.adapter.train_head"),
+        (
+            "prelabel.preannotate",
+            "resolve_index",
+            "prelabel.neighbors.load_index",
+        ),
+    ],
+)
+def test_moved_names_still_import_with_a_warning(old, name, new):
+    import importlib
+
+    module, attr = new.rsplit(".", 1)
+    want = getattr(importlib.import_module(module), attr)
+    with pytest.warns(DeprecationWarning, match=f"{name} moved to {new}"):
+        got = getattr(importlib.import_module(old), name)
+    assert got is want
