@@ -122,7 +122,7 @@ def sync_index(
     metric: str = "cosine",
     progress: ProgressArg = True,
     rebuild: bool = False,
-    verify: bool = True,
+    verify: bool | str = "sample",
     batch_size: int = 2000,
     **index_kwargs,
 ) -> PrelabelQdrantSimilarityIndex:
@@ -151,8 +151,10 @@ def sync_index(
         rebuild (False): delete the run's index and build it again from
             the dataset, whatever state it is in (the way out of a damaged
             index)
-        verify (True): read back every vector the sync would leave
-            unchanged and repair those that differ from the dataset
+        verify ("sample"): read back the stored vectors of a random
+            sample of the points the sync leaves in place (every one as
+            soon as one differs from the dataset, or with ``True``) and
+            repair those that differ; ``False`` reads none back
         batch_size (2000): points read and written at a time
         **index_kwargs: other
             :class:`prelabel.index.brain.PrelabelQdrantSimilarityConfig`

@@ -311,12 +311,24 @@ def _vector_file(index_path):
     )
 
 
-def test_random_bytes_in_the_vector_file_are_found_and_repaired(digits):
+@pytest.mark.parametrize("sample", [None, 20])
+def test_random_bytes_in_the_vector_file_are_found_and_repaired(
+    digits, monkeypatch, sample
+):
+    """``sample=20``: the sync reads back only 20 random vectors of the
+    300, finds damage among them (64 KB of random bytes hit most of the
+    points: missing all of them has a chance under 1e-15) and then checks
+    and repairs every point."""
+    if sample:
+        import prelabel.index.sync as pis
+
+        monkeypatch.setattr(pis, "VERIFY_SAMPLE", sample)
     results = prelabel.sync_index(digits, brain_key="k", progress=False)
     _preannotate(digits, pred_field="before")
+    size = 64 * 1024 if sample else 4096
     with open(_vector_file(results.config.path), "r+b") as f:
         f.seek(1024)
-        f.write(np.random.default_rng(0).bytes(4096))
+        f.write(np.random.default_rng(0).bytes(size))
 
     health = prelabel.check_index(digits, "k")
     assert not health.ok and "no longer hold" in health.problems[0]

@@ -297,7 +297,7 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex):
         return self.index.count()
 
     def sync(
-        self, samples=None, progress=True, batch_size=2000, verify=True
+        self, samples=None, progress=True, batch_size=2000, verify="sample"
     ) -> SyncStats:
         """Brings the index (which must exist) up to date with ``samples``
         (default: the dataset): new and changed embeddings and labels are

@@ -8,11 +8,12 @@ points of samples that are gone are deleted. Point ids derive from sample
 ids, so a sync killed half way leaves no duplicates, and the next sync
 finishes the job.
 
-It also checks what it keeps: the vector stored for every point it would
-leave unchanged is read back and compared with the sample's embedding, and
-every payload with its own digest, so a damaged file (a point whose bytes
-changed on disk) is found and repaired instead of being reported as "in
-sync".
+It also checks what it keeps: every payload against its own digest, and
+the stored vectors of a random sample of the points it would leave
+unchanged (all of them with ``verify=True``, or as soon as one of the
+sample differs) against the samples' embeddings, so a damaged file (a
+point whose bytes changed on disk) is found and repaired instead of being
+reported as "in sync".
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ logger = logging.getLogger(__name__)
 #: stored vectors may differ from the sample's (normalized) embedding by
 #: this much before the point counts as damaged
 VECTOR_TOLERANCE = 1e-3
+
+#: how many stored vectors a sync reads back by default (a random sample;
+#: all of them when one differs, or when the index is not larger)
+VERIFY_SAMPLE = 2000
 
 
 @dataclass
@@ -261,8 +266,10 @@ class _Chunk:
 
 
 def _plan_chunk(
-    values, current, stats, seen, dim, embeddings_field, verify
+    values, current, stats, seen, dim, embeddings_field, checked
 ) -> _Chunk:
+    """What a chunk sends; ``checked(sid)`` says whether a point left in
+    place has its stored vector read back."""
     chunk = _Chunk()
     for sid, vec, label, tag_list in zip(*values, strict=True):
         if vec is None:
@@ -286,11 +293,11 @@ def _plan_chunk(
             stats.updated_payloads += 1
             key = (label, tuple(payload[base.TAGS]))
             chunk.meta_changes.setdefault(key, []).append(sid)
-            if verify:
+            if checked(sid):
                 chunk.keep(sid, vec, payload, unchanged=False)
         else:
             stats.unchanged += 1
-            if verify:
+            if checked(sid):
                 chunk.keep(sid, vec, payload, unchanged=True)
     return chunk
 
@@ -328,6 +335,25 @@ def _verify_chunk(index, chunk: _Chunk, stats: SyncStats, metric: str):
         )
 
 
+def _checked(current: dict, verify):
+    """Whether a point's stored vector is read back (see
+    :func:`sync_points`)."""
+    if verify is True or (
+        verify == "sample" and len(current) <= VERIFY_SAMPLE
+    ):
+        return lambda sid: True
+    if verify == "sample":
+        ids = list(current)
+        pick = np.random.default_rng().choice(
+            len(ids), VERIFY_SAMPLE, replace=False
+        )
+        sample = {ids[i] for i in pick}
+        return sample.__contains__
+    if verify is False:
+        return lambda sid: False
+    raise ValueError(f"verify must be True, False or 'sample'; got {verify!r}")
+
+
 def _apply_chunk(index, chunk: _Chunk) -> None:
     if chunk.up_ids:
         index.upsert(chunk.up_ids, np.stack(chunk.up_vecs), chunk.up_payloads)
@@ -350,7 +376,7 @@ def sync_points(
     dim: int | None = None,
     batch_size: int = 2000,
     progress: ProgressArg = True,
-    verify: bool = True,
+    verify: bool | str = "sample",
 ) -> SyncStats:
     """Brings ``index`` up to date with ``samples``.
 
@@ -363,8 +389,10 @@ def sync_points(
             creates the index if it does not exist
         batch_size (2000): points per write
         progress (True): a bar, nothing, or ``progress(fraction, label)``
-        verify (True): read back the stored vector of every point left
-            unchanged and repair those that differ (a damaged file)
+        verify ("sample"): which stored vectors to read back and compare
+            with the embeddings (a point that differs is written again):
+            ``"sample"`` a random :data:`VERIFY_SAMPLE` of them, and every
+            one as soon as one differs; ``True`` every one; ``False`` none
 
     Returns:
         a :class:`SyncStats`
@@ -381,6 +409,7 @@ def sync_points(
     t0 = time.perf_counter()
     current = _read_current(index)
     stats.seconds["read_index"] = time.perf_counter() - t0
+    checked = _checked(current, verify)
 
     dataset = samples._dataset
     all_ids = samples.values("id")
@@ -396,7 +425,7 @@ def sync_points(
             ids = all_ids[start : start + batch_size]
             values = read_chunk(dataset, ids, embeddings_field, label_field)
             chunk = _plan_chunk(
-                values, current, stats, seen, dim, embeddings_field, verify
+                values, current, stats, seen, dim, embeddings_field, checked
             )
             _verify_chunk(index, chunk, stats, metric)
             _apply_chunk(index, chunk)
@@ -408,6 +437,23 @@ def sync_points(
         index.delete(stale[start : start + batch_size])
     stats.deleted = len(stale)
 
+    if stats.repaired and verify == "sample" and len(current) > VERIFY_SAMPLE:
+        logger.warning(
+            "%s: damaged points in a sample; checking every point",
+            index.name,
+        )
+        again = sync_points(
+            index,
+            samples,
+            embeddings_field,
+            label_field,
+            dim,
+            batch_size,
+            progress=False,
+            verify=True,
+        )
+        stats.repaired += again.repaired
+        stats.unchanged -= again.repaired
     t2 = time.perf_counter()
     if stats.added or stats.updated_vectors or stats.deleted or stats.repaired:
         index.optimize()
