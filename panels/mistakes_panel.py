@@ -276,7 +276,7 @@ class MistakesPanel(Panel):
         state = ctx.panel.state
         sources = pdata.find_sources(dataset)
         mode = state.mode
-        if mode not in pdata.MODES:
+        if mode not in pdata.REVIEWS:
             mode = "prelabel" if sources["prelabel"] else "suspicious"
         updates = {
             "sources": sources,
@@ -523,11 +523,11 @@ class MistakesPanel(Panel):
 
     def _render_header(self, panel, state, mode):
         tabs = types.TabsView()
-        for value, label in pdata.MODES.items():
+        for value, label in pdata.REVIEWS.items():
             tabs.add_choice(value, label=label)
         panel.enum(
             "mode",
-            list(pdata.MODES),
+            list(pdata.REVIEWS),
             default=mode,
             view=tabs,
             on_change=self.on_change_mode,

@@ -30,11 +30,13 @@ from fiftyone import ViewField as F
 from prelabel import constants, records, validation
 from prelabel.core.calibration import precision_curve
 from prelabel.core.voting import natural_key
+from prelabel.deprecation import moved
 from prelabel.fields import check_output_field
 from prelabel.mistakes import high_confidence_mistakes, suspicious_labels
 
-#: the two review modes and what the panel calls them
-MODES = {
+#: what the panel reviews (its two modes) and what it calls them; not to
+#: be confused with ``constants.MODES``, how pre-annotation scores
+REVIEWS = {
     "prelabel": "Pre-label mistakes",
     "suspicious": "Suspicious labels",
 }
@@ -275,8 +277,8 @@ def make_source(
     Raises:
         ValueError: an unknown mode, or a field given that cannot be read
     """
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r} is not one of {list(MODES)}")
+    if mode not in REVIEWS:
+        raise ValueError(f"mode={mode!r} is not one of {list(REVIEWS)}")
     sources = find_sources(dataset)
     if mode == "prelabel":
         fields = sources["prelabel"]
@@ -730,3 +732,7 @@ def accept_labels(view, source: Source, field: str) -> int:
         )
     dataset.set_values(field, values, key_field="id")
     return len(values)
+
+
+# the review modes' old name, before pre-annotation's modes took it
+__getattr__ = moved(__name__, {"MODES": "prelabel.panel_data:REVIEWS"})

@@ -241,6 +241,34 @@ def test_a_clone_whose_original_index_is_gone_is_synced_anew(digits):
         clone.delete()
 
 
+def test_a_clone_of_a_server_run_gets_its_own_collection(digits, monkeypatch):
+    """The same on the server path, with one in-memory qdrant-client
+    standing in for the server."""
+    from qdrant_client import QdrantClient
+
+    import prelabel.index.server as pis
+
+    shared = QdrantClient(location=":memory:")
+    monkeypatch.setattr(pis, "connect", lambda url=None, **kw: shared)
+    url = "http://qdrant.invalid:6333"
+    original = prelabel.sync_index(
+        digits, brain_key="k", url=url, progress=False
+    )
+    name = original.config.collection_name
+    meta = shared.get_collection(name).config.metadata["prelabel"]
+    assert meta["dataset_id"] == str(digits._doc.id)
+    clone = digits.clone()
+    try:
+        mine = clone.load_brain_results("k", url=url)
+        assert mine.config.collection_name != name
+        assert mine.total_index_size == len(clone)
+        clone.delete_brain_run("k")
+        assert not shared.collection_exists(mine.config.collection_name)
+        assert shared.count(name).count == len(digits)
+    finally:
+        clone.delete()
+
+
 # ---- 3. human labels in other fields -------------------------------------
 
 

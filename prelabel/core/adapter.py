@@ -466,10 +466,6 @@ def cross_fitted_neighbors(
     return idx, sims
 
 
-# --------------------------------------------------------------------------
-# FiftyOne glue
-
-
 def label_error_scores(
     X: np.ndarray,
     y: np.ndarray,

@@ -10,6 +10,7 @@ API in-process, which is how the tests exercise this module.
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -246,17 +247,8 @@ class ServerIndex(VectorIndex):
         Returns:
             the :class:`ServerIndex` of the copy
         """
-        target = ServerIndex(
-            self.client,
-            collection_name,
-            metric=self.metric,
-            shard_number=self.shard_number,
-            replication_factor=self.replication_factor,
-            write_consistency_factor=self.write_consistency_factor,
-            hnsw_config=self.hnsw_config,
-            quantization=self.quantization,
-            url=self.url,
-        )
+        target = copy.copy(self)  # the same client and settings
+        target.collection_name, target._dim = collection_name, None
         meta = dict(self.meta or {})
         meta.update(meta_changes)
         meta.pop("dim", None)
