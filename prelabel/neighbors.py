@@ -20,6 +20,7 @@ import numpy as np
 from prelabel import constants, validation
 from prelabel.core.voting import sort_classes
 from prelabel.index.base import IndexFilter
+from prelabel.index.locking import Lease
 from prelabel.progress import Progress, ProgressArg
 
 
@@ -235,9 +236,15 @@ def stream(
     label: str = "Querying neighbors",
 ) -> Iterator[Neighbors]:
     """:func:`query` over ``ids`` in chunks of ``batch_size``: the one
-    loop that reads vectors and queries the index."""
-    with Progress(progress, len(ids), label) as bar:
+    loop that reads vectors and queries the index. An embedded index stays
+    open across chunks, given back to other processes every few seconds
+    (see :class:`prelabel.index.locking.Lease`)."""
+    with (
+        Progress(progress, len(ids), label) as bar,
+        Lease(results.index) as lease,
+    ):
         for start in range(0, len(ids), batch_size):
+            lease.tick()
             chunk = ids[start : start + batch_size]
             yield query(results, dataset, chunk, field, k, flt)
             bar.update(len(chunk))

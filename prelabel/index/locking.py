@@ -186,3 +186,66 @@ class FolderLock:
             f"{self.timeout:.0f} s; wait for it to finish, or raise "
             "PRELABEL_LOCK_TIMEOUT"
         )
+
+
+class Lease:
+    """Keeps an embedded index open across the chunks of a long job (a
+    sync, a stream of queries), and gives it back to other processes every
+    few seconds. An index without sessions (a server) needs none: the
+    lease does nothing.
+
+    Loading a shard costs more as it grows, so opening it per chunk makes a
+    big sync quadratic; holding it for the whole job would make the App wait
+    for minutes. Releasing it briefly every couple of seconds lets a waiting
+    process (which polls at least every 0.1 s) take its turn. The lease
+    lasts ``overhead`` times what the last reopening cost (within
+    ``hold`` and ``max_hold``, well under the waiters' lock timeout), so
+    that reopening a big shard takes about ``1 / overhead`` of the job.
+    """
+
+    def __init__(
+        self,
+        index,
+        hold: float = 2.0,
+        pause: float = 0.15,
+        overhead: float = 10.0,
+        max_hold: float = 30.0,
+    ):
+        self._session = getattr(index, "session", None)
+        self._hold, self._pause, self._overhead = hold, pause, overhead
+        self._max_hold = max_hold
+        self._cm = None
+        self._since = 0.0
+        self._lease = hold
+
+    def _open(self):
+        if self._session is not None:
+            t0 = time.monotonic()
+            self._cm = self._session()
+            self._cm.__enter__()
+            self._since = time.monotonic()
+            cost = self._since - t0 + self._pause
+            self._lease = min(
+                max(self._hold, self._overhead * cost), self._max_hold
+            )
+
+    def _close(self, *exc):
+        if self._cm is not None:
+            cm, self._cm = self._cm, None
+            cm.__exit__(*(exc or (None, None, None)))
+
+    def tick(self) -> None:
+        if (
+            self._cm is not None
+            and time.monotonic() - self._since > self._lease
+        ):
+            self._close()
+            time.sleep(self._pause)
+            self._open()
+
+    def __enter__(self):
+        self._open()
+        return self
+
+    def __exit__(self, *exc):
+        self._close(*exc)
