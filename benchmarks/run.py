@@ -35,6 +35,11 @@ BENCHMARKS = [
     ("embeddings", "embeddings_throughput", "embeddings throughput"),
     ("scale", "scale", "the embedded index from 30k to 300k points"),
     ("memory", "memory", "peak memory of the whole pipeline"),
+    (
+        "memory-stream",
+        "memory_stream",
+        "peak memory of the one-click setting, 20k and 200k targets",
+    ),
     ("panel", "panel", "mistakes panel response times"),
 ]
 
