@@ -368,7 +368,9 @@ def fit_adapter(
     )
     Z = adapter.features(X_ref)
     which = stratified_folds(y, folds, seed)
-    with Progress(progress, folds, "Learning adapted embeddings") as bar:
+    with Progress(
+        progress, folds, "Learning adapted embeddings", unit="head"
+    ) as bar:
         for f in range(folds):
             train = which != f
             adapter.heads.append(
