@@ -19,6 +19,7 @@ start, and refuse a damaged index with the sentence that says what to do.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -200,12 +201,13 @@ def _check_structure(index, config, health: IndexHealth) -> None:
 
 def _check_points(index, embedded, emb_field, health, sample_size, seed):
     """Compares stored vectors and payloads with the dataset."""
-    ids = embedded.values("id")
-    if sample_size is not None and len(ids) > max(
+    if sample_size is not None and health.num_embedded > max(
         sample_size, CHECK_ALL_BELOW
     ):
-        rng = np.random.default_rng(seed)
-        ids = [ids[i] for i in rng.choice(len(ids), sample_size, False)]
+        # drawn by MongoDB: the ids of a big dataset are never all read
+        ids = embedded.take(sample_size, seed=seed).values("id")
+    else:
+        ids = embedded.values("id")
     metric = getattr(index, "metric", "cosine")
     dataset = embedded._dataset
     damaged = missing = changed = 0
@@ -266,7 +268,8 @@ def _check_self_queries(index, health, seed, n: int = 16) -> None:
     """A stored vector's nearest point is itself (or an equal vector)."""
     if not health.num_points:
         return
-    ids = [sid for sid, _ in index.iter_payloads([], batch_size=256)][:256]
+    first = itertools.islice(index.iter_payloads([], batch_size=256), 256)
+    ids = [sid for sid, _ in first]
     rng = np.random.default_rng(seed)
     pick = [ids[i] for i in rng.choice(len(ids), min(n, len(ids)), False)]
     found, vectors = index.get_vectors(pick)

@@ -170,20 +170,45 @@ _CURRENT_KEYS = [
 ]
 
 
-def _read_current(index: VectorIndex) -> dict:
-    """``sample id -> (vector digest, payload digest, payload intact)``
-    of every point."""
-    current = {}
-    for sid, p in index.iter_payloads(_CURRENT_KEYS):
-        intact = p.get(base.SAMPLE_ID) == sid and p.get(
-            base.PAYLOAD_DIGEST
-        ) == base.payload_digest(p.get(base.LABEL), p.get(base.TAGS) or ())
-        current[sid] = (
-            p.get(base.VECTOR_DIGEST),
-            p.get(base.PAYLOAD_DIGEST),
-            intact,
-        )
-    return current
+def _summary(sid: str, p: dict) -> tuple:
+    """``(vector digest, payload digest, payload intact)`` of a point."""
+    intact = p.get(base.SAMPLE_ID) == sid and p.get(
+        base.PAYLOAD_DIGEST
+    ) == base.payload_digest(p.get(base.LABEL), p.get(base.TAGS) or ())
+    return p.get(base.VECTOR_DIGEST), p.get(base.PAYLOAD_DIGEST), intact
+
+
+class _PointStream:
+    """The index's points in sample-id order (the order of their point
+    ids, which derive from sample ids), read a batch at a time: the sync
+    walks it beside the dataset's sorted ids, so neither side is held in
+    memory whole."""
+
+    def __init__(self, index: VectorIndex):
+        self._it = iter(index.iter_payloads(_CURRENT_KEYS))
+        self._next = next(self._it, None)
+
+    def until(self, last: str, wanted: set) -> tuple[dict, list[str]]:
+        """The points up to sample id ``last``: ``(summaries of those in
+        wanted, ids of the others)`` (the others are stale: the dataset's
+        ids are walked in order too)."""
+        current, stale = {}, []
+        while self._next is not None and self._next[0] <= last:
+            sid, p = self._next
+            if sid in wanted:
+                current[sid] = _summary(sid, p)
+            else:
+                stale.append(sid)
+            self._next = next(self._it, None)
+        return current, stale
+
+    def rest(self) -> list[str]:
+        """The ids of the points after the dataset's last id (stale)."""
+        out = []
+        while self._next is not None:
+            out.append(self._next[0])
+            self._next = next(self._it, None)
+        return out
 
 
 class _Chunk:
@@ -193,6 +218,7 @@ class _Chunk:
         self.up_ids, self.up_vecs, self.up_payloads = [], [], []
         self.meta_changes: dict[tuple, list[str]] = {}
         self.keep_ids, self.keep_vecs = [], []
+        self.stale: list[str] = []
 
     def upsert(self, sid, vec, payload):
         self.up_ids.append(sid)
@@ -206,7 +232,7 @@ class _Chunk:
 
 
 def _plan_chunk(
-    values, current, stats, seen, dim, embeddings_field, checked
+    values, current, stats, dim, embeddings_field, checked
 ) -> _Chunk:
     """What a chunk sends; ``checked(sid)`` says whether a point left in
     place has its stored vector read back."""
@@ -214,9 +240,10 @@ def _plan_chunk(
     for sid, vec, label, tag_list in zip(*values, strict=True):
         if vec is None:
             stats.skipped += 1
+            if sid in current:
+                chunk.stale.append(sid)  # lost its embedding
             continue
         vec = check_vector(vec, sid, embeddings_field, dim)
-        seen.add(sid)
         vd = base.vector_digest(vec)
         payload = base.make_payload(sid, label, tag_list, vd)
         old = current.get(sid)
@@ -275,15 +302,12 @@ def _verify_chunk(index, chunk: _Chunk, stats: SyncStats, metric: str):
         )
 
 
-def _checked(current: dict, verify):
+def _checked(ids: list, verify):
     """Whether a point's stored vector is read back (see
     :func:`sync_points`)."""
-    if verify is True or (
-        verify == "sample" and len(current) <= VERIFY_SAMPLE
-    ):
+    if verify is True or (verify == "sample" and len(ids) <= VERIFY_SAMPLE):
         return lambda sid: True
     if verify == "sample":
-        ids = list(current)
         pick = np.random.default_rng().choice(
             len(ids), VERIFY_SAMPLE, replace=False
         )
@@ -292,6 +316,14 @@ def _checked(current: dict, verify):
     if verify is False:
         return lambda sid: False
     raise ValueError(f"verify must be True, False or 'sample'; got {verify!r}")
+
+
+def _delete(index, stale: list[str], stats: SyncStats) -> None:
+    """Deletes the points of samples that are gone (or lost their
+    embedding)."""
+    for start in range(0, len(stale), 10000):
+        index.delete(stale[start : start + 10000])
+    stats.deleted += len(stale)
 
 
 def _apply_chunk(index, chunk: _Chunk) -> None:
@@ -347,37 +379,33 @@ def sync_points(
             index.create(dim)
     stats = SyncStats()
     t0 = time.perf_counter()
-    current = _read_current(index)
-    stats.seconds["read_index"] = time.perf_counter() - t0
-    checked = _checked(current, verify)
-
+    # both sides in sample-id order: a merge, chunk by chunk, never a map
+    # of every point in memory
+    all_ids = sorted(samples.values("id"))
+    checked = _checked(all_ids, verify)
     dataset = samples._dataset
-    all_ids = samples.values("id")
-    seen: set[str] = set()
     metric = getattr(index, "metric", "cosine")
-    t1 = time.perf_counter()
     with (
         Progress(progress, len(all_ids), "Syncing index") as bar,
         Lease(index) as lease,
     ):
+        points = _PointStream(index)
         for start in range(0, len(all_ids), batch_size):
             lease.tick()
             ids = all_ids[start : start + batch_size]
+            current, stale = points.until(ids[-1], set(ids))
             values = read_chunk(dataset, ids, embeddings_field, label_field)
             chunk = _plan_chunk(
-                values, current, stats, seen, dim, embeddings_field, checked
+                values, current, stats, dim, embeddings_field, checked
             )
             _verify_chunk(index, chunk, stats, metric)
             _apply_chunk(index, chunk)
+            _delete(index, stale + chunk.stale, stats)
             bar.update(len(ids))
-    stats.seconds["write"] = time.perf_counter() - t1
+        _delete(index, points.rest(), stats)
+    stats.seconds["write"] = time.perf_counter() - t0
 
-    stale = [sid for sid in current if sid not in seen]
-    for start in range(0, len(stale), batch_size):
-        index.delete(stale[start : start + batch_size])
-    stats.deleted = len(stale)
-
-    if stats.repaired and verify == "sample" and len(current) > VERIFY_SAMPLE:
+    if stats.repaired and verify == "sample" and len(all_ids) > VERIFY_SAMPLE:
         logger.warning(
             "%s: damaged points in a sample; checking every point",
             index.name,
