@@ -245,6 +245,12 @@ def run(quick: bool) -> dict:
         f"{fmt_mb(d_first)} MB: it also learns the adapter and writes, "
         "syncs and builds the graph of an index of every target's "
         "adapted vector.",
+        f"Where the time goes at {big:,} targets (again): "
+        + ", ".join(
+            f"{k} {fmt_s(v)} s"
+            for k, v in results[big]["runs"][1]["stages"].items()
+        )
+        + ".",
     ]
     desc = (
         'Peak resident memory of `preannotate(mode="adapted", '
