@@ -41,7 +41,7 @@ def unit(x):
 
 def payloads(ids, vectors, labels, tags):
     return [
-        base.make_payload(s, lbl, t, base.vector_digest(v))
+        base.make_payload(s, lbl, t, v)
         for s, v, lbl, t in zip(ids, vectors, labels, tags, strict=True)
     ]
 

@@ -10,7 +10,9 @@ A point is a FiftyOne sample: its Qdrant id is derived from the sample id the
 same way FiftyOne's own Qdrant backend does it (the 24 hex digits plus eight
 zeros, read as a UUID), so the mapping needs no lookup table. Its payload
 holds ``sample_id``, ``label`` (the reference label or ``None``), ``tags``,
-and two digests that let a sync skip what did not change.
+two digests that let a sync skip what did not change, and ``norm``, the
+length of the vector as given (a cosine index keeps unit vectors; the norm
+gives back what was added).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ LABEL = "label"
 TAGS = "tags"
 VECTOR_DIGEST = "vdigest"
 PAYLOAD_DIGEST = "pdigest"
+NORM = "norm"
 
 METRICS = ("cosine", "dotproduct", "euclidean")
 
@@ -56,16 +59,22 @@ def payload_digest(label: str | None, tags: Sequence[str]) -> str:
 
 
 def make_payload(
-    sample_id: str, label: str | None, tags: Sequence[str], vdigest: str
+    sample_id: str,
+    label: str | None,
+    tags: Sequence[str],
+    vector: np.ndarray,
 ) -> dict:
-    """The payload stored with a sample's point."""
+    """The payload stored with a sample's point whose vector (as given,
+    before any normalization) is ``vector``."""
     tags = sorted(tags or ())
+    vector = np.asarray(vector, dtype=np.float32)
     return {
         SAMPLE_ID: sample_id,
         LABEL: label,
         TAGS: tags,
-        VECTOR_DIGEST: vdigest,
+        VECTOR_DIGEST: vector_digest(vector),
         PAYLOAD_DIGEST: payload_digest(label, tags),
+        NORM: float(np.linalg.norm(vector)),
     }
 
 
@@ -194,14 +203,35 @@ class VectorIndex(abc.ABC):
         ``filter``), with only ``keys`` of the payload."""
 
     @abc.abstractmethod
+    def retrieve(
+        self, sample_ids: Sequence[str], keys: Sequence[str] = ()
+    ) -> tuple[list[str], np.ndarray, list[dict]]:
+        """The stored vectors and payloads (only ``keys``) of the given
+        samples that are in the index, in the order asked.
+
+        Returns:
+            a tuple of (found sample ids, float32 array of their vectors,
+            their payloads)
+        """
+
     def get_vectors(
         self, sample_ids: Sequence[str]
     ) -> tuple[list[str], np.ndarray]:
-        """The vectors of the given samples that are in the index.
+        """The stored vectors of the given samples that are in the index
+        (unit length in a cosine index).
 
         Returns:
             a tuple of (found sample ids, float32 array of their vectors)
         """
+        found, vectors, _ = self.retrieve(sample_ids)
+        return found, vectors
+
+    @abc.abstractmethod
+    def iter_vectors(
+        self, filter: IndexFilter | None = None, batch_size: int = 4096
+    ) -> Iterator[tuple[list[str], np.ndarray]]:
+        """Yields ``(sample ids, stored vectors)`` batches of every point
+        (matching ``filter``), in the index's order."""
 
     @abc.abstractmethod
     def query(

@@ -18,9 +18,11 @@ import logging
 import os
 
 import fiftyone.brain as fob
+import fiftyone.brain.internal.core.utils as fbu
 import fiftyone.core.utils as fou
 import numpy as np
 from fiftyone.brain.similarity import (
+    DuplicatesMixin,
     Similarity,
     SimilarityConfig,
     SimilarityIndex,
@@ -36,6 +38,13 @@ logger = logging.getLogger(__name__)
 #: a view up to this size is sent as an id filter; larger ones are
 #: post-filtered locally from an oversampled query
 MAX_ID_FILTER = 2000
+
+#: neighbors asked first for a radius query; four times more while the
+#: farthest returned still lies within the radius
+RADIUS_START = 16
+
+#: points queried at once when computing every point's neighbors
+GRAPH_BATCH = 256
 
 _CREDENTIALS = ("url", "api_key", "prefer_grpc", "grpc_port")
 
@@ -135,7 +144,7 @@ class PrelabelQdrantSimilarityConfig(SimilarityConfig):
 
     @property
     def supports_least_similarity(self):
-        return False
+        return True
 
     @property
     def supported_aggregations(self):
@@ -230,7 +239,7 @@ class PrelabelQdrantSimilarity(Similarity):
         return results
 
 
-class PrelabelQdrantSimilarityIndex(SimilarityIndex):
+class PrelabelQdrantSimilarityIndex(SimilarityIndex, DuplicatesMixin):
     """A FiftyOne similarity index backed by a prelabel vector index.
 
     Args:
@@ -242,7 +251,12 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex):
 
     def __init__(self, samples, config, brain_key, backend=None):
         self._index: VectorIndex | None = None
-        super().__init__(samples, config, brain_key, backend=backend)
+        self._ids = None
+        self._graph = None
+        SimilarityIndex.__init__(
+            self, samples, config, brain_key, backend=backend
+        )
+        DuplicatesMixin.__init__(self)
         if brain_key is not None and config.index_id is not None:
             if ownership.is_foreign_run(config, samples._root_dataset):
                 ownership.rehome_clone(self)
@@ -323,6 +337,28 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex):
         self.reload()
         return stats
 
+    # ---- what the index holds -------------------------------------------
+
+    @property
+    def sample_ids(self):
+        """The ids of the samples in the index (read from the index once,
+        and again after :meth:`reload`)."""
+        if self._ids is None:
+            self._ids = np.array(
+                [sid for sid, _ in self.index.iter_payloads([])],
+                dtype=object,
+            )
+        return self._ids
+
+    @property
+    def label_ids(self):
+        return None
+
+    def reload(self):
+        self._ids = None
+        self._graph = None
+        super().reload()
+
     # ---- the SimilarityIndex contract ----------------------------------
 
     def add_to_index(
@@ -342,7 +378,12 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex):
                 "use FiftyOne's sklearn backend for patch similarity"
             )
         embeddings = base.as_matrix(embeddings)
-        sample_ids = [str(s) for s in sample_ids]
+        sample_ids = np.array([str(s) for s in sample_ids], dtype=object)
+        if len(sample_ids) != len(embeddings):
+            raise ValueError(
+                f"Got {len(embeddings)} embeddings for {len(sample_ids)} "
+                "sample_ids; pass one id per embedding"
+            )
         index = self.index
         if not index.exists():
             index.create(
@@ -353,30 +394,27 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex):
                     self.config.index_id,
                 ),
             )
-        if not overwrite or not allow_existing or warn_existing:
-            present = {sid for sid, _ in index.iter_payloads([])}
-            existing = [s for s in sample_ids if s in present]
-            if existing and not allow_existing:
-                raise ValueError(
-                    f"Found {len(existing)} ids (eg {existing[0]}) that "
-                    "already exist in the index"
-                )
-            if existing and warn_existing:
-                logger.warning(
-                    "%s %d ids that already exist in the index",
-                    "Overwriting" if overwrite else "Skipping",
-                    len(existing),
-                )
-            if existing and not overwrite:
-                keep = [
-                    i for i, s in enumerate(sample_ids) if s not in present
-                ]
-                embeddings = embeddings[keep]
-                sample_ids = [sample_ids[i] for i in keep]
-
+        keep = _new_or_overwritten(
+            sample_ids,
+            set(self.sample_ids),
+            overwrite=overwrite,
+            allow_existing=allow_existing,
+            warn_existing=warn_existing,
+        )
+        embeddings, sample_ids = embeddings[keep], sample_ids[keep]
         dataset = self.samples._root_dataset
+        if self.config.embeddings_field is not None and len(sample_ids):
+            # as FiftyOne's backends do: the field the run names holds what
+            # the index holds (a later prelabel.sync_index reads it)
+            fbu.add_embeddings(
+                dataset,
+                embeddings,
+                list(sample_ids),
+                None,
+                self.config.embeddings_field,
+            )
         for start in range(0, len(sample_ids), batch_size):
-            ids = sample_ids[start : start + batch_size]
+            ids = list(sample_ids[start : start + batch_size])
             vecs = embeddings[start : start + batch_size]
             index.upsert(
                 ids,
@@ -384,6 +422,7 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex):
                 payloads_for(dataset, ids, vecs, self.config.label_field),
             )
         index.optimize()
+        self._ids = None
         if reload:
             self.reload()
 
@@ -398,17 +437,26 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex):
         if label_ids is not None:
             raise ValueError("The prelabel backend does not index labels")
         ids = [str(s) for s in sample_ids or []]
-        if not allow_missing or warn_missing:
-            found, _ = self.index.get_vectors(ids)
-            missing = set(ids) - set(found)
-            if missing and not allow_missing:
-                raise ValueError(
-                    f"Found {len(missing)} ids (eg {next(iter(missing))}) "
-                    "that are not in the index"
-                )
-            if missing:
-                logger.warning("Skipping %d missing ids", len(missing))
+        present = set(self.sample_ids)
+        missing = [s for s in ids if s not in present]
+        if missing and not allow_missing:
+            raise ValueError(
+                f"Found {len(missing)} ids (eg {missing[0]}) that are not "
+                "in the index"
+            )
+        if missing and warn_missing:
+            logger.warning("Skipping %d missing ids", len(missing))
+        ids = [s for s in ids if s in present]
+        if not ids:
+            return
         self.index.delete(ids)
+        if self.config.embeddings_field is not None:
+            fbu.remove_embeddings(
+                self.samples._root_dataset,
+                self.config.embeddings_field,
+                sample_ids=ids,
+            )
+        self._ids = None
         if reload:
             self.reload()
 
@@ -422,9 +470,11 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex):
         if label_ids is not None:
             raise ValueError("The prelabel backend does not index labels")
         if sample_ids is None:
-            sample_ids = [sid for sid, _ in self.index.iter_payloads([])]
+            sample_ids = self.sample_ids
+        elif isinstance(sample_ids, str):
+            sample_ids = [sample_ids]
         sample_ids = [str(s) for s in sample_ids]
-        found, vectors = self.index.get_vectors(sample_ids)
+        found, vectors = self._vectors_as_added(sample_ids)
         missing = len(sample_ids) - len(found)
         if missing and not allow_missing:
             raise ValueError(f"{missing} of the ids are not in the index")
@@ -445,18 +495,11 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex):
         aggregation=None,
         return_dists=False,
     ):
-        if query is None:
-            raise ValueError(
-                "The prelabel backend does not compute full-index neighbor "
-                "graphs; pass a query (sample ids or vectors)"
-            )
-        if reverse:
-            raise ValueError(
-                "The prelabel backend does not support least-similarity "
-                "queries"
-            )
         if aggregation not in (None, "mean"):
-            raise ValueError(f"Unsupported aggregation {aggregation!r}")
+            raise ValueError(
+                f"Unsupported aggregation {aggregation!r}; supported "
+                "values are ('mean',)"
+            )
         if k is not None and (
             isinstance(k, bool)
             or not isinstance(k, (int, np.integer))
@@ -466,6 +509,17 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex):
                 f"k must be a positive whole number (or None for all); got "
                 f"{k!r}"
             )
+        if query is None:
+            if aggregation is not None:
+                raise ValueError(
+                    "Full index queries do not support aggregation"
+                )
+            if reverse:
+                raise ValueError(
+                    "Full index queries do not support reverse=True"
+                )
+            inds, dists = self._graph_for(k, thresh=None)
+            return (inds, dists) if return_dists else inds
 
         query = self._query_vectors(query)
         if aggregation == "mean" and query.ndim == 2:
@@ -473,15 +527,38 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex):
         single = query.ndim == 1
         queries = query[None, :] if single else query
 
-        view_ids = None
-        if self.has_view:
-            view_ids = set(self.current_sample_ids)
+        view_ids = self._view_ids()
         if k is None:
             k = len(view_ids) if view_ids is not None else self.index.count()
         k = max(int(k), 1)
 
-        ids, scores = self._search(queries, k, view_ids)
-        dists = [self._to_dists(s) for s in scores]
+        if reverse:
+            ids, dists = self._farthest(queries, k, view_ids)
+        else:
+            ids, scores = self._search(queries, k, view_ids)
+            dists = [self._to_dists(s) for s in scores]
+        if single:
+            ids, dists = ids[0], dists[0]
+        if return_dists:
+            return ids, None, dists
+        return ids, None
+
+    def _radius_neighbors(self, query=None, thresh=None, return_dists=False):
+        if thresh is None:
+            raise ValueError("thresh must be a distance; got None")
+        if query is None:
+            inds, dists = self._graph_for(None, thresh=float(thresh))
+            return (inds, dists) if return_dists else inds
+
+        query = self._query_vectors(query)
+        single = query.ndim == 1
+        queries = query[None, :] if single else query
+        view_ids = self._view_ids()
+        ids, dists = [], []
+        for q in queries:
+            row_ids, row_dists = self._within(q, float(thresh), view_ids)
+            ids.append(row_ids)
+            dists.append(row_dists)
         if single:
             ids, dists = ids[0], dists[0]
         if return_dists:
@@ -490,19 +567,71 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex):
 
     # ---- helpers -------------------------------------------------------
 
+    def _view_ids(self) -> set | None:
+        return set(self.current_sample_ids) if self.has_view else None
+
+    def _vectors_as_added(self, sample_ids) -> tuple[list, np.ndarray]:
+        """The vectors of the ids found, as they were added: a cosine index
+        keeps unit vectors, and each point's payload its norm."""
+        found, vectors, payloads = self.index.retrieve(sample_ids, [base.NORM])
+        if self.config.metric != "cosine" or not found:
+            return found, vectors
+        norms = np.array(
+            [p.get(base.NORM, np.nan) for p in payloads], dtype=np.float32
+        )
+        vectors = vectors * np.nan_to_num(norms, nan=1.0)[:, None]
+        older = np.flatnonzero(np.isnan(norms))
+        if older.size:
+            vectors[older] = self._field_vectors(
+                [found[i] for i in older], vectors[older]
+            )
+        return found, vectors
+
+    def _field_vectors(self, ids, stored) -> np.ndarray:
+        """Points written before the index kept norms: their embeddings
+        field, where it still holds a vector in the same direction."""
+        field = self.config.embeddings_field
+        if field is None:
+            logger.warning(
+                "%d points of %s were written before the index kept their "
+                "norms; they come back unit length (rebuild the index to "
+                "keep them whole)",
+                len(ids),
+                self.index.name,
+            )
+            return stored
+        values = dict(
+            zip(
+                *self.samples._root_dataset.select(ids).values(["id", field]),
+                strict=True,
+            )
+        )
+        out = stored.copy()
+        for j, sid in enumerate(ids):
+            vec = values.get(sid)
+            if vec is None:
+                continue
+            vec = np.asarray(vec, dtype=np.float32)
+            norm = float(np.linalg.norm(vec))
+            if norm > 0 and np.allclose(vec / norm, stored[j], atol=1e-4):
+                out[j] = vec
+        return out
+
     def _query_vectors(self, query) -> np.ndarray:
         if isinstance(query, str):
             query = [query]
         arr = np.asarray(query)
         if np.issubdtype(arr.dtype, np.number):
             return arr.astype(np.float32)
-        found, vectors = self.index.get_vectors([str(q) for q in arr])
-        if not found:
+        ids = [str(q) for q in arr]
+        found, vectors = self._vectors_as_added(ids)
+        if len(found) < len(ids):
+            missing = sorted(set(ids) - set(found))
             raise ValueError(
-                f"None of the query ids {list(arr)[:3]} is in the index; "
-                "sync the index (prelabel.sync_index) first"
+                f"Query IDs {missing[:3]} are not in the index; sync the "
+                "index (prelabel.sync_index) first"
             )
-        return vectors[0] if len(arr) == 1 else vectors
+        return vectors[0] if len(ids) == 1 else vectors
 
     def _search(self, queries, k, view_ids):
         index = self.index
@@ -534,6 +663,130 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex):
                 return out_ids, out_scores
             limit = min(total, limit * 2)
 
+    def _within(self, query, thresh, view_ids):
+        """The points within distance ``thresh`` of one query vector,
+        nearest first, asking the index for more until the farthest one
+        returned lies beyond ``thresh``."""
+        total = self.index.count()
+        k = min(RADIUS_START, total)
+        while True:
+            ids, scores = self._search(query[None, :], k, view_ids)
+            ids, dists = ids[0], np.asarray(self._to_dists(scores[0]))
+            inside = dists <= thresh
+            if not inside.all() or k >= total:
+                return list(np.array(ids, dtype=object)[inside]), list(
+                    dists[inside]
+                )
+            k = min(total, k * 4)
+
+    def _graph_for(self, k, thresh):
+        """Neighbors of every point of the current view among the others
+        (never itself), as integer indexes into :meth:`current_sample_ids`
+        with their distances: the ``k`` nearest, or all within ``thresh``.
+
+        The points are queried through the index in batches; the ``k``
+        nearest are kept between calls, so that the repeated radius queries
+        of :meth:`find_duplicates` ask again only for the points whose
+        stored neighbors all lie within the new threshold.
+        """
+        ids = list(self.current_sample_ids)
+        where = {sid: i for i, sid in enumerate(ids)}
+        view_ids = self._view_ids()
+        graph = self._graph
+        if graph is None or graph["ids"] != ids:
+            graph = self._graph = {"ids": ids, "rows": [None] * len(ids)}
+        if thresh is not None:
+            want = RADIUS_START
+        else:
+            want = k if k is not None else max(len(ids) - 1, 1)
+        rows = graph["rows"]
+
+        def short(i):
+            row = rows[i]
+            if row is None or (row[2] < want and not row[3]):
+                return True
+            return (
+                thresh is not None
+                and not row[3]
+                and len(row[1])
+                and row[1][-1] <= thresh
+            )
+
+        todo = [i for i in range(len(ids)) if short(i)]
+        while todo:
+            for start in range(0, len(todo), GRAPH_BATCH):
+                batch = todo[start : start + GRAPH_BATCH]
+                asked = max(
+                    want if rows[i] is None else 4 * rows[i][2] for i in batch
+                )
+                asked = min(asked, len(ids) - 1)
+                found, vectors = self.index.get_vectors(
+                    [ids[i] for i in batch]
+                )
+                res_ids, scores = self._search(vectors, asked + 1, view_ids)
+                for sid, row_ids, row_scores in zip(
+                    found, res_ids, scores, strict=True
+                ):
+                    i = where[sid]
+                    dists = np.asarray(self._to_dists(row_scores))
+                    keep = [
+                        j
+                        for j, s in enumerate(row_ids)
+                        if s != sid and s in where
+                    ][:asked]
+                    rows[i] = (
+                        np.array([where[row_ids[j]] for j in keep], int),
+                        dists[keep],
+                        asked,
+                        len(keep) < asked or asked >= len(ids) - 1,
+                    )
+            todo = [i for i in todo if short(i)]
+            if thresh is None:
+                break
+        inds, dists = [], []
+        for row in rows:
+            if row is None:  # a point of the view with no stored vector
+                inds.append(np.array([], int))
+                dists.append(np.array([]))
+                continue
+            cut = (
+                np.searchsorted(row[1], thresh, side="right")
+                if thresh is not None
+                else want
+            )
+            inds.append(row[0][:cut])
+            dists.append(row[1][:cut])
+        return inds, dists
+
+    def _farthest(self, queries, k, view_ids):
+        """The ``k`` least similar points of each query, by an exact pass
+        over the stored vectors in batches (no index structure answers
+        this); memory holds ``k`` candidates per query."""
+        metric = self.config.metric
+        queries = np.asarray(queries, dtype=np.float32)
+        if metric == "cosine":
+            norms = np.linalg.norm(queries, axis=1, keepdims=True)
+            queries = queries / np.where(norms > 0, norms, 1.0)
+        flt = None
+        if view_ids is not None and len(view_ids) <= MAX_ID_FILTER:
+            flt = IndexFilter(sample_ids=tuple(view_ids))
+        best_ids = [np.array([], dtype=object) for _ in queries]
+        best = [np.array([], dtype=np.float32) for _ in queries]
+        for ids, vectors in self.index.iter_vectors(flt):
+            ids = np.array(ids, dtype=object)
+            if view_ids is not None and flt is None:
+                mask = np.fromiter((s in view_ids for s in ids), bool)
+                ids, vectors = ids[mask], vectors[mask]
+            if not len(ids):
+                continue
+            dists = _distances(queries, vectors, metric)
+            for i in range(len(queries)):
+                cand_ids = np.concatenate([best_ids[i], ids])
+                cand = np.concatenate([best[i], dists[i]])
+                top = np.argsort(-cand, kind="stable")[:k]
+                best_ids[i], best[i] = cand_ids[top], cand[top]
+        return [list(b) for b in best_ids], [list(map(float, d)) for d in best]
+
     def _to_dists(self, scores):
         scores = np.asarray(scores, dtype=float)
         if self.config.metric == "cosine":
@@ -545,6 +798,45 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex):
     @classmethod
     def _from_dict(cls, d, samples, config, brain_key):
         return cls(samples, config, brain_key)
+
+
+def _new_or_overwritten(
+    sample_ids, present: set, overwrite, allow_existing, warn_existing
+) -> np.ndarray:
+    """The positions of ``sample_ids`` to write, under FiftyOne's
+    ``add_to_index`` options."""
+    exists = np.fromiter((s in present for s in sample_ids), bool)
+    if exists.any() and not allow_existing:
+        first = sample_ids[np.flatnonzero(exists)[0]]
+        raise ValueError(
+            f"Found {int(exists.sum())} ids (eg {first}) that already exist "
+            "in the index"
+        )
+    if exists.any() and warn_existing:
+        logger.warning(
+            "%s %d ids that already exist in the index",
+            "Overwriting" if overwrite else "Skipping",
+            int(exists.sum()),
+        )
+    if overwrite:
+        return np.arange(len(sample_ids))
+    return np.flatnonzero(~exists)
+
+
+def _distances(queries, vectors, metric) -> np.ndarray:
+    """Exact distances (lower is closer) of stored vectors to queries, as
+    :meth:`PrelabelQdrantSimilarityIndex._to_dists` reports them."""
+    dots = queries @ vectors.T
+    if metric == "cosine":
+        return 1.0 - dots
+    if metric == "dotproduct":
+        return -dots
+    sq = (
+        (queries**2).sum(axis=1)[:, None]
+        + (vectors**2).sum(axis=1)[None, :]
+        - 2.0 * dots
+    )
+    return np.sqrt(np.maximum(sq, 0.0))
 
 
 def _rows(scores, ids):

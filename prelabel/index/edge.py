@@ -477,17 +477,41 @@ class EdgeIndex(VectorIndex):
             if offset is None:
                 return
 
-    def get_vectors(self, sample_ids):
+    def retrieve(self, sample_ids, keys=()):
         ids = [base.to_point_id(s) for s in sample_ids]
         with self.session() as shard, self._engine():
-            records = shard.retrieve(ids, with_payload=False, with_vector=True)
-        found = {base.to_sample_id(r.id): r.vector for r in records}
-        order = [s for s in sample_ids if s in found]
-        dim = self.dim or 0
-        vectors = np.array(
-            [found[s] for s in order], dtype=np.float32
-        ).reshape(len(order), dim)
-        return order, vectors
+            records = shard.retrieve(
+                ids, with_payload=list(keys) or False, with_vector=True
+            )
+        return _in_order(
+            sample_ids,
+            {base.to_sample_id(r.id): r for r in records},
+            self.dim or 0,
+        )
+
+    def iter_vectors(self, filter=None, batch_size=4096):
+        if not self.exists():
+            return
+        qe = _edge()
+        offset = None
+        while True:
+            with self.session() as shard, self._engine():
+                records, offset = shard.scroll(
+                    qe.ScrollRequest(
+                        offset=offset,
+                        limit=batch_size,
+                        filter=_to_filter(filter),
+                        with_payload=False,
+                        with_vector=True,
+                    )
+                )
+            if records:
+                yield (
+                    [base.to_sample_id(r.id) for r in records],
+                    _vectors([r.vector for r in records], self.dim or 0),
+                )
+            if offset is None:
+                return
 
     def query(self, vectors, k, filter=None, exact=False, hnsw_ef=None):
         qe = _edge()
@@ -539,6 +563,17 @@ class _Handle:
 
 _HANDLES: dict[str, _Handle] = {}
 _HANDLES_LOCK = threading.Lock()
+
+
+def _in_order(sample_ids, found: dict, dim: int):
+    """``retrieve``'s answer from the records found, keyed by sample id."""
+    order = [s for s in sample_ids if s in found]
+    vectors = _vectors([found[s].vector for s in order], dim)
+    return order, vectors, [found[s].payload or {} for s in order]
+
+
+def _vectors(rows, dim: int) -> np.ndarray:
+    return np.array(rows, dtype=np.float32).reshape(len(rows), dim)
 
 
 def _handle_for(path: str, timeout: float, label: str) -> _Handle:

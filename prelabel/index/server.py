@@ -350,18 +350,47 @@ class ServerIndex(VectorIndex):
             if offset is None:
                 return
 
-    def get_vectors(self, sample_ids):
+    def retrieve(self, sample_ids, keys=()):
         with self._call():
             records = self.client.retrieve(
                 self.collection_name,
                 ids=[base.to_point_id(s) for s in sample_ids],
-                with_payload=False,
+                with_payload=list(keys) or False,
                 with_vectors=True,
             )
-        found = {base.to_sample_id(r.id): r.vector for r in records}
+        found = {base.to_sample_id(r.id): r for r in records}
         order = [s for s in sample_ids if s in found]
-        vectors = np.array([found[s] for s in order], dtype=np.float32)
-        return order, vectors.reshape(len(order), self.dim or 0)
+        vectors = np.array([found[s].vector for s in order], dtype=np.float32)
+        return (
+            order,
+            vectors.reshape(len(order), self.dim or 0),
+            [found[s].payload or {} for s in order],
+        )
+
+    def iter_vectors(self, filter=None, batch_size=4096):
+        if not self.exists():
+            return
+        offset = None
+        while True:
+            with self._call():
+                records, offset = self.client.scroll(
+                    self.collection_name,
+                    limit=batch_size,
+                    offset=offset,
+                    scroll_filter=_to_filter(filter),
+                    with_payload=False,
+                    with_vectors=True,
+                )
+            if records:
+                vectors = np.array(
+                    [r.vector for r in records], dtype=np.float32
+                )
+                yield (
+                    [base.to_sample_id(r.id) for r in records],
+                    vectors.reshape(len(records), self.dim or 0),
+                )
+            if offset is None:
+                return
 
     def query(self, vectors, k, filter=None, exact=False, hnsw_ef=None):
         m = _models()

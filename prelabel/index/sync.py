@@ -110,9 +110,7 @@ def payloads_for(dataset, ids, vectors, label_field) -> list[dict]:
         )
     }
     return [
-        base.make_payload(
-            sid, meta[sid][0], meta[sid][1], base.vector_digest(vec)
-        )
+        base.make_payload(sid, meta[sid][0], meta[sid][1], vec)
         for sid, vec in zip(ids, vectors, strict=True)
     ]
 
@@ -244,8 +242,8 @@ def _plan_chunk(
                 chunk.stale.append(sid)  # lost its embedding
             continue
         vec = check_vector(vec, sid, embeddings_field, dim)
-        vd = base.vector_digest(vec)
-        payload = base.make_payload(sid, label, tag_list, vd)
+        payload = base.make_payload(sid, label, tag_list, vec)
+        vd = payload[base.VECTOR_DIGEST]
         old = current.get(sid)
         if old is None:
             stats.added += 1
