@@ -51,7 +51,7 @@ def load_index(samples, index=None, brain_key=None):
                 f"'{dataset.name}'; pass the results of sync_index on this "
                 "dataset (or its brain key)"
             )
-        return index
+        return _whole_samples(index)
     if index is not None and not isinstance(index, str):
         raise ValueError(
             f"index= must be the results of prelabel.sync_index or a brain "
@@ -70,6 +70,16 @@ def load_index(samples, index=None, brain_key=None):
             f"brain_key={key!r} is a run of another backend "
             f"({type(results.config).__name__}); sync a prelabel index "
             "with prelabel.sync_index"
+        )
+    return _whole_samples(results)
+
+
+def _whole_samples(results):
+    if results.config.patches_field is not None:
+        raise ValueError(
+            f"brain key {results.key!r} indexes the patches of "
+            f"{results.config.patches_field!r}; pre-annotation and label "
+            "mistakes use an index of whole samples (prelabel.sync_index)"
         )
     return results
 

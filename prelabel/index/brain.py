@@ -31,7 +31,12 @@ from fiftyone.brain.similarity import (
 from prelabel import constants
 from prelabel.index import base, ownership
 from prelabel.index.base import IndexFilter, VectorIndex
-from prelabel.index.sync import SyncStats, payloads_for, sync_points
+from prelabel.index.sync import (
+    SyncStats,
+    patch_payloads,
+    payloads_for,
+    sync_points,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -252,6 +257,8 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex, DuplicatesMixin):
     def __init__(self, samples, config, brain_key, backend=None):
         self._index: VectorIndex | None = None
         self._ids = None
+        self._label_ids = None
+        self._parents = None
         self._graph = None
         SimilarityIndex.__init__(
             self, samples, config, brain_key, backend=backend
@@ -321,6 +328,11 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex, DuplicatesMixin):
         Returns:
             a :class:`prelabel.index.sync.SyncStats`
         """
+        if self.config.patches_field is not None:
+            raise ValueError(
+                "A patches index is filled by compute_similarity and "
+                "add_to_index; sync() reads whole-sample embeddings"
+            )
         if samples is None:
             samples = self.samples._root_dataset
         stats = sync_points(
@@ -341,21 +353,50 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex, DuplicatesMixin):
 
     @property
     def sample_ids(self):
-        """The ids of the samples in the index (read from the index once,
-        and again after :meth:`reload`)."""
+        """The ids of the samples in the index (of each patch's sample, for
+        a patches index), read from the index once and again after
+        :meth:`reload`."""
         if self._ids is None:
-            self._ids = np.array(
-                [sid for sid, _ in self.index.iter_payloads([])],
-                dtype=object,
-            )
+            self._read_ids()
         return self._ids
 
     @property
     def label_ids(self):
-        return None
+        """The ids of the patches in a patches index, else None."""
+        if self.config.patches_field is None:
+            return None
+        if self._ids is None:
+            self._read_ids()
+        return self._label_ids
+
+    def _read_ids(self) -> None:
+        if self.config.patches_field is None:
+            ids = [sid for sid, _ in self.index.iter_payloads([])]
+            self._ids = np.array(ids, dtype=object)
+            return
+        pairs = [
+            (p.get(base.SAMPLE_ID), lid)
+            for lid, p in self.index.iter_payloads([base.SAMPLE_ID])
+        ]
+        self._ids = np.array([s for s, _ in pairs], dtype=object)
+        self._label_ids = np.array([lid for _, lid in pairs], dtype=object)
+
+    def _point_ids(self, current: bool = True):
+        """The ids the index's points carry: label ids for patches."""
+        if self.config.patches_field is None:
+            return self.current_sample_ids if current else self.sample_ids
+        return self.current_label_ids if current else self.label_ids
+
+    def _parent_ids(self, label_ids) -> list[str]:
+        """The sample id of each patch."""
+        if self._parents is None:
+            self._parents = dict(
+                zip(self.label_ids, self.sample_ids, strict=True)
+            )
+        return [self._parents[lid] for lid in label_ids]
 
     def reload(self):
-        self._ids = None
+        self._ids = self._label_ids = self._parents = None
         self._graph = None
         super().reload()
 
@@ -372,17 +413,20 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex, DuplicatesMixin):
         reload=True,
         batch_size=2000,
     ):
-        if label_ids is not None:
+        patches_field = self.config.patches_field
+        if (label_ids is None) != (patches_field is None):
             raise ValueError(
-                "The prelabel backend indexes whole samples, not patches; "
-                "use FiftyOne's sklearn backend for patch similarity"
+                "label_ids are needed for a patches index (patches_field="
+                f"{patches_field!r}) and refused otherwise"
             )
         embeddings = base.as_matrix(embeddings)
-        sample_ids = np.array([str(s) for s in sample_ids], dtype=object)
-        if len(sample_ids) != len(embeddings):
+        sample_ids = _id_array(sample_ids)
+        point_ids = sample_ids if label_ids is None else _id_array(label_ids)
+        if not len(sample_ids) == len(point_ids) == len(embeddings):
             raise ValueError(
                 f"Got {len(embeddings)} embeddings for {len(sample_ids)} "
-                "sample_ids; pass one id per embedding"
+                f"sample_ids and {len(point_ids)} ids; pass one of each "
+                "per embedding"
             )
         index = self.index
         if not index.exists():
@@ -395,34 +439,45 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex, DuplicatesMixin):
                 ),
             )
         keep = _new_or_overwritten(
-            sample_ids,
-            set(self.sample_ids),
+            point_ids,
+            set(self._point_ids(current=False)),
             overwrite=overwrite,
             allow_existing=allow_existing,
             warn_existing=warn_existing,
         )
-        embeddings, sample_ids = embeddings[keep], sample_ids[keep]
+        embeddings = embeddings[keep]
+        sample_ids, point_ids = sample_ids[keep], point_ids[keep]
         dataset = self.samples._root_dataset
-        if self.config.embeddings_field is not None and len(sample_ids):
+        if self.config.embeddings_field is not None and len(point_ids):
             # as FiftyOne's backends do: the field the run names holds what
             # the index holds (a later prelabel.sync_index reads it)
             fbu.add_embeddings(
                 dataset,
                 embeddings,
                 list(sample_ids),
-                None,
+                None if patches_field is None else list(point_ids),
                 self.config.embeddings_field,
+                patches_field=patches_field,
             )
-        for start in range(0, len(sample_ids), batch_size):
-            ids = list(sample_ids[start : start + batch_size])
-            vecs = embeddings[start : start + batch_size]
-            index.upsert(
-                ids,
-                vecs,
-                payloads_for(dataset, ids, vecs, self.config.label_field),
-            )
+        for start in range(0, len(point_ids), batch_size):
+            stop = start + batch_size
+            ids = list(point_ids[start:stop])
+            vecs = embeddings[start:stop]
+            if patches_field is None:
+                payloads = payloads_for(
+                    dataset, ids, vecs, self.config.label_field
+                )
+            else:
+                payloads = patch_payloads(
+                    dataset,
+                    list(sample_ids[start:stop]),
+                    ids,
+                    vecs,
+                    patches_field,
+                )
+            index.upsert(ids, vecs, payloads)
         index.optimize()
-        self._ids = None
+        self._ids = self._label_ids = self._parents = None
         if reload:
             self.reload()
 
@@ -434,10 +489,25 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex, DuplicatesMixin):
         warn_missing=False,
         reload=True,
     ):
+        patches_field = self.config.patches_field
+        if patches_field is None and label_ids is not None:
+            raise ValueError("This index holds samples, not label_ids")
         if label_ids is not None:
-            raise ValueError("The prelabel backend does not index labels")
-        ids = [str(s) for s in sample_ids or []]
-        present = set(self.sample_ids)
+            ids = list(_id_array(label_ids))
+        elif patches_field is not None:
+            wanted = set(
+                _id_array(sample_ids if sample_ids is not None else [])
+            )
+            ids = [
+                lid
+                for sid, lid in zip(
+                    self.sample_ids, self.label_ids, strict=True
+                )
+                if sid in wanted
+            ]
+        else:
+            ids = list(_id_array(sample_ids if sample_ids is not None else []))
+        present = set(self._point_ids(current=False))
         missing = [s for s in ids if s not in present]
         if missing and not allow_missing:
             raise ValueError(
@@ -454,9 +524,11 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex, DuplicatesMixin):
             fbu.remove_embeddings(
                 self.samples._root_dataset,
                 self.config.embeddings_field,
-                sample_ids=ids,
+                sample_ids=ids if patches_field is None else None,
+                label_ids=ids if patches_field is not None else None,
+                patches_field=patches_field,
             )
-        self._ids = None
+        self._ids = self._label_ids = self._parents = None
         if reload:
             self.reload()
 
@@ -467,20 +539,33 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex, DuplicatesMixin):
         allow_missing=True,
         warn_missing=False,
     ):
+        patches_field = self.config.patches_field
+        if patches_field is None and label_ids is not None:
+            raise ValueError("This index holds samples, not label_ids")
         if label_ids is not None:
-            raise ValueError("The prelabel backend does not index labels")
-        if sample_ids is None:
-            sample_ids = self.sample_ids
-        elif isinstance(sample_ids, str):
-            sample_ids = [sample_ids]
-        sample_ids = [str(s) for s in sample_ids]
-        found, vectors = self._vectors_as_added(sample_ids)
-        missing = len(sample_ids) - len(found)
+            ids = list(_id_array(label_ids))
+        elif sample_ids is None:
+            ids = list(self._point_ids(current=False))
+        elif patches_field is not None:
+            wanted = set(_id_array(sample_ids))
+            ids = [
+                lid
+                for sid, lid in zip(
+                    self.sample_ids, self.label_ids, strict=True
+                )
+                if sid in wanted
+            ]
+        else:
+            ids = list(_id_array(sample_ids))
+        found, vectors = self._vectors_as_added(ids)
+        missing = len(ids) - len(found)
         if missing and not allow_missing:
             raise ValueError(f"{missing} of the ids are not in the index")
         if missing and warn_missing:
             logger.warning("Skipping %d ids not in the index", missing)
-        return vectors, np.array(found), None
+        if patches_field is None:
+            return vectors, np.array(found), None
+        return vectors, np.array(self._parent_ids(found)), np.array(found)
 
     def cleanup(self):
         ownership.drop_if_owned(
@@ -537,11 +622,7 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex, DuplicatesMixin):
         else:
             ids, scores = self._search(queries, k, view_ids)
             dists = [self._to_dists(s) for s in scores]
-        if single:
-            ids, dists = ids[0], dists[0]
-        if return_dists:
-            return ids, None, dists
-        return ids, None
+        return self._answer(ids, dists, single, return_dists)
 
     def _radius_neighbors(self, query=None, thresh=None, return_dists=False):
         if thresh is None:
@@ -559,16 +640,25 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex, DuplicatesMixin):
             row_ids, row_dists = self._within(q, float(thresh), view_ids)
             ids.append(row_ids)
             dists.append(row_dists)
-        if single:
-            ids, dists = ids[0], dists[0]
-        if return_dists:
-            return ids, None, dists
-        return ids, None
+        return self._answer(ids, dists, single, return_dists)
 
     # ---- helpers -------------------------------------------------------
 
+    def _answer(self, ids, dists, single, return_dists):
+        """``(sample_ids, label_ids[, dists])`` from rows of point ids."""
+        if self.config.patches_field is None:
+            sample_ids, label_ids = ids, None
+        else:
+            sample_ids, label_ids = [self._parent_ids(r) for r in ids], ids
+        if single:
+            sample_ids, dists = sample_ids[0], dists[0]
+            label_ids = label_ids[0] if label_ids is not None else None
+        if return_dists:
+            return sample_ids, label_ids, dists
+        return sample_ids, label_ids
+
     def _view_ids(self) -> set | None:
-        return set(self.current_sample_ids) if self.has_view else None
+        return set(self._point_ids()) if self.has_view else None
 
     def _vectors_as_added(self, sample_ids) -> tuple[list, np.ndarray]:
         """The vectors of the ids found, as they were added: a cosine index
@@ -682,6 +772,7 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex, DuplicatesMixin):
     def _graph_for(self, k, thresh):
         """Neighbors of every point of the current view among the others
         (never itself), as integer indexes into :meth:`current_sample_ids`
+        (:meth:`current_label_ids` for patches)
         with their distances: the ``k`` nearest, or all within ``thresh``.
 
         The points are queried through the index in batches; the ``k``
@@ -689,7 +780,7 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex, DuplicatesMixin):
         of :meth:`find_duplicates` ask again only for the points whose
         stored neighbors all lie within the new threshold.
         """
-        ids = list(self.current_sample_ids)
+        ids = list(self._point_ids())
         where = {sid: i for i, sid in enumerate(ids)}
         view_ids = self._view_ids()
         graph = self._graph
@@ -798,6 +889,12 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex, DuplicatesMixin):
     @classmethod
     def _from_dict(cls, d, samples, config, brain_key):
         return cls(samples, config, brain_key)
+
+
+def _id_array(ids) -> np.ndarray:
+    if isinstance(ids, str):
+        ids = [ids]
+    return np.array([str(i) for i in ids], dtype=object)
 
 
 def _new_or_overwritten(

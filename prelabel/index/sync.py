@@ -115,6 +115,36 @@ def payloads_for(dataset, ids, vectors, label_field) -> list[dict]:
     ]
 
 
+def patch_payloads(
+    dataset, sample_ids, label_ids, vectors, patches_field: str
+) -> list[dict]:
+    """The payloads of the given patches (labels of ``patches_field``),
+    whose vectors are ``vectors``: the patch's own label, its sample's
+    tags, and its sample's id."""
+    _, id_path = dataset._get_label_field_path(patches_field, "id")
+    _, label_path = dataset._get_label_field_path(patches_field, "label")
+    values = dataset.select(sorted(set(sample_ids))).values(
+        ["tags", id_path, label_path]
+    )
+    meta = {}
+    for tags, lids, labels in zip(*values, strict=True):
+        if not isinstance(lids, list):  # a single label per sample
+            lids, labels = [lids], [labels]
+        for lid, label in zip(lids, labels, strict=True):
+            if lid is not None:
+                meta[lid] = (label, tags)
+    missing = [lid for lid in label_ids if lid not in meta]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} label_ids (eg {missing[0]}) are not labels of "
+            f"patches_field={patches_field!r} of the given samples"
+        )
+    return [
+        base.make_payload(sid, meta[lid][0], meta[lid][1], vec)
+        for sid, lid, vec in zip(sample_ids, label_ids, vectors, strict=True)
+    ]
+
+
 def check_index_dim(index: VectorIndex, dim: int, embeddings_field: str):
     """Raises if an existing ``index`` holds vectors of another length."""
     if index.dim is not None and index.dim != dim:
