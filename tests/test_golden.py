@@ -8,6 +8,14 @@ dataset of real digits (sklearn's 8x8 scans, their 64 pixels as
 embeddings; 300 labeled, 500 targets), in an exact-search Qdrant Edge
 index, and must give the same label, confidence, ``accepted`` flag and
 review tag on every target, and the same mistake scores.
+
+Except where a model is trained (``TRAINED``: the adapter, with torch):
+its last bits depend on the CPU (MKL picks its kernels by the processor),
+and training carries them into the adapted space, where a borderline
+target can get another neighbor. The old code gives the same differences
+as the new one on such a machine. Those cases must agree on at least 99 %
+of the labels, flags and majorities, with confidences and scores equal
+for most targets (median) and close for nearly all (95th percentile).
 """
 
 import json
@@ -37,6 +45,9 @@ PREANNOTATE_CASES = {
 }
 
 MISTAKES_CASES = {"loo": {}, "adapted": {"method": "adapted"}}
+
+#: the cases that train the adapter (compared with tolerances)
+TRAINED = {"adapted"}
 
 
 def _dataset():
@@ -158,9 +169,34 @@ def golden():
         return json.load(f)
 
 
+def _close_enough(got_rows, want_rows, flags, values, p95):
+    """The tolerances of a :data:`TRAINED` case."""
+    assert set(got_rows) == set(want_rows)
+    n = len(want_rows)
+    for j in flags:
+        differ = sum(got_rows[k][j] != w[j] for k, w in want_rows.items())
+        assert differ <= 0.01 * n, (j, differ)
+    diffs = np.array(
+        [
+            abs((got_rows[k][values] or 0.0) - (w[values] or 0.0))
+            for k, w in want_rows.items()
+        ]
+    )
+    assert np.median(diffs) <= 1e-3
+    assert np.percentile(diffs, 95) <= p95
+
+
 @pytest.mark.parametrize("case", list(PREANNOTATE_CASES))
 def test_preannotate_same_as_recorded(outputs, golden, case):
     got, want = outputs["preannotate"][case], golden["preannotate"][case]
+    if case in TRAINED:
+        n = len(want["labels"])
+        assert abs(got["num_accepted"] - want["num_accepted"]) <= 0.01 * n
+        assert got["accept_threshold"] == pytest.approx(
+            want["accept_threshold"], abs=0.01
+        )
+        _close_enough(got["labels"], want["labels"], (0, 2, 3), 1, 0.1)
+        return
     assert got["num_accepted"] == want["num_accepted"]
     if want["accept_threshold"] is None:
         assert got["accept_threshold"] is None
@@ -181,6 +217,9 @@ def test_preannotate_same_as_recorded(outputs, golden, case):
 @pytest.mark.parametrize("case", list(MISTAKES_CASES))
 def test_mistake_scores_same_as_recorded(outputs, golden, case):
     got, want = outputs["mistakes"][case], golden["mistakes"][case]
+    if case in TRAINED:
+        _close_enough(got, want, (1,), 0, 0.02)
+        return
     assert set(got) == set(want)
     for key, (score, majority) in want.items():
         assert got[key][1] == majority, key
