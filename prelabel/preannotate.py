@@ -30,7 +30,7 @@ from prelabel.core.voting import logits, winners
 from prelabel.deprecation import moved
 from prelabel.fields import CLASSIFICATION, check_output_field, staged_fields
 from prelabel.health import check_index
-from prelabel.progress import ProgressArg
+from prelabel.progress import Progress, ProgressArg
 
 
 @dataclass
@@ -429,6 +429,9 @@ class _Verdict:
     calibrate: bool = False
     threshold: float | None = None
     spreading: scorers.Spreading | None = None
+    #: the targets' scored chunks when spreading kept them (it holds every
+    #: target for its graph anyway), so the targets are queried once
+    target_chunks: list | None = None
     frozen: scorers.VoteScorer | None = None
     extra: dict = field(default_factory=dict)
 
@@ -456,7 +459,9 @@ def _verdict(run: _Run, scorer, frozen, out) -> _Verdict:
     refs = scorer.score_references(run.dataset)
     out.seconds["reference_scores"] = time.perf_counter() - t0
     if run.propagate:
-        verdict.spreading = _spread(run, scorer, refs, out)
+        verdict.spreading, verdict.target_chunks = _spread(
+            run, scorer, refs, out
+        )
         out.propagation = verdict.spreading.record()
     conf_ref = refs.confidence
     if frozen is not None:
@@ -490,11 +495,13 @@ def _verdict(run: _Run, scorer, frozen, out) -> _Verdict:
     return verdict
 
 
-def _spread(run: _Run, scorer, refs, out) -> scorers.Spreading:
-    """The first pass over the targets that spreading needs: every
-    target's score, for the graph."""
+def _spread(run: _Run, scorer, refs, out):
+    """The pass over the targets that spreading needs: every target's
+    score, for the graph. Returns the spreading and the scored chunks
+    (without their vectors), which the writer uses instead of querying
+    the targets again."""
     t0 = time.perf_counter()
-    ids, priors = [], []
+    ids, priors, chunks = [], [], []
     for chunk in scorer.stream(
         run.dataset,
         run.targets.values("id"),
@@ -504,6 +511,8 @@ def _spread(run: _Run, scorer, refs, out) -> scorers.Spreading:
     ):
         ids.extend(chunk.neighbors.ids)
         priors.append(chunk.probs)
+        chunk.neighbors.vectors = None  # the graph reads its own
+        chunks.append(chunk)
     adapter = getattr(scorer, "adapter", None)
     # the graph is built on the frozen embeddings in adapted mode
     src = adapter.info.get("embeddings_field") if adapter else scorer.field
@@ -516,7 +525,7 @@ def _spread(run: _Run, scorer, refs, out) -> scorers.Spreading:
         scorer.classes,
     )
     out.seconds["propagate"] = time.perf_counter() - t0
-    return spreading
+    return spreading, chunks
 
 
 def _record_extra(run, verdict, out, conf_ref, correct=None) -> dict:
@@ -561,9 +570,7 @@ def _write(run: _Run, scorer, verdict: _Verdict, out) -> None:
     with staged_fields(dataset, {run.pred_field: CLASSIFICATION}) as stage:
         stage.record(records.RUNS, run.pred_field, record)
         t0 = time.perf_counter()
-        for chunk in scorer.stream(
-            dataset, ids, run.batch_size, run.progress, "Pre-annotating"
-        ):
+        for chunk in _target_chunks(run, scorer, verdict, ids):
             scale = _prepare(run, chunk, verdict)
             t1 = time.perf_counter()
             labels, review, acc = classify(
@@ -594,6 +601,20 @@ def _write(run: _Run, scorer, verdict: _Verdict, out) -> None:
         out.num_accepted = accepted
         out.coverage = accepted / out.num_targets if out.num_targets else None
     out.seconds.update(query_vote=t_query, write=t_write)
+
+
+def _target_chunks(run: _Run, scorer, verdict: _Verdict, ids):
+    """The targets' scored chunks: queried now, or kept by spreading."""
+    if verdict.target_chunks is None:
+        yield from scorer.stream(
+            run.dataset, ids, run.batch_size, run.progress, "Pre-annotating"
+        )
+        return
+    with Progress(run.progress, len(ids), "Pre-annotating") as bar:
+        while verdict.target_chunks:
+            chunk = verdict.target_chunks.pop(0)
+            yield chunk
+            bar.update(len(chunk.neighbors.ids))
 
 
 def _prepare(run: _Run, chunk, verdict: _Verdict):
