@@ -517,6 +517,39 @@ def run_measured(cmd: Sequence[str], poll: float = 0.2, env=None):
     }
 
 
+class AnonPeak:
+    """Polls this process's anonymous memory (``RssAnon``: the heap,
+    without the files it maps) and keeps the peak."""
+
+    def __init__(self, poll: float = 0.1):
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._poll = poll
+
+    @staticmethod
+    def now() -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def _watch(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.now())
+            self._stop.wait(self._poll)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.now())
+
+
 def emit(result: dict) -> None:
     """What a child process reports to :func:`run_measured`."""
     print(JSON_MARK + json.dumps(result), flush=True)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -85,38 +84,6 @@ def child_setup(num_targets: int) -> dict:
     return {"write_s": t1 - t0, "sync_s": time.perf_counter() - t1}
 
 
-class _AnonPeak:
-    """Polls this process's ``RssAnon`` and keeps the peak."""
-
-    def __init__(self, poll: float = 0.1):
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._poll = poll
-
-    @staticmethod
-    def now() -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-        return 0
-
-    def _watch(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.now())
-            self._stop.wait(self._poll)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.now())
-
-
 def child_run(traced: bool = False) -> dict:
     """One measured ``preannotate(mode="adapted", target_precision=0.99)``
     (with ``traced``, under ``tracemalloc``)."""
@@ -127,11 +94,11 @@ def child_run(traced: bool = False) -> dict:
 
     dataset = fo.load_dataset(DATASET)
     targets = dataset.match_tags("test")
-    base = {"rss": common.self_peak_rss(), "anon": _AnonPeak.now()}
+    base = {"rss": common.self_peak_rss(), "anon": common.AnonPeak.now()}
     if traced:
         tracemalloc.start(1)
     t0 = time.perf_counter()
-    with _AnonPeak() as anon:
+    with common.AnonPeak() as anon:
         res = prelabel.preannotate(
             targets,
             index=KEY,

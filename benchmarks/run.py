@@ -41,6 +41,11 @@ BENCHMARKS = [
         "peak memory of the one-click setting, 20k and 200k targets",
     ),
     ("panel", "panel", "mistakes panel response times"),
+    (
+        "near-duplicates",
+        "near_duplicates",
+        "near-duplicates through the index against sklearn, 100k samples",
+    ),
 ]
 
 

@@ -31,6 +31,7 @@ from fiftyone.brain.similarity import (
 from prelabel import constants
 from prelabel.index import base, ownership
 from prelabel.index.base import IndexFilter, VectorIndex
+from prelabel.index.locking import Lease
 from prelabel.index.sync import (
     SyncStats,
     patch_payloads,
@@ -370,14 +371,15 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex, DuplicatesMixin):
         return self._label_ids
 
     def _read_ids(self) -> None:
-        if self.config.patches_field is None:
-            ids = [sid for sid, _ in self.index.iter_payloads([])]
-            self._ids = np.array(ids, dtype=object)
-            return
-        pairs = [
-            (p.get(base.SAMPLE_ID), lid)
-            for lid, p in self.index.iter_payloads([base.SAMPLE_ID])
-        ]
+        with Lease(self.index):
+            if self.config.patches_field is None:
+                ids = [sid for sid, _ in self.index.iter_payloads([])]
+                self._ids = np.array(ids, dtype=object)
+                return
+            pairs = [
+                (p.get(base.SAMPLE_ID), lid)
+                for lid, p in self.index.iter_payloads([base.SAMPLE_ID])
+            ]
         self._ids = np.array([s for s, _ in pairs], dtype=object)
         self._label_ids = np.array([lid for _, lid in pairs], dtype=object)
 
@@ -804,36 +806,15 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex, DuplicatesMixin):
             )
 
         todo = [i for i in range(len(ids)) if short(i)]
-        while todo:
-            for start in range(0, len(todo), GRAPH_BATCH):
-                batch = todo[start : start + GRAPH_BATCH]
-                asked = max(
-                    want if rows[i] is None else 4 * rows[i][2] for i in batch
-                )
-                asked = min(asked, len(ids) - 1)
-                found, vectors = self.index.get_vectors(
-                    [ids[i] for i in batch]
-                )
-                res_ids, scores = self._search(vectors, asked + 1, view_ids)
-                for sid, row_ids, row_scores in zip(
-                    found, res_ids, scores, strict=True
-                ):
-                    i = where[sid]
-                    dists = np.asarray(self._to_dists(row_scores))
-                    keep = [
-                        j
-                        for j, s in enumerate(row_ids)
-                        if s != sid and s in where
-                    ][:asked]
-                    rows[i] = (
-                        np.array([where[row_ids[j]] for j in keep], int),
-                        dists[keep],
-                        asked,
-                        len(keep) < asked or asked >= len(ids) - 1,
-                    )
-            todo = [i for i in todo if short(i)]
-            if thresh is None:
-                break
+        with Lease(self.index) as lease:
+            while todo:
+                for start in range(0, len(todo), GRAPH_BATCH):
+                    lease.tick()
+                    batch = todo[start : start + GRAPH_BATCH]
+                    self._fill_rows(batch, rows, ids, where, want, view_ids)
+                todo = [i for i in todo if short(i)]
+                if thresh is None:
+                    break
         inds, dists = [], []
         for row in rows:
             if row is None:  # a point of the view with no stored vector
@@ -849,6 +830,32 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex, DuplicatesMixin):
             dists.append(row[1][:cut])
         return inds, dists
 
+    def _fill_rows(self, batch, rows, ids, where, want, view_ids) -> None:
+        """Queries the points ``batch`` (positions in ``ids``) for more
+        neighbors than their rows hold: ``(neighbor positions, distances,
+        number asked, complete)`` each."""
+        asked = max(want if rows[i] is None else 4 * rows[i][2] for i in batch)
+        asked = min(asked, len(ids) - 1)
+        found, vectors = self.index.get_vectors([ids[i] for i in batch])
+        for i in set(batch) - {where[sid] for sid in found}:
+            rows[i] = (np.array([], int), np.array([]), asked, True)
+        if not found:
+            return
+        res_ids, scores = self._search(vectors, asked + 1, view_ids)
+        for sid, row_ids, row_scores in zip(
+            found, res_ids, scores, strict=True
+        ):
+            dists = np.asarray(self._to_dists(row_scores))
+            keep = [
+                j for j, s in enumerate(row_ids) if s != sid and s in where
+            ][:asked]
+            rows[where[sid]] = (
+                np.array([where[row_ids[j]] for j in keep], int),
+                dists[keep],
+                asked,
+                len(keep) < asked or asked >= len(ids) - 1,
+            )
+
     def _farthest(self, queries, k, view_ids):
         """The ``k`` least similar points of each query, by an exact pass
         over the stored vectors in batches (no index structure answers
@@ -863,19 +870,19 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex, DuplicatesMixin):
             flt = IndexFilter(sample_ids=tuple(view_ids))
         best_ids = [np.array([], dtype=object) for _ in queries]
         best = [np.array([], dtype=np.float32) for _ in queries]
-        for ids, vectors in self.index.iter_vectors(flt):
-            ids = np.array(ids, dtype=object)
-            if view_ids is not None and flt is None:
-                mask = np.fromiter((s in view_ids for s in ids), bool)
-                ids, vectors = ids[mask], vectors[mask]
-            if not len(ids):
-                continue
-            dists = _distances(queries, vectors, metric)
-            for i in range(len(queries)):
-                cand_ids = np.concatenate([best_ids[i], ids])
-                cand = np.concatenate([best[i], dists[i]])
-                top = np.argsort(-cand, kind="stable")[:k]
-                best_ids[i], best[i] = cand_ids[top], cand[top]
+        with Lease(self.index) as lease:
+            for ids, vectors in self.index.iter_vectors(flt):
+                lease.tick()
+                ids = np.array(ids, dtype=object)
+                if view_ids is not None and flt is None:
+                    mask = np.fromiter((s in view_ids for s in ids), bool)
+                    ids, vectors = ids[mask], vectors[mask]
+                dists = _distances(queries, vectors, metric)
+                for i in range(len(queries)):
+                    cand_ids = np.concatenate([best_ids[i], ids])
+                    cand = np.concatenate([best[i], dists[i]])
+                    top = np.argsort(-cand, kind="stable")[:k]
+                    best_ids[i], best[i] = cand_ids[top], cand[top]
         return [list(b) for b in best_ids], [list(map(float, d)) for d in best]
 
     def _to_dists(self, scores):
