@@ -30,6 +30,7 @@ from prelabel.index.base import (
     IndexFilter,
     IndexUnreachableError,
 )
+from prelabel.index.locking import Lease
 from prelabel.index.sync import VECTOR_TOLERANCE, stored_form
 
 #: indexes up to this size are checked point by point, even when sampled
@@ -127,11 +128,16 @@ def check_index(
         )
         return health
     try:
-        _check_structure(vindex, config, health)
+        # one opening of an embedded index for every check, not one each
+        _check_marker(vindex, config, health)
         if health.problems:
             return health
-        _check_points(vindex, embedded, emb_field, health, sample_size, seed)
-        _check_self_queries(vindex, health, seed)
+        with Lease(vindex):
+            _check_count(vindex, health)
+            _check_points(
+                vindex, embedded, emb_field, health, sample_size, seed
+            )
+            _check_self_queries(vindex, health, seed)
     except IndexDamagedError as e:
         health.problems.append(_problem(e))
     except IndexUnreachableError as e:
@@ -173,7 +179,8 @@ def _problem(e: Exception) -> str:
     return text.split("); ", 1)[0]
 
 
-def _check_structure(index, config, health: IndexHealth) -> None:
+def _check_marker(index, config, health: IndexHealth) -> None:
+    """What the folder or collection says of itself (nothing opened)."""
     state = index.state()
     if state.kind == "missing":
         health.problems.append("it is missing (deleted?)")
@@ -191,6 +198,9 @@ def _check_structure(index, config, health: IndexHealth) -> None:
         )
     if meta.get("complete") is False:
         health.stale.append("its first sync did not finish")
+
+
+def _check_count(index, health: IndexHealth) -> None:
     health.num_points = index.count()
     if health.num_points != health.num_embedded:
         health.stale.append(
