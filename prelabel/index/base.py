@@ -193,6 +193,16 @@ class VectorIndex(abc.ABC):
         """Deletes points; unknown ids are ignored."""
 
     @abc.abstractmethod
+    def scroll(
+        self,
+        filter: IndexFilter | None,
+        batch_size: int,
+        payload: Sequence[str] | bool,
+        vector: bool,
+    ) -> Iterator[list]:
+        """Yields every point (matching ``filter``), a page of the
+        engine's records (``id``, ``payload``, ``vector``) at a time."""
+
     def iter_payloads(
         self,
         keys: Sequence[str],
@@ -201,6 +211,9 @@ class VectorIndex(abc.ABC):
     ) -> Iterator[tuple[str, dict]]:
         """Yields ``(sample_id, payload)`` for every point (matching
         ``filter``), with only ``keys`` of the payload."""
+        for records in self.scroll(filter, batch_size, list(keys), False):
+            for r in records:
+                yield to_sample_id(r.id), r.payload or {}
 
     @abc.abstractmethod
     def retrieve(
@@ -226,12 +239,17 @@ class VectorIndex(abc.ABC):
         found, vectors, _ = self.retrieve(sample_ids)
         return found, vectors
 
-    @abc.abstractmethod
     def iter_vectors(
         self, filter: IndexFilter | None = None, batch_size: int = 4096
     ) -> Iterator[tuple[list[str], np.ndarray]]:
         """Yields ``(sample ids, stored vectors)`` batches of every point
         (matching ``filter``), in the index's order."""
+        for records in self.scroll(filter, batch_size, False, True):
+            vectors = np.array([r.vector for r in records], dtype=np.float32)
+            yield (
+                [to_sample_id(r.id) for r in records],
+                vectors.reshape(len(records), self.dim or 0),
+            )
 
     @abc.abstractmethod
     def query(

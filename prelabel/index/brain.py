@@ -389,6 +389,20 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex, DuplicatesMixin):
             return self.current_sample_ids if current else self.sample_ids
         return self.current_label_ids if current else self.label_ids
 
+    def _points_of(self, sample_ids, label_ids) -> list[str]:
+        """The ids of the points given by ``label_ids``, else those of
+        the samples ``sample_ids`` (every patch of them, for patches)."""
+        if label_ids is not None:
+            return list(_id_array(label_ids))
+        if self.config.patches_field is None:
+            return list(_id_array(sample_ids))
+        wanted = set(_id_array(sample_ids))
+        return [
+            lid
+            for sid, lid in zip(self.sample_ids, self.label_ids, strict=True)
+            if sid in wanted
+        ]
+
     def _parent_ids(self, label_ids) -> list[str]:
         """The sample id of each patch."""
         if self._parents is None:
@@ -494,21 +508,9 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex, DuplicatesMixin):
         patches_field = self.config.patches_field
         if patches_field is None and label_ids is not None:
             raise ValueError("This index holds samples, not label_ids")
-        if label_ids is not None:
-            ids = list(_id_array(label_ids))
-        elif patches_field is not None:
-            wanted = set(
-                _id_array(sample_ids if sample_ids is not None else [])
-            )
-            ids = [
-                lid
-                for sid, lid in zip(
-                    self.sample_ids, self.label_ids, strict=True
-                )
-                if sid in wanted
-            ]
-        else:
-            ids = list(_id_array(sample_ids if sample_ids is not None else []))
+        ids = self._points_of(
+            sample_ids if sample_ids is not None else [], label_ids
+        )
         present = set(self._point_ids(current=False))
         missing = [s for s in ids if s not in present]
         if missing and not allow_missing:
@@ -544,21 +546,10 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex, DuplicatesMixin):
         patches_field = self.config.patches_field
         if patches_field is None and label_ids is not None:
             raise ValueError("This index holds samples, not label_ids")
-        if label_ids is not None:
-            ids = list(_id_array(label_ids))
-        elif sample_ids is None:
+        if sample_ids is None and label_ids is None:
             ids = list(self._point_ids(current=False))
-        elif patches_field is not None:
-            wanted = set(_id_array(sample_ids))
-            ids = [
-                lid
-                for sid, lid in zip(
-                    self.sample_ids, self.label_ids, strict=True
-                )
-                if sid in wanted
-            ]
         else:
-            ids = list(_id_array(sample_ids))
+            ids = self._points_of(sample_ids, label_ids)
         found, vectors = self._vectors_as_added(ids)
         missing = len(ids) - len(found)
         if missing and not allow_missing:

@@ -29,7 +29,6 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -451,12 +450,7 @@ class EdgeIndex(VectorIndex):
         with self.session() as shard, self._engine():
             return shard.count(qe.CountRequest(filter=_to_filter(filter)))
 
-    def iter_payloads(
-        self,
-        keys: Sequence[str],
-        filter: IndexFilter | None = None,
-        batch_size: int = 10000,
-    ) -> Iterator[tuple[str, dict]]:
+    def scroll(self, filter, batch_size, payload, vector):
         if not self.exists():
             return
         qe = _edge()
@@ -468,12 +462,12 @@ class EdgeIndex(VectorIndex):
                         offset=offset,
                         limit=batch_size,
                         filter=_to_filter(filter),
-                        with_payload=list(keys),
-                        with_vector=False,
+                        with_payload=payload,
+                        with_vector=vector,
                     )
                 )
-            for r in records:
-                yield base.to_sample_id(r.id), r.payload or {}
+            if records:
+                yield records
             if offset is None:
                 return
 
@@ -488,30 +482,6 @@ class EdgeIndex(VectorIndex):
             {base.to_sample_id(r.id): r for r in records},
             self.dim or 0,
         )
-
-    def iter_vectors(self, filter=None, batch_size=4096):
-        if not self.exists():
-            return
-        qe = _edge()
-        offset = None
-        while True:
-            with self.session() as shard, self._engine():
-                records, offset = shard.scroll(
-                    qe.ScrollRequest(
-                        offset=offset,
-                        limit=batch_size,
-                        filter=_to_filter(filter),
-                        with_payload=False,
-                        with_vector=True,
-                    )
-                )
-            if records:
-                yield (
-                    [base.to_sample_id(r.id) for r in records],
-                    _vectors([r.vector for r in records], self.dim or 0),
-                )
-            if offset is None:
-                return
 
     def query(self, vectors, k, filter=None, exact=False, hnsw_ef=None):
         qe = _edge()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -326,12 +325,7 @@ class ServerIndex(VectorIndex):
                 exact=True,
             ).count
 
-    def iter_payloads(
-        self,
-        keys: Sequence[str],
-        filter: IndexFilter | None = None,
-        batch_size: int = 10000,
-    ) -> Iterator[tuple[str, dict]]:
+    def scroll(self, filter, batch_size, payload, vector):
         if not self.exists():
             return
         offset = None
@@ -342,11 +336,11 @@ class ServerIndex(VectorIndex):
                     limit=batch_size,
                     offset=offset,
                     scroll_filter=_to_filter(filter),
-                    with_payload=list(keys),
-                    with_vectors=False,
+                    with_payload=payload,
+                    with_vectors=vector,
                 )
-            for r in records:
-                yield base.to_sample_id(r.id), r.payload or {}
+            if records:
+                yield records
             if offset is None:
                 return
 
@@ -366,31 +360,6 @@ class ServerIndex(VectorIndex):
             vectors.reshape(len(order), self.dim or 0),
             [found[s].payload or {} for s in order],
         )
-
-    def iter_vectors(self, filter=None, batch_size=4096):
-        if not self.exists():
-            return
-        offset = None
-        while True:
-            with self._call():
-                records, offset = self.client.scroll(
-                    self.collection_name,
-                    limit=batch_size,
-                    offset=offset,
-                    scroll_filter=_to_filter(filter),
-                    with_payload=False,
-                    with_vectors=True,
-                )
-            if records:
-                vectors = np.array(
-                    [r.vector for r in records], dtype=np.float32
-                )
-                yield (
-                    [base.to_sample_id(r.id) for r in records],
-                    vectors.reshape(len(records), self.dim or 0),
-                )
-            if offset is None:
-                return
 
     def query(self, vectors, k, filter=None, exact=False, hnsw_ef=None):
         m = _models()
