@@ -44,7 +44,7 @@ BENCHMARKS = [
     (
         "near-duplicates",
         "near_duplicates",
-        "near-duplicates through the index against sklearn, 50k samples",
+        "near-duplicates through the index against sklearn, 100k samples",
     ),
 ]
 
