@@ -31,11 +31,11 @@ import numpy as np
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from prelabel import fields, records
+from prelabel import fields, records, units
 from prelabel.constants import DEFAULT_EMBEDDINGS_FIELD, DEFAULT_MODEL
 from prelabel.models import EmbeddingModel, check_model_name, load_model
 from prelabel.progress import Progress, ProgressArg
-from prelabel.validation import RESERVED_FIELDS
+from prelabel.validation import RESERVED_FIELDS, check_identifier
 
 logger = logging.getLogger(__name__)
 
@@ -107,11 +107,19 @@ class _PathArray:
 
 class _ImageFiles(Dataset):
     """``(index, transformed image, None)`` for each file, decoded in a
-    worker; ``(index, None, reason)`` for a file that cannot be read."""
+    worker; ``(index, None, reason)`` for a file that cannot be read.
+    With ``boxes`` (relative ``[x, y, w, h]`` per item), the crop of each
+    box is transformed instead of the whole image."""
 
-    def __init__(self, paths: _PathArray, transform: Callable):
+    def __init__(
+        self,
+        paths: _PathArray,
+        transform: Callable,
+        boxes: np.ndarray | None = None,
+    ):
         self.paths = paths
         self.transform = transform
+        self.boxes = boxes
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -121,7 +129,19 @@ class _ImageFiles(Dataset):
             image = _decode(self.paths[i])
         except Exception as e:  # whatever is wrong with the file
             return i, None, _reason(e)
+        if self.boxes is not None:
+            image = _crop(image, self.boxes[i])
         return i, self.transform(image), None
+
+
+def _crop(image: Image.Image, box) -> Image.Image:
+    """The pixels of a relative ``[x, y, w, h]`` box (at least one)."""
+    w, h = image.size
+    x0 = min(max(int(round(box[0] * w)), 0), w - 1)
+    y0 = min(max(int(round(box[1] * h)), 0), h - 1)
+    x1 = max(min(int(round((box[0] + box[2]) * w)), w), x0 + 1)
+    y1 = max(min(int(round((box[1] + box[3]) * h)), h), y0 + 1)
+    return image.crop((x0, y0, x1, y1))
 
 
 def _decode(path: str) -> Image.Image:
@@ -169,6 +189,7 @@ def compute_embeddings(
     write_every: int = DEFAULT_WRITE_EVERY,
     skip_failures: bool = True,
     overwrite: bool = False,
+    patches_field: str | None = None,
 ) -> EmbeddingCount:
     """Computes image embeddings and stores them in a ``VectorField``.
 
@@ -223,6 +244,14 @@ def compute_embeddings(
             writes nothing)
         overwrite (False): allow replacing a ``VectorField`` prelabel did
             not write, or the vectors of another model outside ``samples``
+        patches_field (None): embed the crop of each box of this
+            ``Detections`` field instead of the whole image, into the
+            attribute ``embeddings_field`` of each box (FiftyOne's own
+            layout for patch embeddings, which ``sync_index(...,
+            patches_field=...)`` and ``compute_similarity`` read). Written
+            in place, box by box, and resumed by a new run; an attribute
+            holding another model's vectors (or vectors prelabel did not
+            write) is refused: choose another ``embeddings_field``
 
     Returns:
         an :class:`EmbeddingCount`: an ``int``, the number of samples
@@ -245,12 +274,31 @@ def compute_embeddings(
     )
     check_image_collection(samples)
     dataset = samples._dataset
-    check_embeddings_output(dataset, embeddings_field)
+    if patches_field is None:
+        check_embeddings_output(dataset, embeddings_field)
+    else:
+        check_identifier(embeddings_field, "embeddings_field")
+        units.check_patches_field(samples, patches_field)
     if isinstance(model, EmbeddingModel):
         emb_model = model
     else:
         check_model_name(model)
         emb_model = load_model(model, image_size=image_size, weights=weights)
+    if patches_field is not None:
+        return _embed_boxes(
+            samples,
+            units.Patches(patches_field),
+            embeddings_field,
+            emb_model,
+            skip_existing,
+            skip_failures,
+            dict(
+                batch_size=batch_size,
+                num_workers=num_workers,
+                write_every=write_every,
+                progress=progress,
+            ),
+        )
 
     plan = _plan(
         samples, embeddings_field, emb_model, skip_existing, overwrite
@@ -275,8 +323,9 @@ def compute_embeddings(
             loader,
             ids,
             emb_model,
-            dataset,
-            write_field,
+            lambda vectors: dataset.set_values(
+                write_field, vectors, key_field="id"
+            ),
             write_every,
             progress,
         )
@@ -458,20 +507,21 @@ def _embed(
     loader: DataLoader,
     ids: list[str],
     model: EmbeddingModel,
-    dataset: fo.Dataset,
-    field_name: str,
+    write: Callable[[dict], None],
     write_every: int,
     progress: ProgressArg,
 ) -> dict[str, tuple[str, str]]:
-    """Embeds every image of ``loader`` into ``field_name``; an image that
-    cannot be read gets ``None``.
+    """Embeds every image (or box) of ``loader``, handing ``write`` the
+    vectors by id a chunk at a time; an image that cannot be read gets
+    ``None``.
 
     Returns:
-        sample id -> ``(filepath, reason)`` for the images not read
+        id -> ``(filepath, reason)`` for the images not read
     """
     total = len(ids)
     paths = loader.dataset.paths
-    label = f"Embedding images with {model.name}"
+    what = "boxes" if loader.dataset.boxes is not None else "images"
+    label = f"Embedding {what} with {model.name}"
     pending = {}
     failures = {}
     with Progress(progress, total, label, unit="img") as bar:
@@ -484,12 +534,88 @@ def _embed(
                 pending[ids[i]] = None
                 failures[ids[i]] = (paths[i], reason)
             if len(pending) >= write_every:
-                dataset.set_values(field_name, pending, key_field="id")
+                write(pending)
                 pending = {}
             bar.update(len(indices) + len(failed))
         if pending:
-            dataset.set_values(field_name, pending, key_field="id")
+            write(pending)
     return failures
+
+
+def _embed_boxes(
+    samples,
+    boxes: units.Patches,
+    attr: str,
+    model,
+    skip_existing,
+    skip_failures,
+    opts: dict,
+) -> EmbeddingCount:
+    """:func:`compute_embeddings` of the crops of ``boxes``, written into
+    the attribute ``attr`` of each box, in place."""
+    dataset = samples._dataset
+    path = boxes.path(samples, attr)
+    name = boxes.record_name(attr)
+    fields.recover(dataset)
+    existing = dataset.get_field(path)
+    if existing is not None:
+        recorded = records.get(dataset, records.EMBEDDINGS, name) or {}
+        if not isinstance(existing, fo.VectorField) or not _same_source(
+            recorded, model.info
+        ):
+            what = (
+                f"vectors of {_describe(recorded)}"
+                if recorded
+                else "values prelabel did not write"
+            )
+            raise ValueError(
+                f"embeddings_field={attr!r}: the boxes' {path!r} holds "
+                f"{what}; choose another embeddings_field for "
+                f"{_describe(model.info)} (nothing was written)"
+            )
+    rows = boxes.rows(samples, [attr])
+    if skip_existing:
+        rows = [r for r in rows if r[3] is None]
+    if not rows:
+        logger.info("All boxes already have %s", path)
+        return EmbeddingCount(0)
+    filepath = dict(zip(*samples.values(["id", "filepath"]), strict=True))
+    paths = [filepath[r[1]] for r in rows]
+    if not skip_failures:
+        _check_files_exist(sorted(set(paths)))
+    if existing is None:
+        dataset.add_sample_field(path, fo.VectorField, info=model.info)
+    records.put(dataset, records.EMBEDDINGS, name, model.info)
+    loader = DataLoader(
+        _ImageFiles(
+            _PathArray(paths),
+            model.transform,
+            np.array([r[2] for r in rows], dtype=np.float64),
+        ),
+        batch_size=opts["batch_size"],
+        shuffle=False,
+        num_workers=opts["num_workers"],
+        collate_fn=_collate,
+    )
+    failures = _embed(
+        loader,
+        [r[0] for r in rows],
+        model,
+        lambda vectors: dataset.set_label_values(path, vectors),
+        opts["write_every"],
+        opts["progress"],
+    )
+    if failures and not skip_failures:
+        _raise_failures(failures, len(rows), staged=False)
+    parent = {r[0]: r[1] for r in rows}
+    tagged = set(samples.match_tags(FAILED_TAG).values("id"))
+    failed_samples = {parent[i]: f for i, f in failures.items()}
+    _update_tags(dataset, failed_samples, tagged & {r[1] for r in rows})
+    _log_result(len(rows) - len(failures), failures, model, path)
+    return EmbeddingCount(
+        len(rows) - len(failures),
+        {i: reason for i, (_, reason) in failures.items()},
+    )
 
 
 def _raise_failures(failures: dict, total: int, staged: bool) -> None:

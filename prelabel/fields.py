@@ -27,18 +27,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
-import fiftyone as fo
 import fiftyone.core.sample as fos
 
 from prelabel import records
 from prelabel.index.locking import ProcessId
 from prelabel.validation import RESERVED_FIELDS, check_identifier
-
-#: the ``fields`` entry of a Classification field
-CLASSIFICATION = (
-    fo.EmbeddedDocumentField,
-    {"embedded_doc_type": fo.Classification},
-)
 
 #: the prefix of every temporary field
 TMP_PREFIX = "prelabel_tmp_"

@@ -32,6 +32,7 @@ from prelabel.index.base import (
 )
 from prelabel.index.locking import Lease
 from prelabel.index.sync import VECTOR_TOLERANCE, stored_form
+from prelabel.units import units_of
 
 #: indexes up to this size are checked point by point, even when sampled
 CHECK_ALL_BELOW = 2000
@@ -118,9 +119,9 @@ def check_index(
             f"brain_key={key!r}, rebuild=True)"
         ),
     )
+    points = units_of(config.patches_field)
     emb_field = config.embeddings_field
-    embedded = dataset.exists(emb_field)
-    health.num_embedded = len(embedded)
+    health.num_embedded = points.count_embedded(dataset, emb_field)
     if ownership.is_foreign_run(config, dataset):
         health.stale.append(
             "the run came with a clone of another dataset and still names "
@@ -134,9 +135,12 @@ def check_index(
             return health
         with Lease(vindex):
             _check_count(vindex, health)
-            _check_points(
-                vindex, embedded, emb_field, health, sample_size, seed
-            )
+            if sample_size is not None and health.num_embedded <= max(
+                sample_size, CHECK_ALL_BELOW
+            ):
+                sample_size = None  # a small index is compared whole
+            rows = points.sample_vectors(dataset, emb_field, sample_size, seed)
+            _check_points(vindex, rows, health)
             _check_self_queries(vindex, health, seed)
     except IndexDamagedError as e:
         health.problems.append(_problem(e))
@@ -209,22 +213,14 @@ def _check_count(index, health: IndexHealth) -> None:
         )
 
 
-def _check_points(index, embedded, emb_field, health, sample_size, seed):
-    """Compares stored vectors and payloads with the dataset."""
-    if sample_size is not None and health.num_embedded > max(
-        sample_size, CHECK_ALL_BELOW
-    ):
-        # drawn by MongoDB: the ids of a big dataset are never all read
-        ids = embedded.take(sample_size, seed=seed).values("id")
-    else:
-        ids = embedded.values("id")
+def _check_points(index, rows, health):
+    """Compares stored vectors and payloads with the dataset's
+    (``rows``: ``(point id, sample id, vector)``)."""
     metric = getattr(index, "metric", "cosine")
-    dataset = embedded._dataset
     damaged = missing = changed = 0
-    for start in range(0, len(ids), 1000):
-        chunk_ids, vecs = dataset.select(ids[start : start + 1000]).values(
-            ["id", emb_field]
-        )
+    for start in range(0, len(rows), 1000):
+        chunk = rows[start : start + 1000]
+        chunk_ids = [r[0] for r in chunk]
         payloads = dict(
             index.iter_payloads(
                 [
@@ -239,19 +235,19 @@ def _check_points(index, embedded, emb_field, health, sample_size, seed):
         )
         found, stored = index.get_vectors(chunk_ids)
         at = {sid: i for i, sid in enumerate(found)}
-        for sid, vec in zip(chunk_ids, vecs, strict=True):
-            p = payloads.get(sid)
-            if sid not in at or p is None:
+        for pid, parent, vec in chunk:
+            p = payloads.get(pid)
+            if pid not in at or p is None:
                 missing += 1
                 continue
             health.num_checked += 1
             vec = np.asarray(vec, dtype=np.float32)
-            if not _payload_intact(sid, p):
+            if not _payload_intact(parent, p):
                 damaged += 1
             elif p.get(base.VECTOR_DIGEST) != base.vector_digest(vec):
                 changed += 1
             elif not np.allclose(
-                stored[at[sid]],
+                stored[at[pid]],
                 stored_form(vec[None, :], metric)[0],
                 atol=VECTOR_TOLERANCE,
                 rtol=0,

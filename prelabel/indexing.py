@@ -22,6 +22,7 @@ from prelabel.index.brain import (
 )
 from prelabel.index.sync import check_index_dim
 from prelabel.progress import ProgressArg
+from prelabel.units import check_patches_field, units_of
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ def check_sync_index(
     api_key: str | None = None,
     require_embeddings: bool = True,
     path: str | None = None,
+    patches_field: str | None = None,
 ):
     """Runs every check of :func:`sync_index` without writing anything, so
     that operator forms can show the reason up front.
@@ -72,10 +74,27 @@ def check_sync_index(
         )
     if path is not None:
         ownership.check_path(path)
+    label_field = patch_label_field(samples, patches_field, label_field)
+    held = _held_patches(samples._root_dataset, brain_key)
+    if held is not False and held != patches_field:
+        raise ValueError(
+            f"brain_key={brain_key!r} indexes "
+            + ("whole samples" if held is None else f"the boxes of {held!r}")
+            + "; pass "
+            + (
+                "no patches_field"
+                if held is None
+                else f"patches_field={held!r}"
+            )
+            + " or use another brain key"
+        )
+    points = units_of(patches_field)
     dim = None
     if require_embeddings:
-        dim = validation.check_embeddings_field(samples, embeddings_field)
-    if label_field:
+        dim = validation.check_embeddings_field(
+            samples, points.path(samples, embeddings_field)
+        )
+    if label_field and patches_field is None:
         validation.check_classification_field(samples, label_field)
     dataset = samples._root_dataset
     if brain_key not in dataset.list_brain_runs():
@@ -110,6 +129,34 @@ def check_sync_index(
     return config
 
 
+def _held_patches(dataset, brain_key):
+    """The patches field of an existing run (False: no such run)."""
+    if brain_key not in dataset.list_brain_runs():
+        return False
+    return getattr(
+        dataset.get_brain_info(brain_key).config, "patches_field", None
+    )
+
+
+def patch_label_field(samples, patches_field, label_field):
+    """The field whose labels an index stores: ``label_field``, or for
+    boxes ``patches_field`` itself (checked to be a Detections field)."""
+    if patches_field is None:
+        return label_field
+    check_patches_field(samples, patches_field)
+    if label_field not in (
+        constants.DEFAULT_LABEL_FIELD,
+        patches_field,
+        None,
+    ):
+        raise ValueError(
+            f"label_field={label_field!r}: an index of boxes stores their "
+            f"own labels (those of patches_field={patches_field!r}); leave "
+            "label_field out"
+        )
+    return patches_field
+
+
 def sync_index(
     samples,
     embeddings_field: str = constants.DEFAULT_EMBEDDINGS_FIELD,
@@ -124,6 +171,7 @@ def sync_index(
     rebuild: bool = False,
     verify: bool | str = "sample",
     batch_size: int = 2000,
+    patches_field: str | None = None,
     **index_kwargs,
 ) -> PrelabelQdrantSimilarityIndex:
     """Creates or updates the Qdrant index of ``samples`` under a brain key.
@@ -156,6 +204,12 @@ def sync_index(
             soon as one differs from the dataset, or with ``True``) and
             repair those that differ; ``False`` reads none back
         batch_size (2000): points read and written at a time
+        patches_field (None): index the boxes of this ``Detections`` field
+            instead of whole samples (a point per box, keyed by its label
+            id, with the box's own label; ``embeddings_field`` is then the
+            attribute of each box that ``compute_embeddings(...,
+            patches_field=...)`` wrote, and ``label_field`` does not
+            apply)
         **index_kwargs: other
             :class:`prelabel.index.brain.PrelabelQdrantSimilarityConfig`
             parameters of a new index (``hnsw_config``, ``quantization``,
@@ -183,7 +237,9 @@ def sync_index(
         url=url,
         api_key=api_key,
         path=path,
+        patches_field=patches_field,
     )
+    label_field = patch_label_field(samples, patches_field, label_field)
     dataset = samples._root_dataset
     from prelabel.orphans import delete_orphans
 
@@ -197,6 +253,7 @@ def sync_index(
                     dict(
                         embeddings_field=embeddings_field,
                         label_field=label_field,
+                        patches_field=patches_field,
                         metric=metric,
                         path=path,
                         url=url,
@@ -232,7 +289,7 @@ def _first_sync(samples, config_kwargs, brain_key, progress, batch_size):
     method.ensure_requirements()
     results = method.initialize(dataset, brain_key)
     index = results.index
-    dim = validation.check_embeddings_field(samples, config.embeddings_field)
+    dim = _dim(samples, config)
     owner = ownership.owner_of(dataset, brain_key, config.index_id)
     try:
         if index.state().kind in ("missing", "empty"):
@@ -252,6 +309,12 @@ def _first_sync(samples, config_kwargs, brain_key, progress, batch_size):
         raise
     results._last_sync = stats
     return results
+
+
+def _dim(samples, config) -> int:
+    points = units_of(config.patches_field)
+    path = points.path(samples, config.embeddings_field)
+    return validation.check_embeddings_field(samples, path)
 
 
 def _discard(index, brain_key) -> None:
@@ -289,7 +352,7 @@ def _recreate(results, samples) -> None:
         )
     if state.kind != "missing":
         index.drop()
-    dim = validation.check_embeddings_field(samples, config.embeddings_field)
+    dim = _dim(samples, config)
     index.create(
         dim, owner=ownership.owner_of(dataset, results.key, config.index_id)
     )

@@ -21,11 +21,11 @@ import fiftyone as fo
 import numpy as np
 from fiftyone import ViewField as F
 
-from prelabel import adapt, constants, neighbors, records, validation
+from prelabel import adapt, constants, neighbors, records, units, validation
 from prelabel.core.adapter import label_error_scores
 from prelabel.core.voting import own_label_scores, sort_classes, summarize
 from prelabel.core.voting import vote as vote_of
-from prelabel.fields import CLASSIFICATION, check_output_field, staged_fields
+from prelabel.fields import check_output_field, staged_fields
 from prelabel.health import check_index
 from prelabel.index.base import IndexFilter
 from prelabel.progress import Progress, ProgressArg
@@ -72,15 +72,17 @@ class LabelMistakesResult:
     """What :func:`find_label_mistakes` did.
 
     Attributes:
-        score_field: the float field written (higher = more suspicious)
-        label_field: the neighbors' majority label field written
+        score_field: the float field written (higher = more suspicious);
+            for boxes, the Detections field of the scored boxes
+        label_field: the neighbors' majority label field written (None
+            for boxes: the majority is an attribute of each box)
         num_scored: labeled samples scored
         num_disagree: samples whose neighbors' majority is another label
         seconds: timings
     """
 
     score_field: str
-    label_field: str
+    label_field: str | None
     num_scored: int = 0
     num_disagree: int = 0
     seconds: dict = field(default_factory=dict)
@@ -98,6 +100,7 @@ def check_find_label_mistakes(
     method: str = "loo",
     overwrite: bool = False,
     batch_size: int = 1000,
+    patches_field: str | None = None,
 ):
     """Runs every check of :func:`find_label_mistakes` without writing
     anything, so that operator forms can show the reason up front.
@@ -105,8 +108,9 @@ def check_find_label_mistakes(
     Args: as :func:`find_label_mistakes`
 
     Returns:
-        ``(results, neighbors_field, filter)``: the similarity results, the
-        resolved neighbors field and the payload filter of labeled points
+        ``(results, neighbors_field, filter, units)``: the similarity
+        results, the resolved neighbors field (None for boxes), the
+        payload filter of labeled points and the points scored
 
     Raises:
         ValueError: one sentence saying what is wrong and what to do
@@ -127,27 +131,40 @@ def check_find_label_mistakes(
         raise ValueError(
             f"method={method!r} is not supported; use one of {METHODS}"
         )
-    results = neighbors.load_index(samples, index, brain_key)
+    points = _points(samples, patches_field, label_field, method)
+    label_field = points.label_field(label_field)
+    results = neighbors.load_index(samples, index, brain_key, patches_field)
     check_index(samples, results, sample_size=64).raise_if_damaged()
     if results.config.label_field != label_field:
         raise ValueError(
             f"label_field={label_field!r} but the index stores labels of "
             f"{results.config.label_field!r}; sync an index with this field"
         )
-    validation.check_classification_field(samples, label_field)
+    if patches_field is None:
+        validation.check_classification_field(samples, label_field)
     emb_field = results.config.embeddings_field
     never = {
         label_field: "the ground-truth field (the labels under test)",
         emb_field: "the embeddings field the index reads",
     }
-    for param, name, types in (
+    outputs = [
         ("score_field", score_field, (fo.FloatField,)),
         (
             "neighbors_field",
             neighbors_field,
             ((fo.EmbeddedDocumentField, fo.Classification),),
         ),
-    ):
+    ]
+    if patches_field is not None:
+        neighbors_field = None
+        outputs = [
+            (
+                "score_field",
+                score_field,
+                ((fo.EmbeddedDocumentField, fo.Detections),),
+            )
+        ]
+    for param, name, types in outputs:
         check_output_field(
             samples,
             name,
@@ -157,12 +174,30 @@ def check_find_label_mistakes(
             never=never,
             types=types,
         )
-    validation.check_embeddings_field(samples, emb_field)
+    validation.check_embeddings_field(samples, points.path(samples, emb_field))
 
     flt = IndexFilter(labeled=True)
     num_ref = results.index.count(flt)
     validation.check_k(k, max(num_ref - 1, 0))
-    return results, neighbors_field, flt
+    return results, neighbors_field, flt, points
+
+
+def _points(samples, patches_field, label_field, method):
+    """Whole samples labeled in ``label_field``, or labeled boxes."""
+    if patches_field is None:
+        return units.Samples()
+    units.check_patches_field(samples, patches_field)
+    if label_field not in (constants.DEFAULT_LABEL_FIELD, patches_field):
+        raise ValueError(
+            f"label_field={label_field!r}: the labels under test are those "
+            f"of patches_field={patches_field!r}; leave label_field out"
+        )
+    if method != "loo":
+        raise ValueError(
+            f"method={method!r} learns from whole-image labels; boxes are "
+            "scored with method='loo'"
+        )
+    return units.Patches(patches_field)
 
 
 def find_label_mistakes(
@@ -178,6 +213,7 @@ def find_label_mistakes(
     progress: ProgressArg = True,
     method: str = "loo",
     overwrite: bool = False,
+    patches_field: str | None = None,
 ) -> LabelMistakesResult:
     """Scores every labeled sample by how much its labeled neighbors
     disagree with its own label (leave-one-out: a sample never votes for
@@ -211,12 +247,22 @@ def find_label_mistakes(
         overwrite (False): allow ``score_field`` / ``neighbors_field`` to
             replace fields that prelabel did not write (without it such a
             field is refused); ``label_field`` is never overwritten
+        patches_field (None): score the labeled boxes of this
+            ``Detections`` field instead, each by its nearest labeled
+            boxes in an index of them (``sync_index(...,
+            patches_field=...)``). ``score_field`` is then a
+            ``Detections`` field of its own: a ``fo.Detection`` on each
+            scored box (linked by ``source_id``; the boxes themselves are
+            never modified) with the box's own ``label``, its ``score``
+            (as above), and the neighbors' majority as ``neighbors_label``
+            with its share (``confidence``), ``votes`` and ``neighbors``;
+            ``neighbors_field`` does not apply
 
     Returns:
         a :class:`LabelMistakesResult`
     """
     t0 = time.perf_counter()
-    results, neighbors_field, flt = check_find_label_mistakes(
+    results, neighbors_field, flt, points = check_find_label_mistakes(
         samples,
         index=index,
         label_field=label_field,
@@ -228,25 +274,32 @@ def find_label_mistakes(
         method=method,
         overwrite=overwrite,
         batch_size=batch_size,
+        patches_field=patches_field,
     )
+    label_field = points.label_field(label_field)
     record = mistakes_record(
-        results.key, label_field, k, method, neighbors_field
+        results.key, label_field, k, method, neighbors_field, patches_field
     )
     emb_field = results.config.embeddings_field
     if method == "adapted":
         # an index of adapted embeddings: score in the frozen ones
         record_of = adapt.adapter_record(samples._root_dataset, emb_field)
         emb_field = record_of["embeddings_field"] if record_of else emb_field
-    labeled = validation.labeled(samples, label_field).exists(emb_field)
-    ids, own = labeled.values(["id", f"{label_field}.label"])
     if method == "adapted":
+        labeled = validation.labeled(samples, label_field).exists(emb_field)
+        ids, own = labeled.values(["id", f"{label_field}.label"])
         rows = _adapted_rows(labeled, emb_field, ids, own, k, batch_size)
     else:
+        ids, own = points.labeled(
+            samples.exists(points.path(samples, emb_field)), label_field
+        )
         classes = neighbors.reference_classes(results, flt)
-        rows = _loo_rows(results, flt, ids, own, classes, k, vote, batch_size)
+        rows = _loo_rows(
+            results, flt, (ids, own), classes, (k, vote, batch_size), points
+        )
     out = LabelMistakesResult(score_field, neighbors_field)
     with Progress(progress, len(ids), "Scoring labels") as bar:
-        _write(samples._dataset, out, record, rows, bar)
+        _write(samples._dataset, out, record, rows, bar, (points, ids, own))
     out.seconds["total"] = time.perf_counter() - t0
     return out
 
@@ -254,9 +307,12 @@ def find_label_mistakes(
 Rows = Iterator[tuple[list[str], np.ndarray, list, int]]
 
 
-def _loo_rows(results, flt, ids, own, classes, k, vote, batch_size) -> Rows:
+def _loo_rows(results, flt, labeled, classes, opts, points) -> Rows:
     """``(ids, scores, neighbors' majority, number disagreeing)`` chunk by
-    chunk: the leave-one-out vote of each labeled sample's neighbors."""
+    chunk: the leave-one-out vote of each labeled point's neighbors
+    (``labeled``: their ids and labels; ``opts``: k, vote, batch size)."""
+    ids, own = labeled
+    k, vote, batch_size = opts
     own_by_id = dict(zip(ids, own, strict=True))
     dataset = results.samples._root_dataset
     for nb in neighbors.stream(
@@ -267,6 +323,7 @@ def _loo_rows(results, flt, ids, own, classes, k, vote, batch_size) -> Rows:
         k,
         flt,
         batch_size,
+        units=points,
     ):
         votes = vote_of(nb.labels, nb.sims, classes, k, vote)
         mine = [own_by_id[s] for s in nb.ids]
@@ -327,11 +384,14 @@ def _adapted_rows(labeled, emb_field, ids, own, k, batch_size) -> Rows:
         yield ids[a : rows.stop], scores[a : rows.stop], majority, disagree
 
 
-def _write(dataset, out, record, rows: Rows, bar) -> None:
-    """Writes the rows aside, then swaps both fields in with the record."""
+def _write(dataset, out, record, rows: Rows, bar, scored) -> None:
+    """Writes the rows aside, then swaps the fields in with the record
+    (``scored``: the points, their ids and their own labels)."""
+    if scored[0].patches_field is not None:
+        return _write_boxes(dataset, out, record, rows, bar, scored)
     staged = {
         out.score_field: (fo.FloatField, {}),
-        out.label_field: CLASSIFICATION,
+        out.label_field: units.CLASSIFICATION,
     }
     with staged_fields(dataset, staged) as stage:
         stage.record(records.MISTAKES, out.score_field, record)
@@ -351,8 +411,45 @@ def _write(dataset, out, record, rows: Rows, bar) -> None:
             bar.update(len(ids))
 
 
+def _write_boxes(dataset, out, record, rows, bar, scored) -> None:
+    """For boxes: one Detections field, a Detection per scored box with
+    its own label, its score and the neighbors' majority."""
+    points, all_ids, labels = scored
+    own = dict(zip(all_ids, labels, strict=True))
+    staged = {out.score_field: units.DETECTIONS}
+    with staged_fields(dataset, staged) as stage:
+        stage.record(records.MISTAKES, out.score_field, record)
+        writer = points.writer(dataset, stage[out.score_field], all_ids)
+        for ids, scores, majority, disagree in rows:
+            writer.write(
+                {
+                    lid: _box_score(own.get(lid), float(score), maj)
+                    for lid, score, maj in zip(
+                        ids, scores, majority, strict=True
+                    )
+                }
+            )
+            out.num_scored += len(ids)
+            out.num_disagree += disagree
+            bar.update(len(ids))
+        writer.close()
+
+
+def _box_score(label, score, majority) -> fo.Classification:
+    """What a scored box's Detection carries (as a Classification)."""
+    attrs = dict(label=label, score=score)
+    if majority is not None:
+        attrs.update(
+            neighbors_label=majority.label,
+            confidence=majority.confidence,
+            votes=majority["votes"],
+            neighbors=majority["neighbors"],
+        )
+    return fo.Classification(**attrs)
+
+
 def mistakes_record(
-    brain_key, label_field, k, method, neighbors_field
+    brain_key, label_field, k, method, neighbors_field, patches_field=None
 ) -> dict:
     """What the run records of a score field say about its run."""
     return {
@@ -361,6 +458,7 @@ def mistakes_record(
         "k": k,
         "method": method,
         "neighbors_field": neighbors_field,
+        "patches_field": patches_field,
     }
 
 
@@ -369,8 +467,25 @@ def suspicious_labels(
     score_field: str = constants.DEFAULT_SCORE_FIELD,
     min_score: float = 0.0,
 ):
-    """The scored samples, most suspicious first."""
-    view = samples.exists(score_field)
+    """The scored samples, most suspicious first; for a score field of
+    boxes (``find_label_mistakes(..., patches_field=...)``), a patches
+    view of the scored boxes.
+
+    Args:
+        samples: a dataset or view
+        score_field ("mistake_score"): the score field written
+        min_score (0.0): keep only scores at least this high
+
+    Returns:
+        a :class:`fiftyone.core.view.DatasetView`
+    """
+    record = records.get(samples._root_dataset, records.MISTAKES, score_field)
+    if (record or {}).get("patches_field"):
+        view = samples.to_patches(score_field)
+        score = F(f"{score_field}.score")
+    else:
+        view = samples.exists(score_field)
+        score = F(score_field)
     if min_score:
-        view = view.match(F(score_field) >= float(min_score))
-    return view.sort_by(score_field, reverse=True)
+        view = view.match(score >= float(min_score))
+    return view.sort_by(score, reverse=True)

@@ -1,5 +1,8 @@
 """Who votes, and who their neighbors are.
 
+A point is a whole sample, or one box of a patches index (see
+:mod:`prelabel.units`): ids below are sample ids, or label ids.
+
 The reference set (the labeled samples that vote) is chosen inside Qdrant
 by a payload filter, never by sending id lists; the vectors of the samples
 being scored are read from the dataset in chunks, and each chunk is one
@@ -22,9 +25,10 @@ from prelabel.core.voting import sort_classes
 from prelabel.index.base import IndexFilter
 from prelabel.index.locking import Lease
 from prelabel.progress import Progress, ProgressArg
+from prelabel.units import Samples, units_of
 
 
-def load_index(samples, index=None, brain_key=None):
+def load_index(samples, index=None, brain_key=None, patches_field=None):
     """The prelabel similarity results that ``index`` names, on
     ``samples``' dataset.
 
@@ -33,12 +37,15 @@ def load_index(samples, index=None, brain_key=None):
         index (None): the results of :func:`prelabel.sync_index`, or a
             brain key; default ``brain_key`` or ``"prelabel_qdrant"``
         brain_key (None): the brain key, when ``index`` is not given
+        patches_field (None): the patches field the index must hold the
+            boxes of (None: an index of whole samples)
 
     Returns:
         a :class:`prelabel.index.brain.PrelabelQdrantSimilarityIndex`
 
     Raises:
-        ValueError: no such prelabel run, or the index of another dataset
+        ValueError: no such prelabel run, the index of another dataset, or
+            one of other points (boxes for samples, or the reverse)
     """
     from prelabel.index.brain import PrelabelQdrantSimilarityIndex
 
@@ -51,7 +58,7 @@ def load_index(samples, index=None, brain_key=None):
                 f"'{dataset.name}'; pass the results of sync_index on this "
                 "dataset (or its brain key)"
             )
-        return _whole_samples(index)
+        return _same_points(index, patches_field)
     if index is not None and not isinstance(index, str):
         raise ValueError(
             f"index= must be the results of prelabel.sync_index or a brain "
@@ -71,17 +78,25 @@ def load_index(samples, index=None, brain_key=None):
             f"({type(results.config).__name__}); sync a prelabel index "
             "with prelabel.sync_index"
         )
-    return _whole_samples(results)
+    return _same_points(results, patches_field)
 
 
-def _whole_samples(results):
-    if results.config.patches_field is not None:
+def _same_points(results, patches_field):
+    held = results.config.patches_field
+    if held == patches_field:
+        return results
+    if held is None:
         raise ValueError(
-            f"brain key {results.key!r} indexes the patches of "
-            f"{results.config.patches_field!r}; pre-annotation and label "
-            "mistakes use an index of whole samples (prelabel.sync_index)"
+            f"brain key {results.key!r} indexes whole samples, not the "
+            f"boxes of patches_field={patches_field!r}; sync an index of "
+            f"them: prelabel.sync_index(..., patches_field="
+            f"{patches_field!r}, brain_key=<a new key>)"
         )
-    return results
+    raise ValueError(
+        f"brain key {results.key!r} indexes the boxes of {held!r}; pass "
+        f"patches_field={held!r}"
+        + ("" if patches_field is None else " or an index of your field")
+    )
 
 
 # ---- the reference set ------------------------------------------------
@@ -146,7 +161,7 @@ def reference_view(samples, reference, label_field: str):
 
 
 def reference_filter(
-    results, reference, label_field: str
+    results, reference, label_field: str, units: Samples | None = None
 ) -> tuple[IndexFilter, int]:
     """The payload filter selecting the reference set in the index, and
     its size.
@@ -160,7 +175,8 @@ def reference_filter(
     if reference is None or isinstance(reference, (str, list, tuple)):
         flt = IndexFilter.reference(reference)
     else:
-        ref_ids = validation.labeled(reference, label_field).values("id")
+        units = units or units_for(results)
+        ref_ids = units.labeled(reference, label_field)[0]
         # only points can be marked: a sample added or embedded after the
         # last sync is not in the index (and setting a payload on it fails)
         present = [
@@ -193,11 +209,18 @@ def reference_classes(results, flt) -> list[str]:
 # ---- vectors and neighbors --------------------------------------------
 
 
-def read_vectors(dataset, ids: Sequence[str], field: str):
-    """``(ids, float32 matrix)`` of the given samples' ``field``, in the
-    order the database returns them."""
-    found, vecs = dataset.select(ids).values(["id", field])
-    return found, np.stack([np.asarray(v, dtype=np.float32) for v in vecs])
+def units_for(results) -> Samples:
+    """The points of ``results``: whole samples, or its boxes."""
+    return units_of(results.config.patches_field)
+
+
+def read_vectors(
+    dataset, ids: Sequence[str], field: str, units: Samples | None = None
+):
+    """``(ids, float32 matrix)`` of the given points' ``field`` (an
+    attribute of each box, for patches), in the order the database
+    returns them."""
+    return (units or Samples()).read_vectors(dataset, ids, field)
 
 
 @dataclass
@@ -205,9 +228,9 @@ class Neighbors:
     """A chunk of queries and their nearest references, closest first.
 
     Attributes:
-        ids: the samples queried
+        ids: the points queried
         vectors: their vectors, as read from the dataset
-        neighbor_ids: per query, the neighbors' sample ids (never itself)
+        neighbor_ids: per query, the neighbors' ids (never itself)
         labels: per query, the neighbors' labels
         sims: float array (n, k) of similarities, NaN-padded
     """
@@ -219,10 +242,12 @@ class Neighbors:
     sims: np.ndarray
 
 
-def query(results, dataset, ids, field: str, k: int, flt) -> Neighbors:
-    """The ``k`` nearest references of the given samples (one batched
-    query; each sample's own point is dropped)."""
-    found, vectors = read_vectors(dataset, ids, field)
+def query(
+    results, dataset, ids, field: str, k: int, flt, units=None
+) -> Neighbors:
+    """The ``k`` nearest references of the given points (one batched
+    query; each point's own is dropped)."""
+    found, vectors = read_vectors(dataset, ids, field, units)
     res = results.index.query(vectors, k + 1, flt)
     nb_ids, nb_labels = [], []
     sims = np.full((len(found), k), np.nan, dtype=np.float32)
@@ -244,6 +269,7 @@ def stream(
     batch_size: int = 1000,
     progress: ProgressArg = None,
     label: str = "Querying neighbors",
+    units: Samples | None = None,
 ) -> Iterator[Neighbors]:
     """:func:`query` over ``ids`` in chunks of ``batch_size``: the one
     loop that reads vectors and queries the index. An embedded index stays
@@ -256,5 +282,5 @@ def stream(
         for start in range(0, len(ids), batch_size):
             lease.tick()
             chunk = ids[start : start + batch_size]
-            yield query(results, dataset, chunk, field, k, flt)
+            yield query(results, dataset, chunk, field, k, flt, units)
             bar.update(len(chunk))

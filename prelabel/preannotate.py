@@ -24,11 +24,19 @@ from dataclasses import dataclass, field
 import fiftyone as fo
 import numpy as np
 
-from prelabel import adapt, constants, neighbors, records, scorers, validation
+from prelabel import (
+    adapt,
+    constants,
+    neighbors,
+    records,
+    scorers,
+    units,
+    validation,
+)
 from prelabel.core import calibration
 from prelabel.core.voting import logits, winners
 from prelabel.deprecation import moved
-from prelabel.fields import CLASSIFICATION, check_output_field, staged_fields
+from prelabel.fields import check_output_field, staged_fields
 from prelabel.health import check_index
 from prelabel.progress import Progress, ProgressArg
 
@@ -145,6 +153,7 @@ def check_preannotate(
     mode: str = "knn",
     overwrite: bool = False,
     batch_size: int = 1000,
+    patches_field: str | None = None,
 ):
     """Runs every check of :func:`preannotate` without writing a label, so
     that operator forms can show the reason before anything runs (a
@@ -154,8 +163,9 @@ def check_preannotate(
     Args: as :func:`preannotate`
 
     Returns:
-        ``(results, filter, num_reference)``: the similarity results, the
-        payload filter of the reference set and its size
+        ``(results, filter, num_reference, units)``: the similarity
+        results, the payload filter of the reference set, its size, and
+        the points (:class:`prelabel.units.Samples` or ``Patches``)
 
     Raises:
         ValueError: one sentence saying what is wrong and what to do
@@ -170,7 +180,9 @@ def check_preannotate(
     if eval_key is not None:
         validation.check_identifier(eval_key, "eval_key")
     check_options(mode, calibrate, target_precision, propagate)
-    results = neighbors.load_index(targets, index, brain_key)
+    points = _check_points(targets, patches_field, label_field, mode, eval_key)
+    label_field = points.label_field(label_field)
+    results = neighbors.load_index(targets, index, brain_key, patches_field)
     check_index(targets, results, sample_size=64).raise_if_damaged()
     config = results.config
     if config.label_field != label_field:
@@ -179,7 +191,8 @@ def check_preannotate(
             f"{config.label_field!r}; pass label_field="
             f"{config.label_field!r} or sync an index with this field"
         )
-    validation.check_classification_field(targets, label_field)
+    if patches_field is None:
+        validation.check_classification_field(targets, label_field)
     emb_field = config.embeddings_field
     check_output_field(
         targets,
@@ -193,35 +206,65 @@ def check_preannotate(
             ),
             emb_field: "the embeddings field the index reads",
         },
-        types=((fo.EmbeddedDocumentField, fo.Classification),),
+        types=((points.result_type[0], points.result_doc),),
     )
-    _check_targets_embedded(targets, results)
-    flt, num_ref = neighbors.reference_filter(results, reference, label_field)
+    _check_targets_embedded(targets, results, points)
+    flt, num_ref = neighbors.reference_filter(
+        results, reference, label_field, points
+    )
     if num_ref == 0:
         raise ValueError(
-            "the reference set is empty: no sample in the index has a "
-            f"label in {label_field!r}"
+            f"the reference set is empty: no {points.noun} in the index has "
+            f"a label in {label_field!r}"
             + (f" and the tag(s) {reference!r}" if reference else "")
-            + "; label some samples (and sync the index) first"
+            + f"; label some {points.noun}es first (and sync the index)"
         )
     validation.check_k(k, num_ref)
-    return results, flt, num_ref
+    return results, flt, num_ref, points
 
 
-def _check_targets_embedded(targets, results) -> None:
+def _check_points(targets, patches_field, label_field, mode, eval_key):
+    """The points the run labels: whole samples (a Classification
+    ``label_field``) or the boxes of ``patches_field``."""
+    if patches_field is None:
+        return units.Samples()
+    units.check_patches_field(targets, patches_field)
+    if label_field not in (constants.DEFAULT_LABEL_FIELD, patches_field):
+        raise ValueError(
+            f"label_field={label_field!r}: boxes vote with their own labels "
+            f"(those of patches_field={patches_field!r}); leave label_field "
+            "out"
+        )
+    if mode != "knn":
+        raise ValueError(
+            f"mode={mode!r} learns from whole-image labels; boxes are "
+            "pre-annotated with mode='knn' (calibrate and target_precision "
+            "apply)"
+        )
+    if eval_key is not None:
+        raise ValueError(
+            "eval_key evaluates image-level pre-labels; for boxes, compare "
+            "the pre-label field with your ground truth (e.g. "
+            "evaluate_detections), or leave eval_key out"
+        )
+    return units.Patches(patches_field)
+
+
+def _check_targets_embedded(targets, results, points) -> None:
     emb_field = results.config.embeddings_field
-    dim = validation.check_embeddings_field(targets, emb_field)
+    path = points.path(targets, emb_field)
+    dim = validation.check_embeddings_field(targets, path)
     if results.index.dim is not None and dim != results.index.dim:
         raise ValueError(
-            f"the targets' {emb_field!r} are {dim}-d but the index holds "
+            f"the targets' {path!r} are {dim}-d but the index holds "
             f"{results.index.dim}-d vectors; recompute embeddings with the "
             "index's model or sync a new brain key"
         )
-    missing = len(targets.exists(emb_field, False))
+    missing = points.count_missing(targets, emb_field)
     if missing:
         raise ValueError(
-            f"{missing} targets have no {emb_field!r}; run "
-            "compute_embeddings on them first"
+            f"{missing} targets have no {path!r}; run compute_embeddings "
+            "on them first"
         )
 
 
@@ -247,6 +290,7 @@ class _Run:
     propagate: bool
     mode: str
     overwrite: bool
+    units: units.Samples
 
     @property
     def dataset(self):
@@ -277,6 +321,7 @@ def preannotate(
     propagate: bool = False,
     mode: str = "knn",
     overwrite: bool = False,
+    patches_field: str | None = None,
 ) -> PreannotationResult:
     """Pre-annotates ``targets`` by a vote of their nearest labeled
     neighbors in the index.
@@ -331,12 +376,23 @@ def preannotate(
             prelabel did not write (without it, such a field, e.g. labels
             a person reviewed, is refused); the ground truth and the
             index's embeddings are never overwritten
+        patches_field (None): pre-annotate the boxes of this
+            ``Detections`` field instead of whole images, each by its
+            nearest labeled boxes in an index of them
+            (``sync_index(..., patches_field=...)``): every box of
+            ``targets`` (filter them, e.g. to unlabeled boxes, with
+            ``filter_labels``) gets a ``fo.Detection`` on the same box in
+            ``pred_field`` (a ``Detections`` field of its own, linked by
+            ``source_id``; the boxes themselves are never modified), with
+            the attributes above; a box left for review carries the label
+            tag ``needs_review``. The labels of ``patches_field`` vote
+            (``label_field`` does not apply), ``mode="knn"`` only
 
     Returns:
         a :class:`PreannotationResult`
     """
     t0 = time.perf_counter()
-    results, flt, _ = check_preannotate(
+    results, flt, _, points = check_preannotate(
         targets,
         index=index,
         reference=reference,
@@ -353,13 +409,14 @@ def preannotate(
         mode=mode,
         overwrite=overwrite,
         batch_size=batch_size,
+        patches_field=patches_field,
     )
     run = _Run(
         targets,
         results,
         flt,
         reference,
-        label_field,
+        points.label_field(label_field),
         pred_field,
         k,
         vote,
@@ -372,6 +429,7 @@ def preannotate(
         propagate,
         mode,
         overwrite,
+        points,
     )
     scorer, frozen = _scorers(run)
     out = PreannotationResult(
@@ -414,7 +472,7 @@ def _scorers(run: _Run):
     adapter = adapt.load_adapter(run.root, results.config.embeddings_field)
     args = (results, flt, classes, run.k, run.vote)
     if adapter is None:
-        return scorers.VoteScorer(*args), None
+        return scorers.VoteScorer(*args, run.units), None
     scorer = scorers.AdaptedScorer(*args, adapter)
     if frozen is not None:
         frozen = scorers.VoteScorer(*frozen, classes, run.k, run.vote)
@@ -504,7 +562,7 @@ def _spread(run: _Run, scorer, refs, out):
     ids, priors, chunks = [], [], []
     for chunk in scorer.stream(
         run.dataset,
-        run.targets.values("id"),
+        run.units.ids(run.targets),
         run.batch_size,
         run.progress,
         "Scoring targets for label spreading",
@@ -523,6 +581,7 @@ def _spread(run: _Run, scorer, refs, out):
         ids,
         np.vstack(priors) if priors else np.zeros((0, len(scorer.classes))),
         scorer.classes,
+        run.units,
     )
     out.seconds["propagate"] = time.perf_counter() - t0
     return spreading, chunks
@@ -553,7 +612,7 @@ def _write(run: _Run, scorer, verdict: _Verdict, out) -> None:
     """The targets, chunk by chunk: scored, classified and written aside;
     swapped in with the run record when every chunk succeeded."""
     dataset = run.dataset
-    ids = run.targets.values("id")
+    ids = run.units.ids(run.targets)
     out.num_targets = len(ids)
     review_ids, accepted = [], 0
     t_query = t_write = 0.0
@@ -565,10 +624,12 @@ def _write(run: _Run, scorer, verdict: _Verdict, out) -> None:
         scorer.classes,
         run.min_confidence,
         run.reference,
-        extra=verdict.extra,
+        extra=dict(verdict.extra, patches_field=run.units.patches_field),
     )
-    with staged_fields(dataset, {run.pred_field: CLASSIFICATION}) as stage:
+    staged = {run.pred_field: run.units.result_type}
+    with staged_fields(dataset, staged) as stage:
         stage.record(records.RUNS, run.pred_field, record)
+        writer = run.units.writer(dataset, stage[run.pred_field], ids)
         t0 = time.perf_counter()
         for chunk in _target_chunks(run, scorer, verdict, ids):
             scale = _prepare(run, chunk, verdict)
@@ -578,23 +639,24 @@ def _write(run: _Run, scorer, verdict: _Verdict, out) -> None:
             )
             accepted += acc
             out.num_labeled += sum(lbl is not None for lbl in labels)
-            review_ids.extend(
+            chunk_review = [
                 s
                 for s, r in zip(chunk.neighbors.ids, review, strict=True)
                 if r
-            )
-            dataset.set_values(
-                stage[run.pred_field],
+            ]
+            review_ids.extend(chunk_review)
+            writer.write(
                 dict(zip(chunk.neighbors.ids, labels, strict=True)),
-                key_field="id",
+                chunk_review,
             )
             t2 = time.perf_counter()
             t_query += t1 - t0
             t_write += t2 - t1
             t0 = t2
+        writer.close()
         t3 = time.perf_counter()
     t_write += time.perf_counter() - t3  # the swap of the field
-    if review_ids:
+    if review_ids and run.units.patches_field is None:
         dataset.select(review_ids).tag_samples(constants.REVIEW_TAG)
     out.num_review = len(review_ids)
     if verdict.threshold is not None:

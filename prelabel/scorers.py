@@ -91,15 +91,19 @@ class VoteScorer:
         classes: the classes, in the order of the distributions
         k: neighbors that vote
         vote_method: ``"majority"`` or ``"weighted"``
+        units (None): the :class:`prelabel.units.Samples` or
+            :class:`prelabel.units.Patches` of ``results`` (one per run:
+            it remembers where the boxes it has seen live)
     """
 
-    def __init__(self, results, flt, classes, k, vote_method):
+    def __init__(self, results, flt, classes, k, vote_method, units=None):
         self.results = results
         self.flt = flt
         self.classes = list(classes)
         self.k = k
         self.vote_method = vote_method
         self.field = results.config.embeddings_field
+        self.units = units or neighbors.units_for(results)
 
     def score(self, nb: neighbors.Neighbors) -> ChunkScores:
         """The distribution of each sample of a chunk."""
@@ -120,6 +124,7 @@ class VoteScorer:
             batch_size,
             progress,
             label,
+            self.units,
         ):
             yield self.score(nb)
 
@@ -270,7 +275,9 @@ class Spreading:
         }
 
 
-def propagate(root, field, refs, target_ids, priors, classes) -> Spreading:
+def propagate(
+    root, field, refs, target_ids, priors, classes, units=None
+) -> Spreading:
     """Spreads the labels over the graph of references and targets, if the
     references say it helps.
 
@@ -283,6 +290,8 @@ def propagate(root, field, refs, target_ids, priors, classes) -> Spreading:
         target_ids: the targets, in the order of ``priors``
         priors: float array (n, C), the targets' scores
         classes: the classes
+        units (None): the points' :class:`prelabel.units.Samples` (or
+            boxes)
 
     Returns:
         a :class:`Spreading`
@@ -296,7 +305,7 @@ def propagate(root, field, refs, target_ids, priors, classes) -> Spreading:
             "smaller view of targets, or pass propagate=False"
         )
     row = {sid: i for i, sid in enumerate(all_ids)}
-    found, X = neighbors.read_vectors(root, all_ids, field)
+    found, X = neighbors.read_vectors(root, all_ids, field, units)
     Xo = np.empty_like(X)
     Xo[np.array([row[s] for s in found])] = X
     idx, sims = exact_neighbors(whitened_features(Xo), k=10)

@@ -45,25 +45,37 @@ def check_embeddings_field(samples, field: str, param="embeddings_field"):
     """
     if not field:
         raise ValueError(f"{param} is required; name the embeddings field")
-    schema = samples.get_field_schema()
-    if field not in schema:
+    found = samples.get_field(field)
+    if found is None:
         raise ValueError(
             f"{param}={field!r} does not exist on dataset "
             f"'{samples._root_dataset.name}'; run compute_embeddings first"
         )
-    if not isinstance(schema[field], (fo.VectorField, fo.ArrayField)):
+    if not isinstance(found, (fo.VectorField, fo.ArrayField)):
         raise ValueError(
-            f"{param}={field!r} is a {type(schema[field]).__name__}, not an "
+            f"{param}={field!r} is a {type(found).__name__}, not an "
             "embeddings (vector) field; pass the field compute_embeddings "
             "wrote"
         )
     first = samples.exists(field).limit(1).values(field)
-    if not first:
+    first = _first_vector(first)
+    if first is None:
         raise ValueError(
             f"{param}={field!r} is empty in this collection; run "
             "compute_embeddings on these samples first"
         )
-    return int(len(first[0]))
+    return int(len(first))
+
+
+def _first_vector(values):
+    """The first vector of ``values`` (lists of them, for a box
+    attribute), or None."""
+    for v in values:
+        if isinstance(v, list):  # the vectors of a sample's boxes
+            v = next((x for x in v if x is not None), None)
+        if v is not None and len(v):
+            return v
+    return None
 
 
 def check_classification_field(

@@ -329,11 +329,6 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex, DuplicatesMixin):
         Returns:
             a :class:`prelabel.index.sync.SyncStats`
         """
-        if self.config.patches_field is not None:
-            raise ValueError(
-                "A patches index is filled by compute_similarity and "
-                "add_to_index; sync() reads whole-sample embeddings"
-            )
         if samples is None:
             samples = self.samples._root_dataset
         stats = sync_points(
@@ -345,6 +340,7 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex, DuplicatesMixin):
             batch_size=batch_size,
             progress=progress,
             verify=verify,
+            patches_field=self.config.patches_field,
         )
         self._last_sync = stats
         self.reload()

@@ -416,7 +416,8 @@ def _resync(results, target, owner) -> None:
 
     config = results.config
     dataset = results.samples._root_dataset
-    dim = embedding_dim(dataset, config.embeddings_field)
+    patches = config.patches_field
+    dim = embedding_dim(dataset, config.embeddings_field, patches)
     if dim is None:
         return  # nothing to index yet: the next sync creates it
     target.create(dim, owner=dict(owner, complete=False))
@@ -427,6 +428,7 @@ def _resync(results, target, owner) -> None:
         config.label_field,
         dim,
         progress=False,
+        patches_field=patches,
     )
     target.update_meta(complete=True)
 

@@ -29,6 +29,7 @@ from prelabel.index import base
 from prelabel.index.base import VectorIndex
 from prelabel.index.locking import Lease
 from prelabel.progress import Progress, ProgressArg
+from prelabel.units import Samples, units_of
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +83,24 @@ def _label_path(label_field: str | None) -> str | None:
     return f"{label_field}.label" if label_field else None
 
 
-def read_chunk(dataset, ids, embeddings_field, label_field):
-    """``(ids, vectors-or-None, labels, tags)`` of the given samples."""
+def read_chunk(dataset, ids, embeddings_field, label_field, units=None):
+    """``(ids, vectors-or-None, labels, tags, sample ids)`` of the given
+    points: samples, or the boxes of a patches field (their own labels,
+    their sample's tags)."""
+    units = units or Samples()
+    if units.patches_field is not None:
+        wanted = set(ids)
+        parents = sorted({p for p in units.parents_of(dataset, ids) if p})
+        view = dataset.select(parents)
+        tags = dict(zip(*view.values(["id", "tags"]), strict=True))
+        rows = [
+            r
+            for r in units.rows(view, [embeddings_field, "label"])
+            if r[0] in wanted
+        ]
+        cols = list(zip(*rows, strict=True)) or [()] * 5
+        lids, sids, _, vecs, labels = cols
+        return lids, vecs, labels, [tags[s] for s in sids], sids
     view = dataset.select(ids)
     fields = ["id", embeddings_field, "tags"]
     label_path = _label_path(label_field)
@@ -91,7 +108,7 @@ def read_chunk(dataset, ids, embeddings_field, label_field):
         fields.append(label_path)
     values = view.values(fields)
     labels = values[3] if label_path else [None] * len(values[0])
-    return values[0], values[1], labels, values[2]
+    return values[0], values[1], labels, values[2], values[0]
 
 
 def payloads_for(dataset, ids, vectors, label_field) -> list[dict]:
@@ -175,10 +192,16 @@ def check_vector(vec, sid: str, embeddings_field: str, dim: int):
     return vec
 
 
-def embedding_dim(samples, embeddings_field: str) -> int | None:
-    """The length of the first embedding in ``samples`` (None: none)."""
-    first = samples.exists(embeddings_field).limit(1).values(embeddings_field)
-    return int(len(first[0])) if first else None
+def embedding_dim(
+    samples, embeddings_field: str, patches_field: str | None = None
+) -> int | None:
+    """The length of the first embedding in ``samples`` (of their boxes,
+    with ``patches_field``; None: none)."""
+    path = units_of(patches_field).path(samples, embeddings_field)
+    try:
+        return validation.check_embeddings_field(samples, path)
+    except ValueError:
+        return None
 
 
 def stored_form(vectors: np.ndarray, metric: str) -> np.ndarray:
@@ -199,7 +222,8 @@ _CURRENT_KEYS = [
 
 
 def _summary(sid: str, p: dict) -> tuple:
-    """``(vector digest, payload digest, payload intact)`` of a point."""
+    """``(vector digest, payload digest, payload intact)`` of a point of
+    sample ``sid``."""
     intact = p.get(base.SAMPLE_ID) == sid and p.get(
         base.PAYLOAD_DIGEST
     ) == base.payload_digest(p.get(base.LABEL), p.get(base.TAGS) or ())
@@ -217,14 +241,14 @@ class _PointStream:
         self._next = next(self._it, None)
 
     def until(self, last: str, wanted: set) -> tuple[dict, list[str]]:
-        """The points up to sample id ``last``: ``(summaries of those in
-        wanted, ids of the others)`` (the others are stale: the dataset's
-        ids are walked in order too)."""
+        """The points up to id ``last``: ``(payloads of those in wanted,
+        ids of the others)`` (the others are stale: the dataset's ids are
+        walked in order too)."""
         current, stale = {}, []
         while self._next is not None and self._next[0] <= last:
             sid, p = self._next
             if sid in wanted:
-                current[sid] = _summary(sid, p)
+                current[sid] = p
             else:
                 stale.append(sid)
             self._next = next(self._it, None)
@@ -265,16 +289,18 @@ def _plan_chunk(
     """What a chunk sends; ``checked(sid)`` says whether a point left in
     place has its stored vector read back."""
     chunk = _Chunk()
-    for sid, vec, label, tag_list in zip(*values, strict=True):
+    for sid, vec, label, tag_list, parent in zip(*values, strict=True):
         if vec is None:
             stats.skipped += 1
             if sid in current:
                 chunk.stale.append(sid)  # lost its embedding
             continue
         vec = check_vector(vec, sid, embeddings_field, dim)
-        payload = base.make_payload(sid, label, tag_list, vec)
+        payload = base.make_payload(parent, label, tag_list, vec)
         vd = payload[base.VECTOR_DIGEST]
         old = current.get(sid)
+        if old is not None:
+            old = _summary(parent, old)
         if old is None:
             stats.added += 1
             chunk.upsert(sid, vec, payload)
@@ -377,8 +403,10 @@ def sync_points(
     batch_size: int = 2000,
     progress: ProgressArg = True,
     verify: bool | str = "sample",
+    patches_field: str | None = None,
 ) -> SyncStats:
-    """Brings ``index`` up to date with ``samples``.
+    """Brings ``index`` up to date with ``samples`` (or with the boxes of
+    their ``patches_field``).
 
     Args:
         index: the :class:`prelabel.index.base.VectorIndex`
@@ -393,13 +421,18 @@ def sync_points(
             with the embeddings (a point that differs is written again):
             ``"sample"`` a random :data:`VERIFY_SAMPLE` of them, and every
             one as soon as one differs; ``True`` every one; ``False`` none
+        patches_field (None): index the boxes of this field (their own
+            labels; ``embeddings_field`` is an attribute of each box)
 
     Returns:
         a :class:`SyncStats`
     """
+    units = units_of(patches_field)
     if dim is None:
-        dim = validation.check_embeddings_field(samples, embeddings_field)
-        if label_field:
+        dim = validation.check_embeddings_field(
+            samples, units.path(samples, embeddings_field)
+        )
+        if label_field and patches_field is None:
             validation.check_classification_field(samples, label_field)
         if index.exists():
             check_index_dim(index, dim, embeddings_field)
@@ -409,7 +442,7 @@ def sync_points(
     t0 = time.perf_counter()
     # both sides in sample-id order: a merge, chunk by chunk, never a map
     # of every point in memory
-    all_ids = sorted(samples.values("id"))
+    all_ids = sorted(units.ids(samples))
     checked = _checked(all_ids, verify)
     dataset = samples._dataset
     metric = getattr(index, "metric", "cosine")
@@ -422,7 +455,9 @@ def sync_points(
             lease.tick()
             ids = all_ids[start : start + batch_size]
             current, stale = points.until(ids[-1], set(ids))
-            values = read_chunk(dataset, ids, embeddings_field, label_field)
+            values = read_chunk(
+                dataset, ids, embeddings_field, label_field, units
+            )
             chunk = _plan_chunk(
                 values, current, stats, dim, embeddings_field, checked
             )
@@ -447,6 +482,7 @@ def sync_points(
             batch_size,
             progress=False,
             verify=True,
+            patches_field=patches_field,
         )
         stats.repaired += again.repaired
         stats.unchanged -= again.repaired

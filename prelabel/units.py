@@ -1,0 +1,303 @@
+"""What one point of an index stands for: a whole sample, or one object
+patch (a ``Detection`` of a patches field).
+
+Every job that reads vectors and labels, or writes a result per point,
+goes through a :class:`Units` so that whole images and boxes share one
+path:
+
+- :class:`Samples`: points are samples; a vector is a sample field, a
+  label a ``Classification`` field, and a result a ``Classification`` in
+  a field of its own;
+- :class:`Patches`: points are the labels of a ``Detections`` (or
+  ``Detection``) field, keyed by label id; a vector is an attribute of
+  each label, the label is the box's own ``label`` (``None``: an
+  unlabeled box), and a result is a ``fo.Detection`` on the same box, in
+  a ``Detections`` field of its own that links back by ``source_id``.
+  The boxes a person drew are never modified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import fiftyone as fo
+import numpy as np
+from bson import ObjectId
+from fiftyone import ViewField as F
+
+from prelabel import constants
+
+#: the ``fields`` entry of a Classification field
+CLASSIFICATION = (
+    fo.EmbeddedDocumentField,
+    {"embedded_doc_type": fo.Classification},
+)
+
+#: the ``fields`` entry of a Detections field
+DETECTIONS = (
+    fo.EmbeddedDocumentField,
+    {"embedded_doc_type": fo.Detections},
+)
+
+#: the label types a patches field may hold
+PATCH_TYPES = (fo.Detection, fo.Detections)
+
+
+class Samples:
+    """Points are whole samples."""
+
+    patches_field: str | None = None
+    #: what a point is called in messages
+    noun = "sample"
+    #: the field type of a job's per-point result
+    result_type = CLASSIFICATION
+    result_doc = fo.Classification
+
+    def path(self, samples, attr: str) -> str:
+        """The database path of a per-point ``attr`` (a sample field)."""
+        return attr
+
+    def label_field(self, label_field: str | None) -> str | None:
+        """The field whose labels the points carry."""
+        return label_field
+
+    def ids(self, samples) -> list[str]:
+        """The points of ``samples``."""
+        return samples.values("id")
+
+    def labeled(self, samples, label_field: str) -> tuple[list, list]:
+        """``(ids, labels)`` of the points of ``samples`` that have a
+        label in ``label_field``."""
+        return samples.match(F(f"{label_field}.label").exists()).values(
+            ["id", f"{label_field}.label"]
+        )
+
+    def count_missing(self, samples, field: str) -> int:
+        """How many points of ``samples`` have no ``field``."""
+        return len(samples.exists(field, False))
+
+    def count_embedded(self, samples, field: str) -> int:
+        """How many points of ``samples`` have a vector in ``field``."""
+        return len(samples.exists(field))
+
+    def sample_vectors(
+        self, samples, field: str, size: int | None, seed=None
+    ) -> list[tuple]:
+        """``(point id, sample id, vector)`` of the points with a vector
+        in ``field``: all of them, or those of ``size`` random samples."""
+        view = samples.exists(field)
+        if size is not None:
+            view = view.take(size, seed=seed)
+        ids, vecs = view.values(["id", field])
+        return list(zip(ids, ids, vecs, strict=True))
+
+    def read_vectors(
+        self, dataset, ids: Sequence[str], field: str
+    ) -> tuple[list[str], np.ndarray]:
+        """``(ids, float32 matrix)`` of the given points' ``field``, in
+        the order the database returns them (points without a vector
+        are left out)."""
+        found, vecs = dataset.select(list(ids)).values(["id", field])
+        return _matrix(found, vecs)
+
+    def writer(self, dataset, field: str, ids) -> _SampleWriter:
+        """Writes one result per point of ``ids`` into ``field``, a chunk
+        at a time: ``writer.write({id: Classification or None}, review)``
+        (``review``: the ids to tag for review; samples are tagged by the
+        caller once the field is in place), then ``writer.close()``."""
+        return _SampleWriter(dataset, field)
+
+
+class Patches(Samples):
+    """Points are the labels of ``patches_field``, keyed by label id.
+
+    Args:
+        patches_field: a ``Detections`` or ``Detection`` field
+    """
+
+    noun = "box"
+    result_type = DETECTIONS
+    result_doc = fo.Detections
+
+    def __init__(self, patches_field: str):
+        self.patches_field = patches_field
+        #: label id -> its sample id, and its box, for the ids seen
+        self.parent: dict[str, str] = {}
+        self.box: dict[str, list] = {}
+
+    def path(self, samples, attr: str) -> str:
+        _, path = samples._get_label_field_path(self.patches_field, attr)
+        return path
+
+    def label_field(self, label_field: str | None) -> str:
+        return self.patches_field
+
+    def record_name(self, attr: str) -> str:
+        """The name prelabel's records give the boxes' ``attr``."""
+        return f"{self.patches_field}:{attr}"
+
+    def rows(self, samples, attrs: Sequence[str]) -> list[tuple]:
+        """``(label id, sample id, box, *attrs)`` of every label of
+        ``samples`` (as filtered there), in sample order; the parents and
+        boxes are remembered."""
+        paths = [self.path(samples, a) for a in ("id", "bounding_box")]
+        paths += [self.path(samples, a) for a in attrs]
+        values = samples.values(["id"] + paths)
+        rows = []
+        for sid, *cols in zip(*values, strict=True):
+            if cols[0] is None:
+                continue
+            if not isinstance(cols[0], list):  # one Detection per sample
+                cols = [[c] for c in cols]
+            for row in zip(*cols, strict=True):
+                self.parent[row[0]] = sid
+                self.box[row[0]] = row[1]
+                rows.append((row[0], sid, *row[1:]))
+        return rows
+
+    def ids(self, samples) -> list[str]:
+        return [r[0] for r in self.rows(samples, [])]
+
+    def labeled(self, samples, label_field: str) -> tuple[list, list]:
+        rows = [r for r in self.rows(samples, ["label"]) if r[3]]
+        return [r[0] for r in rows], [r[3] for r in rows]
+
+    def count_missing(self, samples, field: str) -> int:
+        boxes = samples.count(self.path(samples, "id"))
+        return boxes - self.count_embedded(samples, field)
+
+    def count_embedded(self, samples, field: str) -> int:
+        return samples.count(self.path(samples, field))
+
+    def sample_vectors(self, samples, field, size, seed=None):
+        view = samples if size is None else samples.take(size, seed=seed)
+        return [
+            (r[0], r[1], r[3])
+            for r in self.rows(view, [field])
+            if r[3] is not None
+        ]
+
+    def parents_of(self, dataset, ids: Sequence[str]) -> list[str]:
+        """The sample of each given label (looked up once if unseen)."""
+        unseen = [i for i in ids if i not in self.parent]
+        if unseen:
+            view = dataset.filter_labels(
+                self.patches_field,
+                F("_id").is_in([ObjectId(i) for i in unseen]),
+            )
+            self.rows(view, [])
+        return [self.parent.get(i) for i in ids]
+
+    def read_vectors(self, dataset, ids, field):
+        wanted = set(ids)
+        parents = {p for p in self.parents_of(dataset, ids) if p}
+        rows = self.rows(dataset.select(sorted(parents)), [field])
+        rows = [r for r in rows if r[0] in wanted]
+        return _matrix([r[0] for r in rows], [r[3] for r in rows])
+
+    def writer(self, dataset, field: str, ids) -> _PatchWriter:
+        return _PatchWriter(self, dataset, field, ids)
+
+
+def units_of(patches_field: str | None) -> Samples:
+    """:class:`Patches` of ``patches_field``, or :class:`Samples`."""
+    return Samples() if patches_field is None else Patches(patches_field)
+
+
+def check_patches_field(samples, patches_field: str | None) -> None:
+    """``patches_field`` is None or a ``Detections``/``Detection`` field
+    of ``samples``."""
+    if patches_field is None:
+        return
+    if not isinstance(patches_field, str) or not patches_field:
+        raise ValueError(
+            f"patches_field must be the name of a Detections field; got "
+            f"{patches_field!r}"
+        )
+    field = samples.get_field(patches_field)
+    doc_type = getattr(field, "document_type", None)
+    if field is None or doc_type not in PATCH_TYPES:
+        what = (
+            "does not exist"
+            if field is None
+            else (
+                f"holds {getattr(doc_type, '__name__', type(field).__name__)}"
+            )
+        )
+        raise ValueError(
+            f"patches_field={patches_field!r} {what} on dataset "
+            f"'{samples._root_dataset.name}'; pass a Detections field "
+            "(the boxes to embed, index or label)"
+        )
+
+
+def _matrix(ids, vecs) -> tuple[list[str], np.ndarray]:
+    keep = [i for i, v in enumerate(vecs) if v is not None]
+    if not keep:
+        return [], np.zeros((0, 0), dtype=np.float32)
+    return [ids[i] for i in keep], np.stack(
+        [np.asarray(vecs[i], dtype=np.float32) for i in keep]
+    )
+
+
+class _SampleWriter:
+    def __init__(self, dataset, field: str):
+        self.dataset, self.field = dataset, field
+
+    def write(self, values: dict, review=()) -> None:
+        self.dataset.set_values(self.field, values, key_field="id")
+
+    def close(self) -> None:
+        pass
+
+
+class _PatchWriter:
+    """Gathers the results of a sample's boxes (which may arrive in two
+    chunks) and writes the sample's ``Detections`` once all are there
+    (or at :meth:`close`). A box left for review carries the label tag
+    ``needs_review`` (with no label when none was given)."""
+
+    def __init__(self, units: Patches, dataset, field: str, ids):
+        self.units, self.dataset, self.field = units, dataset, field
+        self.expected: dict[str, int] = {}
+        for sid in units.parents_of(dataset, ids):
+            self.expected[sid] = self.expected.get(sid, 0) + 1
+        self.pending: dict[str, list] = {}
+
+    def write(self, values: dict, review=()) -> None:
+        review = set(review)
+        parents = self.units.parents_of(self.dataset, list(values))
+        ready = []
+        for (lid, label), sid in zip(values.items(), parents, strict=True):
+            det = self._detection(lid, label)
+            if lid in review:
+                det.tags = list(det.tags or []) + [constants.REVIEW_TAG]
+            self.pending.setdefault(sid, []).append(det)
+            if len(self.pending[sid]) >= self.expected.get(sid, 0):
+                ready.append(sid)
+        self._flush(ready)
+
+    def close(self) -> None:
+        self._flush(list(self.pending))
+
+    def _flush(self, sids) -> None:
+        if not sids:
+            return
+        self.dataset.set_values(
+            self.field,
+            {
+                sid: fo.Detections(detections=self.pending.pop(sid))
+                for sid in sids
+            },
+            key_field="id",
+        )
+
+    def _detection(self, lid: str, label) -> fo.Detection:
+        """The result for box ``lid``: a Detection on the same box, with
+        the attributes of ``label`` (a Classification)."""
+        attrs = {}
+        if label is not None:
+            attrs = {n: v for n, v in label.iter_fields() if n != "id"}
+        return fo.Detection(
+            bounding_box=list(self.units.box[lid]), source_id=lid, **attrs
+        )
