@@ -120,7 +120,11 @@ def load_index(ctx, dataset, brain_key):
     run)."""
     import prelabel
 
-    results = prelabel.load_index(dataset, brain_key=brain_key)
+    results = prelabel.load_index(
+        dataset,
+        brain_key=brain_key,
+        patches_field=run_patches_field(dataset, brain_key),
+    )
     config = results.config
     if config.location == "server":
         url, api_key = qdrant_credentials(ctx)
@@ -181,6 +185,48 @@ def our_brain_keys(dataset):
     return dataset.list_brain_runs(
         type="similarity", method=constants.BACKEND_NAME
     )
+
+
+def detection_fields(samples):
+    """The fields whose boxes can be embedded, indexed and labeled."""
+    schema = samples.get_field_schema(
+        embedded_doc_type=(fo.Detections, fo.Detection)
+    )
+    return sorted(schema)
+
+
+def run_patches_field(dataset, brain_key):
+    """The patches field a prelabel index holds the boxes of, or None."""
+    if brain_key and brain_key in our_brain_keys(dataset):
+        return dataset.get_brain_info(brain_key).config.patches_field
+    return None
+
+
+def patches_field_input(inputs, samples, default, description):
+    """The optional "Boxes" input: a Detections field, or empty for whole
+    images (not shown when the dataset has no boxes)."""
+    choices = detection_fields(samples)
+    if not choices:
+        return
+    field_input(
+        inputs,
+        "patches_field",
+        choices,
+        choose(default, choices),
+        "Boxes (patches field)",
+        description,
+    )
+
+
+def missing_embeddings(samples, field, patches_field=None):
+    """How many samples (or boxes of ``patches_field``) of ``samples``
+    have no vector in ``field`` (an attribute of each box)."""
+    if patches_field is None:
+        return samples.exists(field, False).count()
+    boxes = f"{patches_field}.detections"
+    if samples.get_field(boxes) is None:  # one Detection per sample
+        boxes = patches_field
+    return samples.count(f"{boxes}.id") - samples.count(f"{boxes}.{field}")
 
 
 def classification_fields(samples):
@@ -256,11 +302,13 @@ def index_params(ctx, remembered):
     brain_key = p.get("brain_key") or default_brain_key(
         ctx.dataset, remembered
     )
+    patches = run_patches_field(ctx.dataset, brain_key)
     return {
         "brain_key": brain_key,
-        "label_field": p.get("label_field")
+        "label_field": (None if patches else p.get("label_field"))
         or run_label_field(ctx.dataset, brain_key)
         or constants.DEFAULT_LABEL_FIELD,
+        "patches_field": patches,
     }
 
 

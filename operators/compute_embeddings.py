@@ -37,6 +37,7 @@ def _params(ctx):
         "skip_failures": p.get("skip_failures", True),
         "image_size": p.get("image_size"),
         "overwrite": bool(p.get("overwrite", False)),
+        "patches_field": p.get("patches_field") or None,
     }
 
 
@@ -60,6 +61,7 @@ class ComputeEmbeddings(foo.Operator):
             check_image_collection,
         )
         from prelabel.models import check_model_name
+        from prelabel.units import check_patches_field
 
         inputs = types.Object()
         last = c.remembered(ctx, NAME)
@@ -111,6 +113,13 @@ class ComputeEmbeddings(foo.Operator):
             "The vector field to write; a new name creates it",
             allow_new=True,
         )
+        c.patches_field_input(
+            inputs,
+            ctx.dataset,
+            last.get("patches_field"),
+            "Embed the crop of each box of this field, into an attribute "
+            "of each box; empty for whole images",
+        )
         inputs.bool(
             "skip_existing",
             default=True,
@@ -150,16 +159,30 @@ class ComputeEmbeddings(foo.Operator):
         p = _params(ctx)
         ok, _ = c.run_check(inputs, check_model_name, p["model"])
         ok = ok and c.run_check(inputs, check_image_collection, target)[0]
-        ok = (
-            ok
-            and c.run_check(
+        if p["patches_field"]:
+            ok = (
+                ok
+                and c.run_check(
+                    inputs, check_patches_field, target, p["patches_field"]
+                )[0]
+            )
+            if ok:
+                missing = c.missing_embeddings(
+                    target, p["embeddings_field"], p["patches_field"]
+                )
+                inputs.view(
+                    "field_status",
+                    types.Notice(label=f"{missing} boxes have no vector"),
+                )
+        elif (
+            c.run_check(
                 inputs,
                 check_embeddings_output,
                 ctx.dataset,
                 p["embeddings_field"],
             )[0]
-        )
-        if ok:
+            and ok
+        ):
             _describe_field(inputs, target, p["embeddings_field"])
 
         return types.Property(
@@ -182,14 +205,18 @@ class ComputeEmbeddings(foo.Operator):
             progress=c.ProgressReporter(ctx),
             image_size=p["image_size"],
             overwrite=p["overwrite"],
+            patches_field=p["patches_field"],
         )
         c.remember(ctx, NAME, {**p, "overwrite": False})
         c.show_in_app(ctx)
+        field, boxes = p["embeddings_field"], p["patches_field"]
+        total = target.count(f"{boxes}.detections") if boxes else len(target)
         return {
             "embedded": int(num),
             "failed": num.num_failed,
-            "num_targets": len(target),
-            "with_embeddings": target.exists(p["embeddings_field"]).count(),
+            "num_targets": total,
+            "with_embeddings": total
+            - c.missing_embeddings(target, field, boxes),
             "embeddings_field": p["embeddings_field"],
             "model": p["model"],
         }
@@ -219,6 +246,7 @@ class ComputeEmbeddings(foo.Operator):
         image_size=None,
         skip_failures=True,
         overwrite=False,
+        patches_field=None,
         delegate=False,
     ):
         """Computes embeddings of ``sample_collection``.
@@ -236,6 +264,8 @@ class ComputeEmbeddings(foo.Operator):
                 instead of failing the run
             overwrite (False): allow replacing a vector field prelabel did
                 not write (every sample of the field is then recomputed)
+            patches_field (None): embed the crops of the boxes of this
+                Detections field, into an attribute of each box
             delegate (False): queue a delegated operation instead
 
         Returns:
@@ -250,6 +280,7 @@ class ComputeEmbeddings(foo.Operator):
             image_size=image_size,
             skip_failures=skip_failures,
             overwrite=overwrite,
+            patches_field=patches_field,
         )
         return c.execute(self, sample_collection, params, delegate=delegate)
 

@@ -35,7 +35,15 @@ def _params(ctx, last):
 
 def _kwargs(p):
     """The arguments of ``find_label_mistakes`` (and its check)."""
-    keys = ("label_field", "k", "score_field", "vote", "method", "overwrite")
+    keys = (
+        "label_field",
+        "k",
+        "score_field",
+        "vote",
+        "method",
+        "overwrite",
+        "patches_field",
+    )
     return {name: p[name] for name in keys}
 
 
@@ -72,15 +80,27 @@ class FindLabelMistakes(foo.Operator):
         if brain_key is None:
             return _form(inputs)
         labels = c.classification_fields(dataset)
-        c.field_input(
-            inputs,
-            "label_field",
-            labels,
-            c.run_label_field(dataset, brain_key)
-            or c.choose(last.get("label_field"), labels),
-            "Label field",
-            "The labels under test (the ones stored in the index)",
-        )
+        patches = c.run_patches_field(dataset, brain_key)
+        if patches:
+            inputs.view(
+                "boxes_notice",
+                types.Notice(
+                    label=(
+                        f"An index of the boxes of '{patches}': every "
+                        "labeled box is scored by its nearest labeled boxes"
+                    )
+                ),
+            )
+        else:
+            c.field_input(
+                inputs,
+                "label_field",
+                labels,
+                c.run_label_field(dataset, brain_key)
+                or c.choose(last.get("label_field"), labels),
+                "Label field",
+                "The labels under test (the ones stored in the index)",
+            )
         inputs.int(
             "k",
             min=1,
@@ -139,10 +159,15 @@ class FindLabelMistakes(foo.Operator):
             c.show_error(inputs, e)
             return _form(inputs)
 
-        num = targets.exists(p["label_field"]).count()
+        if patches:
+            what = "labeled boxes"
+            num = targets.count(f"{patches}.detections.label")
+        else:
+            what = "labeled samples"
+            num = targets.exists(p["label_field"]).count()
         inputs.view(
             "summary",
-            types.Notice(label=f"{num} labeled samples will be scored"),
+            types.Notice(label=f"{num} {what} will be scored"),
         )
         return _form(inputs)
 
@@ -162,11 +187,8 @@ class FindLabelMistakes(foo.Operator):
         c.remember(ctx, NAME, {**p, "overwrite": False})
 
         view = suspicious_labels(targets, out.score_field)
-        c.show_in_app(
-            ctx,
-            view=view,
-            fields=[p["label_field"], out.label_field, out.score_field],
-        )
+        fields = [p["label_field"], out.label_field, out.score_field]
+        c.show_in_app(ctx, view=view, fields=[f for f in fields if f])
         return {
             "score_field": out.score_field,
             "neighbors_field": out.label_field,

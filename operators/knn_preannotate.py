@@ -51,6 +51,7 @@ _ARGS = (
     "calibrate",
     "propagate",
     "overwrite",
+    "patches_field",
 )
 
 
@@ -95,15 +96,28 @@ class KnnPreannotate(foo.Operator):
             return _form(inputs)
         run_label = c.run_label_field(dataset, brain_key)
         labels = c.classification_fields(dataset)
-        c.field_input(
-            inputs,
-            "label_field",
-            labels,
-            run_label or c.choose(last.get("label_field"), labels),
-            "Label field",
-            "The labels that vote (the ones stored in the index); also "
-            "the ground truth for evaluation",
-        )
+        patches = c.run_patches_field(dataset, brain_key)
+        if patches:
+            inputs.view(
+                "boxes_notice",
+                types.Notice(
+                    label=(
+                        f"An index of the boxes of '{patches}': each box of "
+                        "the targets gets a Detection in the prediction "
+                        "field, voted by its nearest labeled boxes"
+                    )
+                ),
+            )
+        else:
+            c.field_input(
+                inputs,
+                "label_field",
+                labels,
+                run_label or c.choose(last.get("label_field"), labels),
+                "Label field",
+                "The labels that vote (the ones stored in the index); also "
+                "the ground truth for evaluation",
+            )
         c.reference_tag_input(
             inputs,
             dataset,
@@ -148,28 +162,12 @@ class KnnPreannotate(foo.Operator):
         )
         c.overwrite_input(inputs, "the prediction field")
         p = _params(ctx, last)
-        has_truth = bool(
-            p["label_field"] in labels
-            and targets.exists(p["label_field"]).limit(1).count()
-        )
-        inputs.str(
-            "eval_key",
-            default=(
-                (last.get("eval_key") or constants.DEFAULT_EVAL_KEY)
-                if has_truth
-                else None
-            ),
-            required=False,
-            label="Evaluation key",
-            description=(
-                "Evaluates the pre-labels against the targets' ground "
-                "truth and stores it under this key; empty to skip"
-            ),
-        )
+        if not patches:
+            _eval_input(inputs, targets, labels, p, last)
 
         try:
             results = c.load_index(ctx, dataset, p["brain_key"])
-            _, _, num_ref = check_preannotate(
+            _, _, num_ref, _ = check_preannotate(
                 targets, index=results, **_kwargs(p)
             )
         except ValueError as e:
@@ -180,8 +178,9 @@ class KnnPreannotate(foo.Operator):
             "summary",
             types.Notice(
                 label=(
-                    f"{len(targets)} targets; {num_ref} labeled samples "
-                    "vote"
+                    f"{len(targets)} targets; {num_ref} labeled "
+                    + ("boxes" if patches else "samples")
+                    + " vote"
                     + (
                         f" (tag '{p['reference_tag']}')"
                         if p["reference_tag"]
@@ -208,7 +207,11 @@ class KnnPreannotate(foo.Operator):
         c.remember(ctx, NAME, {**p, "overwrite": False})
 
         pred = p["pred_field"]
-        view = targets.exists(pred).sort_by(f"{pred}.confidence", reverse=True)
+        if p["patches_field"]:
+            view = targets.to_patches(pred)
+        else:
+            view = targets.exists(pred)
+        view = view.sort_by(f"{pred}.confidence", reverse=True)
         c.show_in_app(ctx, view=view, fields=[pred, p["label_field"]])
         return {
             "pred_field": pred,
@@ -315,6 +318,28 @@ class KnnPreannotate(foo.Operator):
 
 def _form(inputs):
     return types.Property(inputs, view=types.View(label="kNN pre-annotate"))
+
+
+def _eval_input(inputs, targets, labels, p, last):
+    """The evaluation key, offered when the targets have ground truth."""
+    has_truth = bool(
+        p["label_field"] in labels
+        and targets.exists(p["label_field"]).limit(1).count()
+    )
+    inputs.str(
+        "eval_key",
+        default=(
+            (last.get("eval_key") or constants.DEFAULT_EVAL_KEY)
+            if has_truth
+            else None
+        ),
+        required=False,
+        label="Evaluation key",
+        description=(
+            "Evaluates the pre-labels against the targets' ground "
+            "truth and stores it under this key; empty to skip"
+        ),
+    )
 
 
 def _accept_inputs(ctx, inputs, last):

@@ -38,6 +38,7 @@ def _params(ctx):
         "model": p.get("model") or constants.DEFAULT_MODEL,
         "image_size": p.get("image_size"),
         "rebuild": bool(p.get("rebuild", False)),
+        "patches_field": p.get("patches_field") or None,
     }
 
 
@@ -60,6 +61,7 @@ class SyncIndex(foo.Operator):
         from prelabel.embeddings import check_embeddings_output
         from prelabel.indexing import check_sync_index
         from prelabel.models import check_model_name
+        from prelabel.units import check_patches_field
 
         inputs = types.Object()
         dataset = ctx.dataset
@@ -109,16 +111,25 @@ class SyncIndex(foo.Operator):
             "The vector field to index",
             allow_new=True,
         )
-        c.field_input(
+        c.patches_field_input(
             inputs,
-            "label_field",
-            labels,
-            label_default,
-            "Label field",
-            "Classification labels stored with the vectors: the votes of "
-            "pre-annotation",
-            required=False,
+            dataset,
+            getattr(run, "patches_field", None) or last.get("patches_field"),
+            "Index the boxes of this field (one point per box, with its "
+            "own label; the embeddings field is then an attribute of each "
+            "box); empty for whole images",
         )
+        if not p["patches_field"]:
+            c.field_input(
+                inputs,
+                "label_field",
+                labels,
+                label_default,
+                "Label field",
+                "Classification labels stored with the vectors: the votes "
+                "of pre-annotation",
+                required=False,
+            )
 
         if run is not None and getattr(run, "method", None) == (
             constants.BACKEND_NAME
@@ -137,24 +148,24 @@ class SyncIndex(foo.Operator):
             _location_inputs(inputs, p, url_secret, api_key)
 
         # missing embeddings: offer to compute them first, in this run
-        emb = p["embeddings_field"]
-        field_ok = c.run_check(inputs, check_embeddings_output, dataset, emb)[
-            0
-        ]
-        if not field_ok:
+        emb, boxes = p["embeddings_field"], p["patches_field"]
+        if boxes:
+            check = (check_patches_field, dataset, boxes)
+        else:
+            check = (check_embeddings_output, dataset, emb)
+        if not c.run_check(inputs, *check)[0]:
             return _form(inputs)
-        num_missing = dataset.exists(emb, False).count()
+        num_missing = c.missing_embeddings(dataset, emb, boxes)
         if num_missing:
-            absent = dataset.get_field(emb) is None
-            empty = num_missing == len(dataset)
+            total = dataset.count(f"{boxes}.detections") if boxes else None
+            total = len(dataset) if total is None else total
+            empty = num_missing == total
             inputs.view(
                 "missing_embeddings",
                 types.Warning(
                     label=(
-                        f"'{emb}' does not exist"
-                        if absent
-                        else f"{num_missing} of {len(dataset)} samples "
-                        f"have no '{emb}'"
+                        f"{num_missing} of {total} "
+                        f"{'boxes' if boxes else 'samples'} have no '{emb}'"
                     ),
                     description=(
                         "Compute them first in this run, or run 'Compute "
@@ -218,6 +229,7 @@ class SyncIndex(foo.Operator):
                 url=p["url"] or url_secret,
                 api_key=api_key,
                 require_embeddings=not pending,
+                patches_field=boxes,
             )
         except ValueError as e:
             c.show_error(inputs, e)
@@ -242,6 +254,7 @@ class SyncIndex(foo.Operator):
                 skip_existing=True,
                 progress=reporter.stage(0.0, 0.7),
                 image_size=p["image_size"],
+                patches_field=p["patches_field"],
             )
             sync_progress = reporter.stage(0.7, 0.3)
 
@@ -257,6 +270,7 @@ class SyncIndex(foo.Operator):
             api_key=api_key if server else None,
             progress=sync_progress,
             rebuild=p["rebuild"],
+            patches_field=p["patches_field"],
         )
         stats = results.last_sync
         c.remember(
@@ -310,6 +324,7 @@ class SyncIndex(foo.Operator):
         model=constants.DEFAULT_MODEL,
         image_size=None,
         rebuild=False,
+        patches_field=None,
         delegate=False,
     ):
         """Creates or updates the Qdrant index of the dataset of
@@ -333,6 +348,9 @@ class SyncIndex(foo.Operator):
             image_size (None): its input size
             rebuild (False): delete the run's index and build it again
                 (the way out of a damaged index)
+            patches_field (None): index the boxes of this Detections
+                field (``embeddings_field`` is then an attribute of each
+                box; the boxes' own labels are stored)
             delegate (False): queue a delegated operation instead
 
         Returns:
@@ -350,6 +368,7 @@ class SyncIndex(foo.Operator):
             model=model,
             image_size=image_size,
             rebuild=rebuild,
+            patches_field=patches_field,
         )
         return c.execute(self, sample_collection, params, delegate=delegate)
 

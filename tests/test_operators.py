@@ -794,3 +794,92 @@ def test_sync_index_form_shows_a_damaged_index_and_rebuilds_it(indexed):
     assert result.result["added"] == len(indexed)
     props = form("sync_index", indexed, brain_key="prelabel_qdrant")
     assert "index_damaged" not in props
+
+
+# ---- boxes --------------------------------------------------------------
+
+
+@pytest.fixture
+def tiled(digit_images, session_dir):
+    """60 real digits tiled into larger images, one box each: half of
+    the boxes labeled (``reference``), 10 % of those mislabeled."""
+    from prelabel.datasets.tiles import make_tiled_dataset, write_tiles
+
+    tiles = write_tiles(
+        digit_images[:60], os.path.join(session_dir, "op-tiles"), canvas=64
+    )
+    dataset = make_tiled_dataset(
+        tiles, f"prelabel-test-op-tiles-{os.getpid()}", wrong_share=0.1
+    )
+    yield dataset
+    dataset.delete_brain_runs()
+    dataset.delete()
+
+
+def test_the_operators_work_on_boxes(tiled):
+    """Box embeddings, an index of boxes, box pre-labels and box label
+    mistakes, each through its operator; the forms follow the index."""
+    props = form("compute_embeddings", tiled)
+    assert "patches_field" in props
+    out = run(
+        "compute_embeddings",
+        tiled,
+        patches_field="detections",
+        embeddings_field="box_vec",
+        **PIXELS,
+    ).result
+    assert (out["embedded"], out["with_embeddings"]) == (60, 60)
+
+    props = form(
+        "sync_index",
+        tiled,
+        patches_field="detections",
+        embeddings_field="box_vec",
+        brain_key="boxes",
+    )
+    assert "label_field" not in props
+    assert not errors(props)
+    out = run(
+        "sync_index",
+        tiled,
+        patches_field="detections",
+        embeddings_field="box_vec",
+        brain_key="boxes",
+    ).result
+    assert out["index_size"] == 60
+
+    targets = tiled.match_tags("reference", bool=False)
+    props = form("knn_preannotate", targets, brain_key="boxes")
+    assert "label_field" not in props and "eval_key" not in props
+    assert "boxes_notice" in props and not errors(props)
+    result = run(
+        "knn_preannotate",
+        targets,
+        brain_key="boxes",
+        pred_field="box_pre",
+        k=5,
+        target_precision=0.9,
+    )
+    assert result.result["num_targets"] == len(targets)
+    (set_view,) = triggered(result, "set_view")
+    stages = [s["_cls"].rsplit(".", 1)[-1] for s in set_view["view"]]
+    assert "ToPatches" in stages
+    preds = targets.values("box_pre.detections", unwind=True)
+    assert len(preds) == len(targets)
+    assert all(isinstance(p, fo.Detection) and p.source_id for p in preds)
+
+    props = form("find_label_mistakes", tiled, brain_key="boxes")
+    assert "label_field" not in props and not errors(props)
+    result = run(
+        "find_label_mistakes",
+        tiled,
+        brain_key="boxes",
+        score_field="box_mistakes",
+        k=5,
+    )
+    out = result.result
+    assert out["num_scored"] == len(tiled.match_tags("reference"))
+    assert out["neighbors_field"] is None
+    (set_view,) = triggered(result, "set_view")
+    stages = [s["_cls"].rsplit(".", 1)[-1] for s in set_view["view"]]
+    assert stages[-2:] == ["ToPatches", "SortBy"]
