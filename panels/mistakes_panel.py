@@ -146,6 +146,10 @@ class MistakesPanel(Panel):
     # ---- clicks that set the App's view --------------------------------
 
     def on_click_row(self, ctx):
+        self._show_evidence(ctx)  # a handler returns nothing to the App
+
+    def _show_evidence(self, ctx):
+        """Puts the row's evidence in the grid; returns that view."""
         sample_id = self._row_id(ctx)
         source = self._source(ctx)
         if sample_id is None or source is None:
@@ -157,18 +161,19 @@ class MistakesPanel(Panel):
             self._load(ctx)
             return
         ctx.ops.set_view(view)
+        what = "box" if source.boxes else "sample"
         ctx.panel.set_state(
             "showing",
-            f"Grid: sample {sample_id} and its {len(view) - 1} nearest "
+            f"Grid: {what} {sample_id} and its {len(view) - 1} nearest "
             "labeled neighbors (the vote's evidence)",
         )
+        return view
 
     def on_open_sample(self, ctx):
-        sample_id = self._row_id(ctx)
-        if sample_id is None:
-            return
-        self.on_click_row(ctx)
-        ctx.ops.open_sample(id=sample_id)
+        view = self._show_evidence(ctx)
+        if view is not None:
+            # the row's sample, or its box in the patches view
+            ctx.ops.open_sample(id=view.first().id)
 
     def on_click_cell(self, ctx):
         source = self._source(ctx)
@@ -231,9 +236,10 @@ class MistakesPanel(Panel):
         if source is None:
             return
         view = pdata.mistakes_view(ctx.dataset, source, self._filters(ctx))
-        count = pdata.tag_samples(view, tag)
+        count = pdata.tag_samples(view, tag, source)
+        what = "boxes" if source.boxes else "samples"
         ctx.ops.reload_dataset()
-        ctx.ops.notify(f"Tagged {count} samples '{tag}'", variant="success")
+        ctx.ops.notify(f"Tagged {count} {what} '{tag}'", variant="success")
         self._load(ctx)
 
     def on_accept(self, ctx):
@@ -354,7 +360,9 @@ class MistakesPanel(Panel):
                 return None
             eval_keys = []
             chosen.update(
-                gt_field=source.gt_field, score_field=source.score_field
+                gt_field=source.gt_field,
+                score_field=source.score_field,
+                boxes=source.boxes,
             )
         ctx.panel.set_state({"source": chosen, "eval_keys": eval_keys})
         return source
@@ -485,7 +493,7 @@ class MistakesPanel(Panel):
         panel.md(f"**{state.summary}**", name="summary_md")
         if state.showing:
             panel.md(state.showing, name="showing_md")
-        self._render_bulk(panel, mode)
+        self._render_bulk(panel, mode, bool(state.get("source.boxes")))
         if state.message:
             panel.md(state.message, name="message_md")
         self._render_table(panel, state, mode)
@@ -633,7 +641,7 @@ class MistakesPanel(Panel):
                 space=3,
             )
 
-    def _render_bulk(self, panel, mode):
+    def _render_bulk(self, panel, mode, boxes=False):
         bulk = panel.h_stack("bulk", gap=1, align_y="center")
         for tag in pdata.TAGS:
             bulk.btn(
@@ -643,23 +651,24 @@ class MistakesPanel(Panel):
                 on_click=self.on_tag,
                 params={"tag": tag},
             )
-        bulk.str(
-            "accept_field",
-            label="Accept into field",
-            view=types.TextFieldView(
-                label="Accept into field", placeholder="new field name"
-            ),
-        )
-        bulk.btn(
-            "accept",
-            label=(
-                "Accept pre-labels"
-                if mode == "prelabel"
-                else "Accept neighbors' labels"
-            ),
-            variant="outlined",
-            on_click=self.on_accept,
-        )
+        if not boxes:  # a box's label is corrected on the box itself
+            bulk.str(
+                "accept_field",
+                label="Accept into field",
+                view=types.TextFieldView(
+                    label="Accept into field", placeholder="new field name"
+                ),
+            )
+            bulk.btn(
+                "accept",
+                label=(
+                    "Accept pre-labels"
+                    if mode == "prelabel"
+                    else "Accept neighbors' labels"
+                ),
+                variant="outlined",
+                on_click=self.on_accept,
+            )
         bulk.btn(
             "show_all",
             label="Show all in grid",

@@ -66,21 +66,53 @@ class Source:
 
     Attributes:
         mode: ``"prelabel"`` or ``"suspicious"``
-        gt_field: the ground-truth Classification field
+        gt_field: the ground-truth Classification field (for boxes, the
+            patches field whose labels are under test)
         pred_field: the Classification field compared with ground truth:
             the pre-labels, or the neighbors' majority (``<score>_label``)
         score_field: the float score field (suspicious mode), or None when
             the score is the pre-label's confidence
+        boxes: for boxes scored by ``find_label_mistakes(...,
+            patches_field=...)``, that patches field: a row is then one box
+            of ``score_field`` (a Detections field holding each box's own
+            label, its score and its neighbors' majority), shown in a
+            patches view
     """
 
     mode: str
     gt_field: str
     pred_field: str
     score_field: str | None = None
+    boxes: str | None = None
+
+    def rows(self, dataset):
+        """The collection whose samples are the rows: the dataset, or
+        the patches view of the scored boxes."""
+        return dataset.to_patches(self.score_field) if self.boxes else dataset
+
+    @property
+    def gt_path(self) -> str:
+        """The label under test, or the ground truth."""
+        if self.boxes:
+            return f"{self.score_field}.label"
+        return f"{self.gt_field}.label"
+
+    @property
+    def pred_path(self) -> str:
+        """The label compared with it."""
+        if self.boxes:
+            return f"{self.score_field}.neighbors_label"
+        return f"{self.pred_field}.label"
+
+    def path(self, attr: str) -> str:
+        """An attribute of the compared label (``votes``, ``neighbors``)."""
+        return f"{self.score_field if self.boxes else self.pred_field}.{attr}"
 
     @property
     def score_path(self) -> str:
         """The field that ranks the rows (higher first)."""
+        if self.boxes:
+            return f"{self.score_field}.score"
         return self.score_field or f"{self.pred_field}.confidence"
 
 
@@ -227,7 +259,8 @@ def find_sources(dataset) -> dict:
         :func:`prelabel.preannotate` that still exist), and
         ``"suspicious"``: the score fields written by
         :func:`prelabel.find_label_mistakes` (a float field ``X`` next to a
-        Classification field ``X_label``)
+        Classification field ``X_label``, or the Detections field of
+        scored boxes)
     """
     schema = dataset.get_field_schema()
     classifications = {
@@ -241,7 +274,18 @@ def find_sources(dataset) -> dict:
         for name, f in schema.items()
         if isinstance(f, fo.FloatField) and f"{name}_label" in classifications
     )
+    suspicious += sorted(_box_scores(dataset))
     return {"prelabel": prelabel, "suspicious": suspicious}
+
+
+def _box_scores(dataset) -> dict[str, str]:
+    """Score fields of boxes that still exist -> their patches field."""
+    schema = dataset.get_field_schema(embedded_doc_type=fo.Detections)
+    return {
+        name: rec["patches_field"]
+        for name, rec in records.read(dataset, records.MISTAKES).items()
+        if rec.get("patches_field") and name in schema
+    }
 
 
 def default_gt_field(dataset, pred_field: str | None = None) -> str:
@@ -302,6 +346,9 @@ def make_source(
             )
         if score_field is None:
             return None
+        boxes = _box_scores(dataset).get(score_field)
+        if boxes:
+            return Source(mode, boxes, score_field, score_field, boxes)
         gt_field = gt_field or default_gt_field(dataset)
         source = Source(mode, gt_field, f"{score_field}_label", score_field)
     validation.check_classification_field(dataset, source.gt_field, "gt_field")
@@ -331,7 +378,7 @@ def mistakes_view(dataset, source: Source, filters: Filters | None = None):
     whose neighbors' majority is another label than their own.
     """
     filters = filters or Filters()
-    gt, pred = F(f"{source.gt_field}.label"), F(f"{source.pred_field}.label")
+    gt, pred = F(source.gt_path), F(source.pred_path)
     if source.mode == "prelabel":
         view = high_confidence_mistakes(
             dataset,
@@ -351,19 +398,19 @@ def mistakes_view(dataset, source: Source, filters: Filters | None = None):
 
 
 def list_rows(view, source: Source, limit: int | None = 100) -> list[dict]:
-    """The table rows of the first ``limit`` samples of ``view`` (a
-    :func:`mistakes_view`): ``id``, ``filename``, ``truth``, ``pred``,
-    ``score`` and ``votes`` (``"7: 12, 1: 3"``)."""
+    """The table rows of the first ``limit`` samples (or boxes) of
+    ``view`` (a :func:`mistakes_view`): ``id``, ``filename``, ``truth``,
+    ``pred``, ``score`` and ``votes`` (``"7: 12, 1: 3"``)."""
     if limit is not None:
         view = view.limit(int(limit))
     ids, paths, truth, pred, score, votes = view.values(
         [
             "id",
             "filepath",
-            f"{source.gt_field}.label",
-            f"{source.pred_field}.label",
+            source.gt_path,
+            source.pred_path,
             source.score_path,
-            f"{source.pred_field}.votes",
+            source.path("votes"),
         ]
     )
     return [
@@ -398,20 +445,26 @@ def summarize(view, source: Source, high: float = DEFAULT_HIGH) -> Summary:
 def class_choices(dataset, source: Source) -> list[str]:
     """Every label of the ground truth or the compared field, in natural
     order (``"2"`` before ``"10"``), for the class filters."""
-    labels = set(dataset.distinct(f"{source.gt_field}.label"))
-    labels |= set(dataset.distinct(f"{source.pred_field}.label"))
+    rows = source.rows(dataset)
+    labels = set(rows.distinct(source.gt_path))
+    labels |= set(rows.distinct(source.pred_path))
     labels.discard(None)
     return sorted(labels, key=natural_key)
 
 
 def evidence_view(dataset, sample_id: str, source: Source):
     """The sample and, after it, the neighbors that voted for it, in their
-    order (closest first): the evidence behind its row."""
-    values = dataset.select(sample_id).values(f"{source.pred_field}.neighbors")
+    order (closest first): the evidence behind its row. For a box, a
+    patches view of the index's boxes: the box, then its neighbors."""
+    rows = source.rows(dataset)
+    values = rows.select(sample_id).values(source.path("neighbors"))
     if not values:
         raise ValueError(f"sample {sample_id!r} is not in this dataset")
+    if source.boxes:
+        (own,) = rows.select(sample_id).values(source.path("source_id"))
+        rows, sample_id = dataset.to_patches(source.boxes), own
     neighbors = [n for n in (values[0] or []) if n != sample_id]
-    return dataset.select([sample_id] + neighbors, ordered=True)
+    return rows.select([sample_id] + neighbors, ordered=True)
 
 
 # ---- evaluation: confusion matrix and coverage -------------------------
@@ -670,10 +723,20 @@ def run_expectation(
 # ---- bulk actions -----------------------------------------------------
 
 
-def tag_samples(view, tag: str) -> int:
-    """Adds ``tag`` to every sample of ``view``; returns how many."""
+def tag_samples(view, tag: str, source: Source | None = None) -> int:
+    """Adds ``tag`` to every sample of ``view``; returns how many. For
+    rows of boxes (``source.boxes``), the label tag goes on each scored
+    box of the index's patches field (the box a person labeled)."""
     if not tag or not isinstance(tag, str):
         raise ValueError(f"tag={tag!r} must be a non-empty string")
+    if source is not None and source.boxes:
+        ids = view.values(source.path("source_id"))
+        root = view._root_dataset
+        if ids:
+            root.select_labels(ids=ids, fields=source.boxes).tag_labels(
+                tag, label_fields=source.boxes
+            )
+        return len(ids)
     ids = view.values("id")
     if ids:
         view._dataset.select(ids).tag_samples(tag)
@@ -704,6 +767,11 @@ def accept_labels(view, source: Source, field: str) -> int:
     """Copies the compared labels (pre-labels, or the neighbors' majority)
     of the samples of ``view`` into ``field``, a new Classification field;
     ground truth is never touched. Returns how many were copied."""
+    if source.boxes:
+        raise ValueError(
+            "accepting the neighbors' labels of boxes is not supported; "
+            "correct a box's label in the App (or with set_label_values)"
+        )
     dataset = view._dataset
     check_accept_field(dataset, source, field)
     ids, labels, confs = view.values(
