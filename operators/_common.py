@@ -218,6 +218,32 @@ def patches_field_input(inputs, samples, default, description):
     )
 
 
+def label_field_input(inputs, dataset, brain_key, remembered, what, boxes):
+    """The label field of the chosen index, or for an index of boxes a
+    notice saying that the boxes' own labels are used (``what``: the
+    label field's description; ``boxes``: the notice's end)."""
+    patches = run_patches_field(dataset, brain_key)
+    if patches:
+        inputs.view(
+            "boxes_notice",
+            types.Notice(
+                label=f"An index of the boxes of '{patches}': {boxes}"
+            ),
+        )
+        return patches
+    labels = classification_fields(dataset)
+    field_input(
+        inputs,
+        "label_field",
+        labels,
+        run_label_field(dataset, brain_key)
+        or choose(remembered.get("label_field"), labels),
+        "Label field",
+        what,
+    )
+    return None
+
+
 def missing_embeddings(samples, field, patches_field=None):
     """How many samples (or boxes of ``patches_field``) of ``samples``
     have no vector in ``field`` (an attribute of each box)."""

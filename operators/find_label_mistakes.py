@@ -79,28 +79,14 @@ class FindLabelMistakes(foo.Operator):
         brain_key = c.brain_key_input(ctx, inputs, last)
         if brain_key is None:
             return _form(inputs)
-        labels = c.classification_fields(dataset)
-        patches = c.run_patches_field(dataset, brain_key)
-        if patches:
-            inputs.view(
-                "boxes_notice",
-                types.Notice(
-                    label=(
-                        f"An index of the boxes of '{patches}': every "
-                        "labeled box is scored by its nearest labeled boxes"
-                    )
-                ),
-            )
-        else:
-            c.field_input(
-                inputs,
-                "label_field",
-                labels,
-                c.run_label_field(dataset, brain_key)
-                or c.choose(last.get("label_field"), labels),
-                "Label field",
-                "The labels under test (the ones stored in the index)",
-            )
+        patches = c.label_field_input(
+            inputs,
+            dataset,
+            brain_key,
+            last,
+            "The labels under test (the ones stored in the index)",
+            "every labeled box is scored by its nearest labeled boxes",
+        )
         inputs.int(
             "k",
             min=1,

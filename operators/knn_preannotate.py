@@ -94,30 +94,17 @@ class KnnPreannotate(foo.Operator):
         brain_key = c.brain_key_input(ctx, inputs, last)
         if brain_key is None:
             return _form(inputs)
-        run_label = c.run_label_field(dataset, brain_key)
         labels = c.classification_fields(dataset)
-        patches = c.run_patches_field(dataset, brain_key)
-        if patches:
-            inputs.view(
-                "boxes_notice",
-                types.Notice(
-                    label=(
-                        f"An index of the boxes of '{patches}': each box of "
-                        "the targets gets a Detection in the prediction "
-                        "field, voted by its nearest labeled boxes"
-                    )
-                ),
-            )
-        else:
-            c.field_input(
-                inputs,
-                "label_field",
-                labels,
-                run_label or c.choose(last.get("label_field"), labels),
-                "Label field",
-                "The labels that vote (the ones stored in the index); also "
-                "the ground truth for evaluation",
-            )
+        patches = c.label_field_input(
+            inputs,
+            dataset,
+            brain_key,
+            last,
+            "The labels that vote (the ones stored in the index); also "
+            "the ground truth for evaluation",
+            "each box of the targets gets a Detection in the prediction "
+            "field, voted by its nearest labeled boxes",
+        )
         c.reference_tag_input(
             inputs,
             dataset,

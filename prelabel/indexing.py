@@ -22,7 +22,7 @@ from prelabel.index.brain import (
 )
 from prelabel.index.sync import check_index_dim
 from prelabel.progress import ProgressArg
-from prelabel.units import check_patches_field, units_of
+from prelabel.units import resolve, units_of
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def check_sync_index(
         )
     if path is not None:
         ownership.check_path(path)
-    label_field = patch_label_field(samples, patches_field, label_field)
+    points, label_field = resolve(samples, patches_field, label_field)
     held = _held_patches(samples._root_dataset, brain_key)
     if held is not False and held != patches_field:
         raise ValueError(
@@ -88,7 +88,6 @@ def check_sync_index(
             )
             + " or use another brain key"
         )
-    points = units_of(patches_field)
     dim = None
     if require_embeddings:
         dim = validation.check_embeddings_field(
@@ -136,25 +135,6 @@ def _held_patches(dataset, brain_key):
     return getattr(
         dataset.get_brain_info(brain_key).config, "patches_field", None
     )
-
-
-def patch_label_field(samples, patches_field, label_field):
-    """The field whose labels an index stores: ``label_field``, or for
-    boxes ``patches_field`` itself (checked to be a Detections field)."""
-    if patches_field is None:
-        return label_field
-    check_patches_field(samples, patches_field)
-    if label_field not in (
-        constants.DEFAULT_LABEL_FIELD,
-        patches_field,
-        None,
-    ):
-        raise ValueError(
-            f"label_field={label_field!r}: an index of boxes stores their "
-            f"own labels (those of patches_field={patches_field!r}); leave "
-            "label_field out"
-        )
-    return patches_field
 
 
 def sync_index(
@@ -239,7 +219,7 @@ def sync_index(
         path=path,
         patches_field=patches_field,
     )
-    label_field = patch_label_field(samples, patches_field, label_field)
+    _, label_field = resolve(samples, patches_field, label_field)
     dataset = samples._root_dataset
     from prelabel.orphans import delete_orphans
 

@@ -131,8 +131,12 @@ def check_find_label_mistakes(
         raise ValueError(
             f"method={method!r} is not supported; use one of {METHODS}"
         )
-    points = _points(samples, patches_field, label_field, method)
-    label_field = points.label_field(label_field)
+    points, label_field = units.resolve(samples, patches_field, label_field)
+    if patches_field is not None and method != "loo":
+        raise ValueError(
+            f"method={method!r} learns from whole-image labels; boxes are "
+            "scored with method='loo'"
+        )
     results = neighbors.load_index(samples, index, brain_key, patches_field)
     check_index(samples, results, sample_size=64).raise_if_damaged()
     if results.config.label_field != label_field:
@@ -180,24 +184,6 @@ def check_find_label_mistakes(
     num_ref = results.index.count(flt)
     validation.check_k(k, max(num_ref - 1, 0))
     return results, neighbors_field, flt, points
-
-
-def _points(samples, patches_field, label_field, method):
-    """Whole samples labeled in ``label_field``, or labeled boxes."""
-    if patches_field is None:
-        return units.Samples()
-    units.check_patches_field(samples, patches_field)
-    if label_field not in (constants.DEFAULT_LABEL_FIELD, patches_field):
-        raise ValueError(
-            f"label_field={label_field!r}: the labels under test are those "
-            f"of patches_field={patches_field!r}; leave label_field out"
-        )
-    if method != "loo":
-        raise ValueError(
-            f"method={method!r} learns from whole-image labels; boxes are "
-            "scored with method='loo'"
-        )
-    return units.Patches(patches_field)
 
 
 def find_label_mistakes(

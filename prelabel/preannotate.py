@@ -180,8 +180,9 @@ def check_preannotate(
     if eval_key is not None:
         validation.check_identifier(eval_key, "eval_key")
     check_options(mode, calibrate, target_precision, propagate)
-    points = _check_points(targets, patches_field, label_field, mode, eval_key)
-    label_field = points.label_field(label_field)
+    points, label_field = units.resolve(targets, patches_field, label_field)
+    if patches_field is not None:
+        _check_box_options(mode, eval_key)
     results = neighbors.load_index(targets, index, brain_key, patches_field)
     check_index(targets, results, sample_size=64).raise_if_damaged()
     config = results.config
@@ -223,18 +224,8 @@ def check_preannotate(
     return results, flt, num_ref, points
 
 
-def _check_points(targets, patches_field, label_field, mode, eval_key):
-    """The points the run labels: whole samples (a Classification
-    ``label_field``) or the boxes of ``patches_field``."""
-    if patches_field is None:
-        return units.Samples()
-    units.check_patches_field(targets, patches_field)
-    if label_field not in (constants.DEFAULT_LABEL_FIELD, patches_field):
-        raise ValueError(
-            f"label_field={label_field!r}: boxes vote with their own labels "
-            f"(those of patches_field={patches_field!r}); leave label_field "
-            "out"
-        )
+def _check_box_options(mode, eval_key) -> None:
+    """Refuses the options that are for image labels only."""
     if mode != "knn":
         raise ValueError(
             f"mode={mode!r} learns from whole-image labels; boxes are "
@@ -247,7 +238,6 @@ def _check_points(targets, patches_field, label_field, mode, eval_key):
             "the pre-label field with your ground truth (e.g. "
             "evaluate_detections), or leave eval_key out"
         )
-    return units.Patches(patches_field)
 
 
 def _check_targets_embedded(targets, results, points) -> None:

@@ -85,6 +85,8 @@ class Samples:
     ) -> list[tuple]:
         """``(point id, sample id, vector)`` of the points with a vector
         in ``field``: all of them, or those of ``size`` random samples."""
+        if not samples.has_field(field):
+            return []
         view = samples.exists(field)
         if size is not None:
             view = view.take(size, seed=seed)
@@ -202,6 +204,30 @@ class Patches(Samples):
 def units_of(patches_field: str | None) -> Samples:
     """:class:`Patches` of ``patches_field``, or :class:`Samples`."""
     return Samples() if patches_field is None else Patches(patches_field)
+
+
+def resolve(
+    samples, patches_field: str | None, label_field: str | None
+) -> tuple[Samples, str | None]:
+    """The points of a job and the field their labels are read from:
+    whole samples and ``label_field``, or the boxes of ``patches_field``
+    and their own labels (``label_field`` is then left out, or names
+    ``patches_field``).
+
+    Raises:
+        ValueError: ``patches_field`` is not a Detections field, or
+            ``label_field`` names another field
+    """
+    if patches_field is None:
+        return Samples(), label_field
+    check_patches_field(samples, patches_field)
+    if label_field not in (constants.DEFAULT_LABEL_FIELD, patches_field, None):
+        raise ValueError(
+            f"label_field={label_field!r}: boxes carry their own labels "
+            f"(those of patches_field={patches_field!r}); leave label_field "
+            "out"
+        )
+    return Patches(patches_field), patches_field
 
 
 def check_patches_field(samples, patches_field: str | None) -> None:

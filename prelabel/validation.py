@@ -45,7 +45,7 @@ def check_embeddings_field(samples, field: str, param="embeddings_field"):
     """
     if not field:
         raise ValueError(f"{param} is required; name the embeddings field")
-    found = samples.get_field(field)
+    found = samples.get_field(field) if samples.has_field(field) else None
     if found is None:
         raise ValueError(
             f"{param}={field!r} does not exist on dataset "
