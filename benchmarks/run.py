@@ -46,6 +46,7 @@ BENCHMARKS = [
         "near_duplicates",
         "near-duplicates through the index against sklearn, 100k samples",
     ),
+    ("boxes", "boxes", "box pre-labels against image pre-labels"),
 ]
 
 

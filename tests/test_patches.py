@@ -196,9 +196,10 @@ def test_indexes_of_boxes_and_of_images_are_not_confused(boxes):
 
 
 def test_box_prelabels_reach_the_image_vote_on_the_same_digits(boxes, tiles):
-    """Each unlabeled box voted by its nearest labeled boxes is about as
-    right as the vote of the same digits as whole images (the digits
-    alone, not tiled); the vote of the tiles as images is printed too."""
+    """Each unlabeled box voted by its nearest labeled boxes is as right
+    as the vote of the same digits as whole images (the digits alone,
+    untiled, with the same reference labels, wrong ones included), and
+    far better than the vote of the tiles as images."""
     targets = _targets(boxes)
     out = prelabel.preannotate(
         targets, index=KEY, patches_field=BOXES, pred_field="box_pre"
@@ -212,6 +213,9 @@ def test_box_prelabels_reach_the_image_vote_on_the_same_digits(boxes, tiles):
     picks, tiled = tiles
     plain = fo.Dataset(_name("plain"))
     origin = {t[0]: p[0] for p, t in zip(picks, tiled, strict=True)}
+    box_label = dict(
+        zip(*boxes.values(["id", f"{BOXES}.detections.label"]), strict=True)
+    )
     try:
         plain.add_samples(
             [
@@ -219,7 +223,11 @@ def test_box_prelabels_reach_the_image_vote_on_the_same_digits(boxes, tiles):
                     filepath=origin[s.filepath],
                     tags=s.tags,
                     truth=s.truth,
-                    ground_truth=s.ground_truth,
+                    ground_truth=(
+                        fo.Classification(label=box_label[s.id][0])
+                        if box_label[s.id][0]
+                        else None
+                    ),
                 )
                 for s in boxes
             ],
@@ -237,8 +245,8 @@ def test_box_prelabels_reach_the_image_vote_on_the_same_digits(boxes, tiles):
         f"box vote {box_acc:.3f}, digits as images {image_acc:.3f}, "
         f"tiles as images {tile_acc:.3f}"
     )
-    assert box_acc >= image_acc - 0.05
-    assert box_acc > 0.5
+    assert box_acc >= image_acc - 0.02
+    assert box_acc > tile_acc
 
 
 def test_box_prelabels_are_detections_on_the_same_boxes(boxes):
@@ -277,24 +285,24 @@ def test_box_prelabels_are_detections_on_the_same_boxes(boxes):
     assert record["patches_field"] == BOXES
 
 
-def test_a_reference_tag_selects_the_boxes_of_tagged_samples(boxes):
+@pytest.mark.parametrize("as_view", [False, True])
+def test_a_reference_tag_or_view_selects_the_boxes_of_those_samples(
+    boxes, as_view
+):
+    wrong = boxes.match_tags(MISLABELED_TAG)
     out = prelabel.preannotate(
         _targets(boxes),
         index=KEY,
         patches_field=BOXES,
-        reference=MISLABELED_TAG,
+        reference=wrong if as_view else MISLABELED_TAG,
         pred_field="box_tagged",
         k=1,
     )
-    wrong = set(
-        boxes.match_tags(MISLABELED_TAG).values(
-            f"{BOXES}.detections.id", unwind=True
-        )
-    )
+    voters = set(wrong.values(f"{BOXES}.detections.id", unwind=True))
     nbs = _targets(boxes).values(
         "box_tagged.detections.neighbors", unwind=True
     )
-    assert {n for row in nbs for n in row} <= wrong
+    assert {n for row in nbs for n in row} <= voters
     assert out.num_labeled == len(_targets(boxes))
 
 

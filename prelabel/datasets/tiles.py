@@ -1,6 +1,7 @@
 """A detection dataset made of real images: each small image (a digit,
-a piece of clothing) is pasted at a random place on a larger noisy
-canvas, with one box around it.
+a piece of clothing) is pasted, pixels unchanged, at a random place on a
+larger canvas of noise (the clutter around an object), with one box
+around it.
 
 It lets the same objects be labeled two ways, so that box-level and
 image-level pre-labels can be compared: each sample has the object's class
@@ -31,11 +32,12 @@ def write_tiles(
     canvas: int = 96,
     seed: int = 0,
 ) -> list[tuple[str, str, list[float]]]:
-    """Pastes each image of ``items`` (``(filepath, label)``) on a noisy
-    ``canvas`` x ``canvas`` grey image, at a random place.
+    """Pastes each image of ``items`` (``(filepath, label)``) on a
+    ``canvas`` x ``canvas`` image of grey noise, at a random place.
 
     Returns:
-        ``(tile filepath, label, relative [x, y, w, h] box)`` per item
+        ``(tile filepath, label, relative [x, y, w, h] box)`` per item:
+        the box is the pasted image exactly (see :func:`grow`)
     """
     rng = np.random.default_rng(seed)
     os.makedirs(out_dir, exist_ok=True)
@@ -52,14 +54,23 @@ def write_tiles(
         tile = rng.normal(40.0, 20.0, (canvas, canvas))
         x = int(rng.integers(0, canvas - w))
         y = int(rng.integers(0, canvas - h))
-        tile[y : y + h, x : x + w] = np.maximum(
-            tile[y : y + h, x : x + w], obj
-        )
+        tile[y : y + h, x : x + w] = obj
         target = os.path.join(out_dir, f"tile-{i:05d}.png")
         Image.fromarray(np.clip(tile, 0, 255).astype(np.uint8)).save(target)
         box = [x / canvas, y / canvas, w / canvas, h / canvas]
         out.append((target, label, box))
     return out
+
+
+def grow(box: Sequence[float], margin: float) -> list[float]:
+    """``box`` (relative ``[x, y, w, h]``) grown by ``margin`` of its size
+    on every side, within the image: a loose box, as detectors and people
+    draw them, whose crop holds some clutter."""
+    x0 = max(box[0] - margin * box[2], 0.0)
+    y0 = max(box[1] - margin * box[3], 0.0)
+    x1 = min(box[0] + (1 + margin) * box[2], 1.0)
+    y1 = min(box[1] + (1 + margin) * box[3], 1.0)
+    return [x0, y0, x1 - x0, y1 - y0]
 
 
 def make_tiled_dataset(
