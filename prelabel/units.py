@@ -2,8 +2,8 @@
 patch (a ``Detection`` of a patches field).
 
 Every job that reads vectors and labels, or writes a result per point,
-goes through a :class:`Units` so that whole images and boxes share one
-path:
+goes through one of these (:func:`resolve` picks it) so that whole images
+and boxes share one path:
 
 - :class:`Samples`: points are samples; a vector is a sample field, a
   label a ``Classification`` field, and a result a ``Classification`` in
