@@ -127,15 +127,17 @@ class _ImageFiles(Dataset):
     def __getitem__(self, i: int) -> tuple:
         try:
             image = _decode(self.paths[i])
-        except Exception as e:  # whatever is wrong with the file
+            if self.boxes is not None:
+                image = _crop(image, self.boxes[i])
+        except Exception as e:  # whatever is wrong with the file or box
             return i, None, _reason(e)
-        if self.boxes is not None:
-            image = _crop(image, self.boxes[i])
         return i, self.transform(image), None
 
 
 def _crop(image: Image.Image, box) -> Image.Image:
     """The pixels of a relative ``[x, y, w, h]`` box (at least one)."""
+    if not np.all(np.isfinite(box)):
+        raise ValueError("the box has no bounding_box")
     w, h = image.size
     x0 = min(max(int(round(box[0] * w)), 0), w - 1)
     y0 = min(max(int(round(box[1] * h)), 0), h - 1)
@@ -590,7 +592,10 @@ def _embed_boxes(
         _ImageFiles(
             _PathArray(paths),
             model.transform,
-            np.array([r[2] for r in rows], dtype=np.float64),
+            np.array(
+                [r[2] if r[2] else [np.nan] * 4 for r in rows],
+                dtype=np.float64,
+            ),
         ),
         batch_size=opts["batch_size"],
         shuffle=False,

@@ -218,6 +218,12 @@ def resolve(
         ValueError: ``patches_field`` is not a Detections field, or
             ``label_field`` names another field
     """
+    if samples._is_patches:
+        raise ValueError(
+            "this is a patches view; pass the dataset (or a view of its "
+            "samples) that the patches come from, with patches_field="
+            "<the Detections field>"
+        )
     if patches_field is None:
         return Samples(), label_field
     check_patches_field(samples, patches_field)
@@ -324,6 +330,9 @@ class _PatchWriter:
         attrs = {}
         if label is not None:
             attrs = {n: v for n, v in label.iter_fields() if n != "id"}
+        box = self.units.box.get(lid)
         return fo.Detection(
-            bounding_box=list(self.units.box[lid]), source_id=lid, **attrs
+            bounding_box=None if box is None else list(box),
+            source_id=lid,
+            **attrs,
         )

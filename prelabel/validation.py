@@ -57,8 +57,14 @@ def check_embeddings_field(samples, field: str, param="embeddings_field"):
             "embeddings (vector) field; pass the field compute_embeddings "
             "wrote"
         )
-    first = samples.exists(field).limit(1).values(field)
-    first = _first_vector(first)
+    first = _first_vector(samples.exists(field).limit(1).values(field))
+    start = 1
+    while first is None and "." in field:
+        # the boxes of the first samples may all lack a vector
+        page = samples.exists(field).skip(start).limit(1000).values(field)
+        if not page:
+            break
+        first, start = _first_vector(page), start + len(page)
     if first is None:
         raise ValueError(
             f"{param}={field!r} is empty in this collection; run "

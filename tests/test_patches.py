@@ -523,3 +523,48 @@ def test_check_index_compares_the_boxes(boxes):
     assert (health.problems, health.stale) == ([], [])
     assert health.num_points == health.num_embedded == N
     assert health.num_checked == N
+
+
+def test_odd_boxes_and_patches_views(fresh):
+    """A box without coordinates is counted as failed (its sample tagged)
+    and the others are embedded; an empty label is no label; a patches
+    view is refused with the way to pass the boxes."""
+    first, second = (fresh[sid] for sid in fresh.limit(2).values("id"))
+    first[BOXES].detections[0].bounding_box = None
+    first.save()
+    second[BOXES].detections[0].label = ""
+    second.save()
+    count = prelabel.compute_embeddings(
+        fresh,
+        model="pixels",
+        image_size=8,
+        patches_field=BOXES,
+        embeddings_field=EMB,
+        num_workers=0,
+        progress=False,
+    )
+    assert int(count) == len(fresh) - 1 and count.num_failed == 1
+    assert "embedding_failed" in fresh[first.id].tags
+    results = prelabel.sync_index(
+        fresh,
+        embeddings_field=EMB,
+        patches_field=BOXES,
+        brain_key=KEY,
+        progress=False,
+    )
+    empty = second[BOXES].detections[0].id
+    _, _, payloads = results.index.retrieve([empty], ["label"])
+    assert payloads[0].get("label") is None
+    labeled = (
+        len(fresh.match_tags(REFERENCE_TAG))
+        - (REFERENCE_TAG in second.tags)
+        - (REFERENCE_TAG in first.tags)
+    )
+    assert (
+        results.index.count(prelabel.index.base.IndexFilter(labeled=True))
+        == labeled
+    )
+    with pytest.raises(ValueError, match="patches view"):
+        prelabel.preannotate(
+            fresh.to_patches(BOXES), index=KEY, patches_field=BOXES
+        )

@@ -65,7 +65,9 @@ def make_payload(
     vector: np.ndarray,
 ) -> dict:
     """The payload stored with a sample's point whose vector (as given,
-    before any normalization) is ``vector``."""
+    before any normalization) is ``vector`` (an empty label is no
+    label)."""
+    label = label or None
     tags = sorted(tags or ())
     vector = np.asarray(vector, dtype=np.float32)
     return {
