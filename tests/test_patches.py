@@ -568,3 +568,26 @@ def test_odd_boxes_and_patches_views(fresh):
         prelabel.preannotate(
             fresh.to_patches(BOXES), index=KEY, patches_field=BOXES
         )
+
+
+def test_an_index_of_boxes_made_by_fiftyone_votes_the_same(boxes):
+    """``fob.compute_similarity(..., patches_field=...)`` on our backend
+    makes the same index of boxes as ``sync_index``: the pre-labels it
+    gives are the same."""
+    import fiftyone.brain as fob
+
+    fob.compute_similarity(
+        boxes,
+        patches_field=BOXES,
+        embeddings=EMB,
+        backend="prelabel_qdrant",
+        brain_key="fob_boxes",
+    )
+    targets = _targets(boxes)
+    for key, field in ((KEY, "pre_ours"), ("fob_boxes", "pre_fob")):
+        prelabel.preannotate(
+            targets, index=key, patches_field=BOXES, pred_field=field
+        )
+    ours = targets.values("pre_ours.detections.label", unwind=True)
+    theirs = targets.values("pre_fob.detections.label", unwind=True)
+    assert ours == theirs and len(ours) == len(targets)

@@ -122,7 +122,8 @@ class PrelabelQdrantSimilarityConfig(SimilarityConfig):
                 "or 'server'"
             )
         super().__init__(embeddings_field=embeddings_field, **kwargs)
-        self.label_field = label_field
+        # the points of a patches index carry the boxes' own labels
+        self.label_field = label_field or self.patches_field
         self.metric = metric
         self.location = location
         self.path = path
