@@ -28,6 +28,7 @@ from prelabel.core.voting import vote as vote_of
 from prelabel.fields import check_output_field, staged_fields
 from prelabel.health import check_index
 from prelabel.index.base import IndexFilter
+from prelabel.index.locking import Lease
 from prelabel.progress import Progress, ProgressArg
 
 #: how :func:`find_label_mistakes` scores (also in ``constants``)
@@ -138,52 +139,57 @@ def check_find_label_mistakes(
             "scored with method='loo'"
         )
     results = neighbors.load_index(samples, index, brain_key, patches_field)
-    check_index(samples, results, sample_size=64).raise_if_damaged()
-    if results.config.label_field != label_field:
-        raise ValueError(
-            f"label_field={label_field!r} but the index stores labels of "
-            f"{results.config.label_field!r}; sync an index with this field"
-        )
-    if patches_field is None:
-        validation.check_classification_field(samples, label_field)
-    emb_field = results.config.embeddings_field
-    never = {
-        label_field: "the ground-truth field (the labels under test)",
-        emb_field: "the embeddings field the index reads",
-    }
-    outputs = [
-        ("score_field", score_field, (fo.FloatField,)),
-        (
-            "neighbors_field",
-            neighbors_field,
-            ((fo.EmbeddedDocumentField, fo.Classification),),
-        ),
-    ]
-    if patches_field is not None:
-        neighbors_field = None
-        outputs = [
-            (
-                "score_field",
-                score_field,
-                ((fo.EmbeddedDocumentField, fo.Detections),),
+    # the checks below share one opening of an embedded index
+    with Lease(results.index):
+        check_index(samples, results, sample_size=64).raise_if_damaged()
+        if results.config.label_field != label_field:
+            raise ValueError(
+                f"label_field={label_field!r} but the index stores labels "
+                f"of {results.config.label_field!r}; sync an index with this "
+                "field"
             )
+        if patches_field is None:
+            validation.check_classification_field(samples, label_field)
+        emb_field = results.config.embeddings_field
+        never = {
+            label_field: "the ground-truth field (the labels under test)",
+            emb_field: "the embeddings field the index reads",
+        }
+        outputs = [
+            ("score_field", score_field, (fo.FloatField,)),
+            (
+                "neighbors_field",
+                neighbors_field,
+                ((fo.EmbeddedDocumentField, fo.Classification),),
+            ),
         ]
-    for param, name, types in outputs:
-        check_output_field(
-            samples,
-            name,
-            param,
-            records.MISTAKES,
-            overwrite=overwrite,
-            never=never,
-            types=types,
+        if patches_field is not None:
+            neighbors_field = None
+            outputs = [
+                (
+                    "score_field",
+                    score_field,
+                    ((fo.EmbeddedDocumentField, fo.Detections),),
+                )
+            ]
+        for param, name, types in outputs:
+            check_output_field(
+                samples,
+                name,
+                param,
+                records.MISTAKES,
+                overwrite=overwrite,
+                never=never,
+                types=types,
+            )
+        validation.check_embeddings_field(
+            samples, points.path(samples, emb_field)
         )
-    validation.check_embeddings_field(samples, points.path(samples, emb_field))
 
-    flt = IndexFilter(labeled=True)
-    num_ref = results.index.count(flt)
-    validation.check_k(k, max(num_ref - 1, 0))
-    return results, neighbors_field, flt, points
+        flt = IndexFilter(labeled=True)
+        num_ref = results.index.count(flt)
+        validation.check_k(k, max(num_ref - 1, 0))
+        return results, neighbors_field, flt, points
 
 
 def find_label_mistakes(

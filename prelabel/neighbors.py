@@ -202,8 +202,9 @@ def reference_labels(results, flt) -> list[tuple[str, str]]:
 
 
 def reference_classes(results, flt) -> list[str]:
-    """The classes of the reference set, in natural order."""
-    return sort_classes(lbl for _, lbl in reference_labels(results, flt))
+    """The classes of the reference set, in natural order (counted by the
+    index's keyword index of labels, not by reading every reference)."""
+    return sort_classes(results.index.label_counts(flt))
 
 
 # ---- vectors and neighbors --------------------------------------------

@@ -38,6 +38,7 @@ from prelabel.core.voting import logits, winners
 from prelabel.deprecation import moved
 from prelabel.fields import check_output_field, staged_fields
 from prelabel.health import check_index
+from prelabel.index.locking import Lease
 from prelabel.progress import Progress, ProgressArg
 
 
@@ -184,44 +185,46 @@ def check_preannotate(
     if patches_field is not None:
         _check_box_options(mode, eval_key)
     results = neighbors.load_index(targets, index, brain_key, patches_field)
-    check_index(targets, results, sample_size=64).raise_if_damaged()
-    config = results.config
-    if config.label_field != label_field:
-        raise ValueError(
-            f"label_field={label_field!r} but the index stores labels of "
-            f"{config.label_field!r}; pass label_field="
-            f"{config.label_field!r} or sync an index with this field"
+    # the checks below share one opening of an embedded index
+    with Lease(results.index):
+        check_index(targets, results, sample_size=64).raise_if_damaged()
+        config = results.config
+        if config.label_field != label_field:
+            raise ValueError(
+                f"label_field={label_field!r} but the index stores labels of "
+                f"{config.label_field!r}; pass label_field="
+                f"{config.label_field!r} or sync an index with this field"
+            )
+        if patches_field is None:
+            validation.check_classification_field(targets, label_field)
+        emb_field = config.embeddings_field
+        check_output_field(
+            targets,
+            pred_field,
+            "pred_field",
+            records.RUNS,
+            overwrite=overwrite,
+            never={
+                label_field: (
+                    "the ground-truth field (the labels the index votes with)"
+                ),
+                emb_field: "the embeddings field the index reads",
+            },
+            types=((points.result_type[0], points.result_doc),),
         )
-    if patches_field is None:
-        validation.check_classification_field(targets, label_field)
-    emb_field = config.embeddings_field
-    check_output_field(
-        targets,
-        pred_field,
-        "pred_field",
-        records.RUNS,
-        overwrite=overwrite,
-        never={
-            label_field: (
-                "the ground-truth field (the labels the index votes with)"
-            ),
-            emb_field: "the embeddings field the index reads",
-        },
-        types=((points.result_type[0], points.result_doc),),
-    )
-    _check_targets_embedded(targets, results, points)
-    flt, num_ref = neighbors.reference_filter(
-        results, reference, label_field, points
-    )
-    if num_ref == 0:
-        raise ValueError(
-            f"the reference set is empty: no {points.noun} in the index has "
-            f"a label in {label_field!r}"
-            + (f" and the tag(s) {reference!r}" if reference else "")
-            + f"; label some {points.noun}es first (and sync the index)"
+        _check_targets_embedded(targets, results, points)
+        flt, num_ref = neighbors.reference_filter(
+            results, reference, label_field, points
         )
-    validation.check_k(k, num_ref)
-    return results, flt, num_ref, points
+        if num_ref == 0:
+            raise ValueError(
+                f"the reference set is empty: no {points.noun} in the index "
+                f"has a label in {label_field!r}"
+                + (f" and the tag(s) {reference!r}" if reference else "")
+                + f"; label some {points.plural} first (and sync the index)"
+            )
+        validation.check_k(k, num_ref)
+        return results, flt, num_ref, points
 
 
 def _check_box_options(mode, eval_key) -> None:

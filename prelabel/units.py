@@ -48,7 +48,7 @@ class Samples:
 
     patches_field: str | None = None
     #: what a point is called in messages
-    noun = "sample"
+    noun, plural = "sample", "samples"
     #: the field type of a job's per-point result
     result_type = CLASSIFICATION
     result_doc = fo.Classification
@@ -117,7 +117,7 @@ class Patches(Samples):
         patches_field: a ``Detections`` or ``Detection`` field
     """
 
-    noun = "box"
+    noun, plural = "box", "boxes"
     result_type = DETECTIONS
     result_doc = fo.Detections
 

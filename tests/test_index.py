@@ -589,3 +589,39 @@ def test_euclidean_scores_are_similarities(place, tmp_path):
         assert res.sample_ids[q] == [ids[j] for j in np.argsort(dists)[:5]]
         assert np.all(np.diff(res.scores[q]) <= 1e-6)
         assert res.scores[q][0] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_label_counts_match_the_payloads(index):
+    ids, _, labels, tags = _filter_fixture(index)
+    for flt in (None, IndexFilter(tags=("x",)), IndexFilter(labeled=True)):
+        expected = {}
+        for _, p in index.iter_payloads([base.LABEL], flt):
+            if p.get(base.LABEL) is not None:
+                expected[p[base.LABEL]] = expected.get(p[base.LABEL], 0) + 1
+        assert index.label_counts(flt) == expected
+    assert index.label_counts() == {"a": 10, "b": 10}
+
+
+def test_nested_leases_share_one_opening(tmp_path, monkeypatch):
+    """A job's steps each take a lease; inside an outer lease (same thread,
+    same index) they open nothing, and their ticks give the index back
+    through the outer lease; a scroll of many pages opens the shard once."""
+    from prelabel.index.locking import Lease
+
+    index = EdgeIndex(str(tmp_path / "index"))
+    fill(index, 50, 4)
+    loads = []
+    real = EdgeIndex._load
+    monkeypatch.setattr(
+        EdgeIndex, "_load", lambda self: loads.append(1) or real(self)
+    )
+    assert sum(len(p) for p in index.scroll(None, 5, False, False)) == 50
+    assert len(loads) == 1
+    with Lease(index, hold=0.0, pause=0.0, overhead=0.0) as outer:
+        with Lease(index) as inner:
+            assert index.count() == 50
+            inner.tick()  # the outer lease's turn: it gives back, reopens
+            assert index.count() == 50
+        assert outer._cm is not None and index._lock.held
+    assert len(loads) == 3
+    assert not index._lock.held and index._handle.shard is None

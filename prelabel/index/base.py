@@ -194,6 +194,17 @@ class VectorIndex(abc.ABC):
     def delete(self, sample_ids: Sequence[str]) -> None:
         """Deletes points; unknown ids are ignored."""
 
+    def label_counts(self, filter: IndexFilter | None = None) -> dict:
+        """``label -> number of points`` (matching ``filter``) that carry
+        it; points without a label are not counted. Places answer from
+        their keyword index of labels (a facet) when they have one."""
+        counts: dict = {}
+        for _, p in self.iter_payloads([LABEL], filter):
+            label = p.get(LABEL)
+            if label is not None:
+                counts[label] = counts.get(label, 0) + 1
+        return counts
+
     @abc.abstractmethod
     def scroll(
         self,

@@ -41,7 +41,7 @@ from prelabel.index.base import (
     IndexFilter,
     VectorIndex,
 )
-from prelabel.index.locking import FolderLock
+from prelabel.index.locking import FolderLock, Lease
 
 INDEX_FILE = "index.json"
 SHARD = "shard"
@@ -49,6 +49,9 @@ SHARD = "shard"
 FORMAT = 2
 _TMP_PREFIX = ".tmp-"
 _KEYWORD_FIELDS = (base.SAMPLE_ID, base.LABEL, base.TAGS)
+
+#: the most distinct labels a facet of the labels returns
+MAX_LABELS = 1_000_000
 #: what the engine says when another process has the shard open
 _BUSY = "WouldBlock"
 
@@ -450,26 +453,43 @@ class EdgeIndex(VectorIndex):
         with self.session() as shard, self._engine():
             return shard.count(qe.CountRequest(filter=_to_filter(filter)))
 
+    def label_counts(self, filter=None):
+        if not self.exists():
+            return {}
+        qe = _edge()
+        request = qe.FacetRequest(
+            base.LABEL, limit=MAX_LABELS, exact=True, filter=_to_filter(filter)
+        )
+        with self.session() as shard:
+            try:
+                hits = shard.facet(request).hits
+            except Exception:  # no keyword index of labels: count them
+                return super().label_counts(filter)
+        return {h.value: h.count for h in hits}
+
     def scroll(self, filter, batch_size, payload, vector):
         if not self.exists():
             return
         qe = _edge()
         offset = None
-        while True:
-            with self.session() as shard, self._engine():
-                records, offset = shard.scroll(
-                    qe.ScrollRequest(
-                        offset=offset,
-                        limit=batch_size,
-                        filter=_to_filter(filter),
-                        with_payload=payload,
-                        with_vector=vector,
+        # one opening for every page, given back now and then
+        with Lease(self) as lease:
+            while True:
+                lease.tick()
+                with self.session() as shard, self._engine():
+                    records, offset = shard.scroll(
+                        qe.ScrollRequest(
+                            offset=offset,
+                            limit=batch_size,
+                            filter=_to_filter(filter),
+                            with_payload=payload,
+                            with_vector=vector,
+                        )
                     )
-                )
-            if records:
-                yield records
-            if offset is None:
-                return
+                if records:
+                    yield records
+                if offset is None:
+                    return
 
     def retrieve(self, sample_ids, keys=()):
         ids = [base.to_point_id(s) for s in sample_ids]

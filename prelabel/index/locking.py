@@ -188,6 +188,16 @@ class FolderLock:
         )
 
 
+#: per thread: id of an index -> the outermost lease holding it
+_ACTIVE = threading.local()
+
+
+def _active() -> dict:
+    if not hasattr(_ACTIVE, "leases"):
+        _ACTIVE.leases = {}
+    return _ACTIVE.leases
+
+
 class Lease:
     """Keeps an embedded index open across the chunks of a long job (a
     sync, a stream of queries), and gives it back to other processes every
@@ -201,6 +211,10 @@ class Lease:
     lasts ``overhead`` times what the last reopening cost (within
     ``hold`` and ``max_hold``, well under the waiters' lock timeout), so
     that reopening a big shard takes about ``1 / overhead`` of the job.
+
+    Leases nest: one taken in the same thread while another holds the
+    same index leaves the opening and the giving back to the outer one, so
+    a job's steps share one opening.
     """
 
     def __init__(
@@ -211,12 +225,16 @@ class Lease:
         overhead: float = 10.0,
         max_hold: float = 30.0,
     ):
+        self._index = index
         self._session = getattr(index, "session", None)
         self._hold, self._pause, self._overhead = hold, pause, overhead
         self._max_hold = max_hold
         self._cm = None
         self._since = 0.0
         self._lease = hold
+        #: the lease of an enclosing step on the same index, which this
+        #: one leaves the opening and the giving back to
+        self._outer = None
 
     def _open(self):
         if self._session is not None:
@@ -235,6 +253,9 @@ class Lease:
             cm.__exit__(*(exc or (None, None, None)))
 
     def tick(self) -> None:
+        if self._outer is not None:
+            self._outer.tick()
+            return
         if (
             self._cm is not None
             and time.monotonic() - self._since > self._lease
@@ -244,8 +265,16 @@ class Lease:
             self._open()
 
     def __enter__(self):
-        self._open()
+        if self._session is None:
+            return self
+        self._outer = _active().get(id(self._index))
+        if self._outer is None:
+            _active()[id(self._index)] = self
+            self._open()
         return self
 
     def __exit__(self, *exc):
+        if self._session is None or self._outer is not None:
+            return
+        _active().pop(id(self._index), None)
         self._close(*exc)

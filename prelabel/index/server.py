@@ -22,7 +22,7 @@ from prelabel.index.base import (
     IndexUnreachableError,
     VectorIndex,
 )
-from prelabel.index.edge import FolderState
+from prelabel.index.edge import MAX_LABELS, FolderState
 
 #: the key of a collection's metadata that marks it as prelabel's
 META_KEY = "prelabel"
@@ -324,6 +324,19 @@ class ServerIndex(VectorIndex):
                 count_filter=_to_filter(filter),
                 exact=True,
             ).count
+
+    def label_counts(self, filter=None):
+        if not self.exists():
+            return {}
+        with self._call():
+            hits = self.client.facet(
+                self.collection_name,
+                key=base.LABEL,
+                facet_filter=_to_filter(filter),
+                limit=MAX_LABELS,
+                exact=True,
+            ).hits
+        return {h.value: h.count for h in hits}
 
     def scroll(self, filter, batch_size, payload, vector):
         if not self.exists():
