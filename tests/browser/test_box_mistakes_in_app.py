@@ -8,6 +8,7 @@ then the labeled boxes that voted.
 """
 
 import os
+import re
 import uuid
 
 import fiftyone as fo
@@ -108,5 +109,9 @@ def test_box_mistakes_panel_lists_boxes_and_opens_their_patches(app, tiled):
         for n in top.neighbors
     ]
     page.get_by_text(f"Grid: box {top.id}").wait_for()
-    app.grid_count  # noqa: B018 - the grid is there
-    app.shot("2-row-clicked-patches")
+    app.shot("2-row-clicked", docs_name="mistakes-panel-boxes.png")
+    # the grid shows the patches: the box, then its voters
+    page.get_by_text("Samples", exact=True).first.click()
+    page.locator("[data-cy=looker]").first.wait_for(timeout=TIMEOUT * 1000)
+    page.get_by_text(re.compile(rf"^{len(evidence)} patches$")).wait_for()
+    app.shot("3-patches-grid", docs_name="mistakes-panel-boxes-grid.png")
