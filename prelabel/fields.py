@@ -194,6 +194,8 @@ def staged_fields(
                 "tmp": tmp[name],
                 "token": token,
                 "replace": bool(replace),
+                # a new field has no old values to clear at the swap
+                "existed": dataset.has_sample_field(name),
                 "owner": owner,
             }
             if not records.update(
@@ -288,7 +290,11 @@ def _swap(dataset, names: list[str]) -> None:
         staged = entry["tmp"]
         if dataset.has_sample_field(staged):
             _declare_like(dataset, name, staged)
-        if entry["state"] == "ready" and entry.get("replace", True):
+        if (
+            entry["state"] == "ready"
+            and entry.get("replace", True)
+            and entry.get("existed", True)
+        ):
             # the samples the job did not write lose the old value; done
             # once, before any move (after one it would erase moved values)
             coll.update_many(
