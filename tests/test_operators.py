@@ -883,3 +883,33 @@ def test_the_operators_work_on_boxes(tiled):
     (set_view,) = triggered(result, "set_view")
     stages = [s["_cls"].rsplit(".", 1)[-1] for s in set_view["view"]]
     assert stages[-2:] == ["ToPatches", "SortBy"]
+
+
+def test_sync_index_computes_missing_box_embeddings(tiled):
+    props = form(
+        "sync_index",
+        tiled,
+        patches_field="detections",
+        embeddings_field="box_vec",
+        brain_key="boxes",
+    )
+    assert (
+        "60 of 60 boxes have no 'box_vec'"
+        in props["missing_embeddings"].view.label
+    )
+    out = run(
+        "sync_index",
+        tiled,
+        patches_field="detections",
+        embeddings_field="box_vec",
+        brain_key="boxes",
+        compute_missing=True,
+        model="pixels",
+        image_size=12,
+    ).result
+    assert (out["embedded"], out["added"], out["index_size"]) == (60, 60, 60)
+    config = tiled.get_brain_info("boxes").config
+    assert (config.patches_field, config.label_field) == (
+        "detections",
+        "detections",
+    )
