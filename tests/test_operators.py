@@ -798,6 +798,11 @@ def test_sync_index_form_shows_a_damaged_index_and_rebuilds_it(indexed):
 
 # ---- boxes --------------------------------------------------------------
 
+#: an index of the boxes of the tiled digits
+BOX_SYNC = dict(
+    patches_field="detections", embeddings_field="box_vec", brain_key="boxes"
+)
+
 
 @pytest.fixture
 def tiled(digit_images, session_dir):
@@ -830,22 +835,10 @@ def test_the_operators_work_on_boxes(tiled):
     ).result
     assert (out["embedded"], out["with_embeddings"]) == (60, 60)
 
-    props = form(
-        "sync_index",
-        tiled,
-        patches_field="detections",
-        embeddings_field="box_vec",
-        brain_key="boxes",
-    )
+    props = form("sync_index", tiled, **BOX_SYNC)
     assert "label_field" not in props
     assert not errors(props)
-    out = run(
-        "sync_index",
-        tiled,
-        patches_field="detections",
-        embeddings_field="box_vec",
-        brain_key="boxes",
-    ).result
+    out = run("sync_index", tiled, **BOX_SYNC).result
     assert out["index_size"] == 60
 
     targets = tiled.match_tags("reference", bool=False)
@@ -900,9 +893,7 @@ def test_sync_index_computes_missing_box_embeddings(tiled):
     out = run(
         "sync_index",
         tiled,
-        patches_field="detections",
-        embeddings_field="box_vec",
-        brain_key="boxes",
+        **BOX_SYNC,
         compute_missing=True,
         model="pixels",
         image_size=12,
