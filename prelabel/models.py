@@ -21,6 +21,10 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
+#: half precision is used on a GPU only when every vector of the first
+#: batch stays this close (1 - cosine) to the float32 one
+HALF_TOLERANCE = 1e-3
+
 #: ImageNet statistics used by torchvision's pretrained models
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -33,7 +37,8 @@ LITE_STD = (128.0 / 255.0,) * 3
 
 @dataclass
 class EmbeddingModel:
-    """An image embedding model ready for inference on the CPU.
+    """An image embedding model ready for inference, on the CPU unless
+    moved to a GPU with :meth:`to`.
 
     Args:
         name: the registry name of the model
@@ -47,6 +52,9 @@ class EmbeddingModel:
             ``"random"`` or ``"none"``
         channels_last: whether batches should be fed in channels-last
             memory format (faster for convolutional nets on CPU)
+        device: where it runs (``"cpu"``, ``"cuda"``, ``"cuda:N"``)
+        half: whether it runs in half precision (None: on a GPU, decided
+            by the first batch, see :data:`HALF_TOLERANCE`)
     """
 
     name: str
@@ -56,6 +64,23 @@ class EmbeddingModel:
     transform: Callable[[Image.Image], torch.Tensor]
     weights: str = "none"
     channels_last: bool = False
+    device: str = "cpu"
+    half: bool | None = False
+
+    def to(self, device: str = "auto") -> EmbeddingModel:
+        """Moves the model to ``device`` (see :func:`resolve_device`); on a
+        GPU the first batch decides whether half precision keeps the
+        vectors within :data:`HALF_TOLERANCE` of float32.
+
+        Returns:
+            this model
+        """
+        device = resolve_device(device)
+        if device != self.device:
+            self.module = self.module.float().to(device)
+            self.device = device
+            self.half = False if device == "cpu" else None
+        return self
 
     def embed(self, batch: torch.Tensor) -> np.ndarray:
         """Computes the features of a batch of transformed images.
@@ -69,9 +94,32 @@ class EmbeddingModel:
         """
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
+        batch = batch.to(self.device, non_blocking=True)
         with torch.inference_mode():
-            features = self.module(batch)
-        return features.float().numpy()
+            if self.half is None:
+                features = self._choose_precision(batch)
+            elif self.half:
+                features = self.module(batch.half())
+            else:
+                features = self.module(batch)
+        return features.float().cpu().numpy()
+
+    def _choose_precision(self, batch: torch.Tensor) -> torch.Tensor:
+        """Runs the first GPU batch in float32 and in half precision, and
+        keeps half precision if every vector agrees within
+        :data:`HALF_TOLERANCE`."""
+        full = self.module(batch).float()
+        halved = self.module.half()(batch.half()).float()
+        self.half = half_agrees(full.cpu().numpy(), halved.cpu().numpy())
+        if not self.half:
+            self.module.float()
+        logger.info(
+            "%s on %s: %s precision",
+            self.name,
+            self.device,
+            "half" if self.half else "float32",
+        )
+        return halved if self.half else full
 
     @property
     def info(self) -> dict:
@@ -82,6 +130,62 @@ class EmbeddingModel:
             "image_size": self.image_size,
             "weights": self.weights,
         }
+
+
+def resolve_device(device: str) -> str:
+    """The device to embed on: ``"auto"`` is ``"cuda"`` when torch sees a
+    GPU, else ``"cpu"``.
+
+    Args:
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``
+
+    Raises:
+        ValueError: an unknown device, or a GPU torch cannot see
+    """
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if isinstance(device, str) and device.split(":")[0] == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device={device!r} but torch sees no CUDA GPU on this "
+                "machine; pass device='auto' (the GPU when there is one) "
+                "or device='cpu'"
+            )
+        try:
+            index = torch.device(device).index or 0
+        except RuntimeError:
+            index = -1
+        if index < 0:
+            raise ValueError(
+                f"device={device!r} is not a device name; pass 'cuda' or "
+                "'cuda:N'"
+            )
+        if index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={device!r} but torch sees "
+                f"{torch.cuda.device_count()} GPU(s); pass device='cuda'"
+            )
+        return device
+    raise ValueError(
+        f"device={device!r} is not supported; pass 'auto', 'cpu', 'cuda' "
+        "or 'cuda:N'"
+    )
+
+
+def half_agrees(
+    full: np.ndarray, half: np.ndarray, tol: float = HALF_TOLERANCE
+) -> bool:
+    """Whether every row of ``half`` is within ``tol`` (1 - cosine) of
+    the same row of ``full``."""
+    full = np.asarray(full, dtype=np.float64)
+    half = np.asarray(half, dtype=np.float64)
+    if not np.all(np.isfinite(half)):
+        return False
+    norms = np.linalg.norm(full, axis=1) * np.linalg.norm(half, axis=1)
+    cos = np.sum(full * half, axis=1) / np.where(norms > 0, norms, 1.0)
+    return bool(np.all(1.0 - cos <= tol))
 
 
 class ImageTransform:

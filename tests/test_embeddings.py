@@ -669,3 +669,71 @@ def test_field_written_by_a_live_job_is_busy(digits_dataset):
         with pytest.raises(fields.FieldBusyError, match="embeddings"):
             compute_embeddings(digits_dataset, model="pixels", progress=False)
     assert _tmp_fields(digits_dataset) == []
+
+
+# ---- where the model runs ----------------------------------------------
+
+
+def test_device_auto_is_the_gpu_when_torch_sees_one():
+    from prelabel.models import resolve_device
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto") == expected
+    assert resolve_device("cpu") == "cpu"
+    for bad, match in (
+        ("tpu", "device='tpu' is not supported"),
+        ("cuda:x", "device='cuda:x'"),
+        (None, "device=None is not supported"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            resolve_device(bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has one")
+def test_asking_for_a_gpu_that_is_not_there_writes_nothing(digits_dataset):
+    with pytest.raises(ValueError, match="device='cuda' but torch sees no"):
+        compute_embeddings(
+            digits_dataset, model="pixels", device="cuda", progress=False
+        )
+    assert not digits_dataset.has_sample_field("embeddings")
+
+
+def test_half_precision_only_when_the_vectors_agree():
+    from prelabel.models import HALF_TOLERANCE, half_agrees
+
+    rng = np.random.default_rng(0)
+    full = rng.normal(size=(64, 128)).astype(np.float32)
+    as_half = full.astype(np.float16).astype(np.float32)
+    assert half_agrees(full, as_half)
+    # one vector pushed past the tolerance is enough to keep float32
+    off = as_half.copy()
+    off[5] += rng.normal(size=128) * np.sqrt(4 * HALF_TOLERANCE)
+    assert not half_agrees(full, off)
+    overflow = as_half.copy()
+    overflow[0, 0] = np.inf
+    assert not half_agrees(full, overflow)
+
+
+def test_a_model_on_the_cpu_gives_the_same_vectors(digits_dataset):
+    """``device="cpu"`` and the default agree here, and a model moved to
+    the CPU stays in float32."""
+    model = load_model("pixels", image_size=8).to("cpu")
+    assert (model.device, model.half) == ("cpu", False)
+    compute_embeddings(
+        digits_dataset,
+        model="pixels",
+        image_size=8,
+        embeddings_field="a",
+        progress=False,
+        num_workers=0,
+    )
+    compute_embeddings(
+        digits_dataset,
+        model=model,
+        embeddings_field="b",
+        device="cpu",
+        progress=False,
+        num_workers=0,
+    )
+    a, b = digits_dataset.values(["a", "b"])
+    np.testing.assert_array_equal(np.stack(a), np.stack(b))
