@@ -513,3 +513,65 @@ def test_server_path_load_and_delete_through_fiftyone(rand, monkeypatch):
     dataset.delete_brain_run("srv2")
     assert "srv2" not in dataset.list_brain_runs()
     assert not shared.collection_exists(collection)
+
+
+def test_a_distributed_collection_is_created_as_configured(rand, monkeypatch):
+    """The server options of a cluster (shards, replicas, write
+    consistency, HNSW, int8 quantization) reach Qdrant's
+    ``create_collection`` and stay in the run, so a resync or a rebuild
+    creates the same collection. qdrant-client's local mode accepts and
+    ignores distribution, so the request itself is what is checked."""
+    from qdrant_client import QdrantClient
+
+    import prelabel.index.server as pis
+
+    dataset, _ = rand
+    shared = QdrantClient(location=":memory:")
+    created = []
+    real = QdrantClient.create_collection
+
+    def spy(self, collection_name, **kwargs):
+        created.append(kwargs)
+        return real(self, collection_name, **kwargs)
+
+    monkeypatch.setattr(QdrantClient, "create_collection", spy)
+    monkeypatch.setattr(pis, "connect", lambda *a, **k: shared)
+    cluster = dict(
+        shard_number=6,
+        replication_factor=2,
+        write_consistency_factor=1,
+        hnsw_config={"m": 32, "ef_construct": 200},
+        quantization="int8",
+    )
+    results = prelabel.sync_index(
+        dataset,
+        brain_key="cluster",
+        url="http://qdrant.invalid:6333",
+        progress=False,
+        **cluster,
+    )
+    try:
+        (kwargs,) = created
+        assert (
+            kwargs["shard_number"],
+            kwargs["replication_factor"],
+            kwargs["write_consistency_factor"],
+        ) == (6, 2, 1)
+        assert kwargs["hnsw_config"].m == 32
+        assert kwargs["hnsw_config"].ef_construct == 200
+        assert kwargs["quantization_config"].scalar.type == "int8"
+        config = dataset.get_brain_info("cluster").config
+        assert {k: getattr(config, k) for k in cluster} == cluster
+        prelabel.sync_index(
+            dataset,
+            brain_key="cluster",
+            url="http://qdrant.invalid:6333",
+            rebuild=True,
+            progress=False,
+        )
+        # the rebuilt collection: the same request (its marker aside)
+        again = {k: v for k, v in created[1].items() if k != "metadata"}
+        assert again == {k: v for k, v in kwargs.items() if k != "metadata"}
+        assert results.index.count() == len(dataset)
+    finally:
+        dataset.delete_brain_run("cluster")
