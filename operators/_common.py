@@ -244,17 +244,6 @@ def label_field_input(inputs, dataset, brain_key, remembered, what, boxes):
     return None
 
 
-def missing_embeddings(samples, field, patches_field=None):
-    """How many samples (or boxes of ``patches_field``) of ``samples``
-    have no vector in ``field`` (an attribute of each box)."""
-    if patches_field is None:
-        return samples.exists(field, False).count()
-    boxes = f"{patches_field}.detections"
-    if samples.get_field(boxes) is None:  # one Detection per sample
-        boxes = patches_field
-    return samples.count(f"{boxes}.id") - samples.count(f"{boxes}.{field}")
-
-
 def classification_fields(samples):
     schema = samples.get_field_schema(embedded_doc_type=fo.Classification)
     return sorted(schema)

@@ -55,7 +55,7 @@ class ComputeEmbeddings(foo.Operator):
         )
 
     def resolve_input(self, ctx):
-        from prelabel import list_models
+        from prelabel import embedding_coverage, list_models
         from prelabel.embeddings import (
             check_embeddings_output,
             check_image_collection,
@@ -167,12 +167,14 @@ class ComputeEmbeddings(foo.Operator):
                 )[0]
             )
             if ok:
-                missing = c.missing_embeddings(
+                embedded, total = embedding_coverage(
                     target, p["embeddings_field"], p["patches_field"]
                 )
                 inputs.view(
                     "field_status",
-                    types.Notice(label=f"{missing} boxes have no vector"),
+                    types.Notice(
+                        label=f"{total - embedded} boxes have no vector"
+                    ),
                 )
         elif (
             c.run_check(
@@ -209,14 +211,16 @@ class ComputeEmbeddings(foo.Operator):
         )
         c.remember(ctx, NAME, {**p, "overwrite": False})
         c.show_in_app(ctx)
-        field, boxes = p["embeddings_field"], p["patches_field"]
-        total = target.count(f"{boxes}.detections") if boxes else len(target)
+        from prelabel import embedding_coverage
+
+        embedded, total = embedding_coverage(
+            target, p["embeddings_field"], p["patches_field"]
+        )
         return {
             "embedded": int(num),
             "failed": num.num_failed,
             "num_targets": total,
-            "with_embeddings": total
-            - c.missing_embeddings(target, field, boxes),
+            "with_embeddings": embedded,
             "embeddings_field": p["embeddings_field"],
             "model": p["model"],
         }

@@ -57,7 +57,7 @@ class SyncIndex(foo.Operator):
         )
 
     def resolve_input(self, ctx):
-        from prelabel import list_models
+        from prelabel import embedding_coverage, list_models
         from prelabel.embeddings import check_embeddings_output
         from prelabel.indexing import check_sync_index
         from prelabel.models import check_model_name
@@ -155,16 +155,19 @@ class SyncIndex(foo.Operator):
             check = (check_embeddings_output, dataset, emb)
         if not c.run_check(inputs, *check)[0]:
             return _form(inputs)
-        num_missing = c.missing_embeddings(dataset, emb, boxes)
+        embedded, total = embedding_coverage(dataset, emb, boxes)
+        num_missing = total - embedded
         if num_missing:
-            total = dataset.count(f"{boxes}.detections") if boxes else None
-            total = len(dataset) if total is None else total
-            empty = num_missing == total
+            empty = embedded == 0
             inputs.view(
                 "missing_embeddings",
                 types.Warning(
                     label=(
-                        f"{num_missing} of {total} "
+                        f"'{emb}' does not exist"
+                        if empty
+                        and not boxes
+                        and dataset.get_field(emb) is None
+                        else f"{num_missing} of {total} "
                         f"{'boxes' if boxes else 'samples'} have no '{emb}'"
                     ),
                     description=(

@@ -40,6 +40,7 @@ from prelabel.mistakes import (
 from prelabel.neighbors import load_index
 from prelabel.orphans import delete_orphans
 from prelabel.preannotate import evaluate, preannotate
+from prelabel.units import embedding_coverage
 
 _register_backend()
 
@@ -69,6 +70,7 @@ __all__ = [
     "check_index",
     "compute_embeddings",
     "delete_orphans",
+    "embedding_coverage",
     "list_models",
     "load_index",
     "load_mnist_dataset",

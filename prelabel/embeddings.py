@@ -323,16 +323,8 @@ def compute_embeddings(
     tagged = set(plan.todo.match_tags(FAILED_TAG).values("id"))
 
     def job(write_field: str) -> dict:
-        loader = DataLoader(
-            _ImageFiles(_PathArray(paths), emb_model.transform),
-            batch_size=batch_size,
-            shuffle=False,
-            num_workers=num_workers,
-            collate_fn=_collate,
-            pin_memory=emb_model.device != "cpu",
-        )
         failures = _embed(
-            loader,
+            _loader(paths, emb_model, batch_size, num_workers),
             ids,
             emb_model,
             lambda vectors: dataset.set_values(
@@ -350,8 +342,26 @@ def compute_embeddings(
     else:
         failures = _run_direct(dataset, embeddings_field, emb_model, job)
     _update_tags(dataset, failures, tagged)
-    embedded = len(ids) - len(failures)
-    _log_result(embedded, failures, emb_model, embeddings_field)
+    return _counted(len(ids), failures, emb_model, embeddings_field)
+
+
+def _loader(paths, model, batch_size, num_workers, boxes=None) -> DataLoader:
+    """Batches of the images (or of the crops of ``boxes``) decoded in
+    ``num_workers`` processes, pinned for a GPU."""
+    return DataLoader(
+        _ImageFiles(_PathArray(paths), model.transform, boxes),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=model.device != "cpu",
+    )
+
+
+def _counted(total, failures, model, field) -> EmbeddingCount:
+    """Logs a run's outcome and returns its :class:`EmbeddingCount`."""
+    embedded = total - len(failures)
+    _log_result(embedded, failures, model, field)
     return EmbeddingCount(
         embedded, {i: reason for i, (_, reason) in failures.items()}
     )
@@ -606,23 +616,11 @@ def _embed_boxes(
     if existing is None:
         dataset.add_sample_field(path, fo.VectorField, info=model.info)
     records.put(dataset, records.EMBEDDINGS, name, model.info)
-    loader = DataLoader(
-        _ImageFiles(
-            _PathArray(paths),
-            model.transform,
-            np.array(
-                [r[2] if r[2] else [np.nan] * 4 for r in rows],
-                dtype=np.float64,
-            ),
-        ),
-        batch_size=opts["batch_size"],
-        shuffle=False,
-        num_workers=opts["num_workers"],
-        collate_fn=_collate,
-        pin_memory=model.device != "cpu",
+    boxes = np.array(
+        [r[2] if r[2] else [np.nan] * 4 for r in rows], dtype=np.float64
     )
     failures = _embed(
-        loader,
+        _loader(paths, model, opts["batch_size"], opts["num_workers"], boxes),
         [r[0] for r in rows],
         model,
         lambda vectors: dataset.set_label_values(path, vectors),
@@ -635,11 +633,7 @@ def _embed_boxes(
     tagged = set(samples.match_tags(FAILED_TAG).values("id"))
     failed_samples = {parent[i]: f for i, f in failures.items()}
     _update_tags(dataset, failed_samples, tagged & {r[1] for r in rows})
-    _log_result(len(rows) - len(failures), failures, model, path)
-    return EmbeddingCount(
-        len(rows) - len(failures),
-        {i: reason for i, (_, reason) in failures.items()},
-    )
+    return _counted(len(rows), failures, model, path)
 
 
 def _raise_failures(failures: dict, total: int, staged: bool) -> None:

@@ -169,7 +169,7 @@ def check_find_label_mistakes(
                 (
                     "score_field",
                     score_field,
-                    ((fo.EmbeddedDocumentField, fo.Detections),),
+                    ((fo.EmbeddedDocumentField, points.result_doc),),
                 )
             ]
         for param, name, types in outputs:
@@ -277,7 +277,6 @@ def find_label_mistakes(
         # an index of adapted embeddings: score in the frozen ones
         record_of = adapt.adapter_record(samples._root_dataset, emb_field)
         emb_field = record_of["embeddings_field"] if record_of else emb_field
-    if method == "adapted":
         labeled = validation.labeled(samples, label_field).exists(emb_field)
         ids, own = labeled.values(["id", f"{label_field}.label"])
         rows = _adapted_rows(labeled, emb_field, ids, own, k, batch_size)
@@ -408,7 +407,7 @@ def _write_boxes(dataset, out, record, rows, bar, scored) -> None:
     its own label, its score and the neighbors' majority."""
     points, all_ids, labels = scored
     own = dict(zip(all_ids, labels, strict=True))
-    staged = {out.score_field: units.DETECTIONS}
+    staged = {out.score_field: points.result_type}
     with staged_fields(dataset, staged) as stage:
         stage.record(records.MISTAKES, out.score_field, record)
         writer = points.writer(dataset, stage[out.score_field], all_ids)

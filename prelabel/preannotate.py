@@ -210,7 +210,7 @@ def check_preannotate(
                 ),
                 emb_field: "the embeddings field the index reads",
             },
-            types=((points.result_type[0], points.result_doc),),
+            types=((fo.EmbeddedDocumentField, points.result_doc),),
         )
         _check_targets_embedded(targets, results, points)
         flt, num_ref = neighbors.reference_filter(
@@ -649,8 +649,7 @@ def _write(run: _Run, scorer, verdict: _Verdict, out) -> None:
         writer.close()
         t3 = time.perf_counter()
     t_write += time.perf_counter() - t3  # the swap of the field
-    if review_ids and run.units.patches_field is None:
-        dataset.select(review_ids).tag_samples(constants.REVIEW_TAG)
+    run.units.tag_for_review(dataset, review_ids)
     out.num_review = len(review_ids)
     if verdict.threshold is not None:
         out.num_accepted = accepted

@@ -33,12 +33,6 @@ CLASSIFICATION = (
     {"embedded_doc_type": fo.Classification},
 )
 
-#: the ``fields`` entry of a Detections field
-DETECTIONS = (
-    fo.EmbeddedDocumentField,
-    {"embedded_doc_type": fo.Detections},
-)
-
 #: the label types a patches field may hold
 PATCH_TYPES = (fo.Detection, fo.Detections)
 
@@ -49,9 +43,17 @@ class Samples:
     patches_field: str | None = None
     #: what a point is called in messages
     noun, plural = "sample", "samples"
-    #: the field type of a job's per-point result
-    result_type = CLASSIFICATION
+    #: the label type of a job's per-point result field
     result_doc = fo.Classification
+
+    @property
+    def result_type(self) -> tuple:
+        """The ``fields`` entry (see :mod:`prelabel.fields`) of a job's
+        per-point result field."""
+        return (
+            fo.EmbeddedDocumentField,
+            {"embedded_doc_type": self.result_doc},
+        )
 
     def path(self, samples, attr: str) -> str:
         """The database path of a per-point ``attr`` (a sample field)."""
@@ -72,13 +74,24 @@ class Samples:
             ["id", f"{label_field}.label"]
         )
 
-    def count_missing(self, samples, field: str) -> int:
-        """How many points of ``samples`` have no ``field``."""
-        return len(samples.exists(field, False))
+    def count(self, samples) -> int:
+        """How many points ``samples`` holds."""
+        return len(samples)
 
     def count_embedded(self, samples, field: str) -> int:
         """How many points of ``samples`` have a vector in ``field``."""
         return len(samples.exists(field))
+
+    def count_missing(self, samples, field: str) -> int:
+        """How many points of ``samples`` have no ``field``."""
+        return self.count(samples) - self.count_embedded(samples, field)
+
+    def tag_for_review(self, dataset, ids: Sequence[str]) -> None:
+        """Tags the given points for review, once their result field is
+        in place (samples get the sample tag; a box's result carries the
+        label tag already, see :meth:`writer`)."""
+        if ids:
+            dataset.select(list(ids)).tag_samples(constants.REVIEW_TAG)
 
     def sample_vectors(
         self, samples, field: str, size: int | None, seed=None
@@ -118,7 +131,6 @@ class Patches(Samples):
     """
 
     noun, plural = "box", "boxes"
-    result_type = DETECTIONS
     result_doc = fo.Detections
 
     def __init__(self, patches_field: str):
@@ -164,12 +176,14 @@ class Patches(Samples):
         rows = [r for r in self.rows(samples, ["label"]) if r[3]]
         return [r[0] for r in rows], [r[3] for r in rows]
 
-    def count_missing(self, samples, field: str) -> int:
-        boxes = samples.count(self.path(samples, "id"))
-        return boxes - self.count_embedded(samples, field)
+    def count(self, samples) -> int:
+        return samples.count(self.path(samples, "id"))
 
     def count_embedded(self, samples, field: str) -> int:
         return samples.count(self.path(samples, field))
+
+    def tag_for_review(self, dataset, ids) -> None:
+        pass  # written with each box's result
 
     def sample_vectors(self, samples, field, size, seed=None):
         view = samples if size is None else samples.take(size, seed=seed)
@@ -236,11 +250,33 @@ def resolve(
     return Patches(patches_field), patches_field
 
 
-def check_patches_field(samples, patches_field: str | None) -> None:
-    """``patches_field`` is None or a ``Detections``/``Detection`` field
-    of ``samples``."""
-    if patches_field is None:
-        return
+def embedding_coverage(
+    samples, embeddings_field: str, patches_field: str | None = None
+) -> tuple[int, int]:
+    """``(points with a vector, points)`` of ``samples``: samples, or the
+    boxes of ``patches_field`` (``embeddings_field`` an attribute of each
+    box).
+
+    Args:
+        samples: a dataset or view
+        embeddings_field: the vector field (or box attribute)
+        patches_field (None): a Detections field
+
+    Returns:
+        a tuple of two ints
+    """
+    points = units_of(patches_field)
+    if not samples.has_field(points.path(samples, embeddings_field)):
+        return 0, points.count(samples)
+    return (
+        points.count_embedded(samples, embeddings_field),
+        points.count(samples),
+    )
+
+
+def check_patches_field(samples, patches_field: str) -> None:
+    """``patches_field`` is a ``Detections``/``Detection`` field of
+    ``samples``."""
     if not isinstance(patches_field, str) or not patches_field:
         raise ValueError(
             f"patches_field must be the name of a Detections field; got "

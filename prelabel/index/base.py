@@ -35,6 +35,10 @@ NORM = "norm"
 
 METRICS = ("cosine", "dotproduct", "euclidean")
 
+#: the most distinct labels :meth:`VectorIndex.label_counts` asks a place's
+#: facet of the labels for
+MAX_LABELS = 1_000_000
+
 
 def to_point_id(sample_id: str) -> str:
     """The Qdrant point id (a UUID string) of a FiftyOne sample id."""

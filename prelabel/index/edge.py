@@ -49,9 +49,6 @@ SHARD = "shard"
 FORMAT = 2
 _TMP_PREFIX = ".tmp-"
 _KEYWORD_FIELDS = (base.SAMPLE_ID, base.LABEL, base.TAGS)
-
-#: the most distinct labels a facet of the labels returns
-MAX_LABELS = 1_000_000
 #: what the engine says when another process has the shard open
 _BUSY = "WouldBlock"
 
@@ -458,7 +455,10 @@ class EdgeIndex(VectorIndex):
             return {}
         qe = _edge()
         request = qe.FacetRequest(
-            base.LABEL, limit=MAX_LABELS, exact=True, filter=_to_filter(filter)
+            base.LABEL,
+            limit=base.MAX_LABELS,
+            exact=True,
+            filter=_to_filter(filter),
         )
         with self.session() as shard:
             try:

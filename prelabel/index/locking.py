@@ -267,14 +267,17 @@ class Lease:
     def __enter__(self):
         if self._session is None:
             return self
-        self._outer = _active().get(id(self._index))
+        # the registry of the thread entering (a generator holding a lease
+        # may be closed by another thread)
+        self._registry = _active()
+        self._outer = self._registry.get(id(self._index))
         if self._outer is None:
-            _active()[id(self._index)] = self
+            self._registry[id(self._index)] = self
             self._open()
         return self
 
     def __exit__(self, *exc):
         if self._session is None or self._outer is not None:
             return
-        _active().pop(id(self._index), None)
+        self._registry.pop(id(self._index), None)
         self._close(*exc)

@@ -22,7 +22,7 @@ from prelabel.index.base import (
     IndexUnreachableError,
     VectorIndex,
 )
-from prelabel.index.edge import MAX_LABELS, FolderState
+from prelabel.index.edge import FolderState
 
 #: the key of a collection's metadata that marks it as prelabel's
 META_KEY = "prelabel"
@@ -333,7 +333,7 @@ class ServerIndex(VectorIndex):
                 self.collection_name,
                 key=base.LABEL,
                 facet_filter=_to_filter(filter),
-                limit=MAX_LABELS,
+                limit=base.MAX_LABELS,
                 exact=True,
             ).hits
         return {h.value: h.count for h in hits}
