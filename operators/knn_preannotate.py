@@ -212,6 +212,7 @@ class KnnPreannotate(foo.Operator):
             "brain_key": out.brain_key or p["brain_key"],
             "num_accepted": out.num_accepted,
             "expected_coverage": out.expected_coverage,
+            "promise": out.promise,
             "reference_accuracy": out.reference_accuracy,
             "ece": out.ece,
         }
@@ -226,6 +227,7 @@ class KnnPreannotate(foo.Operator):
                 ("num_labeled", "Pre-labeled"),
                 ("num_accepted", "Accepted without review"),
                 ("expected_coverage", "Expected share accepted (references)"),
+                ("promise", "Precision of the accepted (95 % bounds)"),
                 ("num_review", "Left for review"),
                 ("review_tag", "Review tag"),
                 ("num_classes", "Classes"),

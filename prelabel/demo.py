@@ -231,6 +231,7 @@ def report_accepted(targets, pred_field, accepted, plain) -> None:
         f"{accepted.expected_coverage:.1%}), measured precision "
         + (f"{sum(right) / len(right):.2%}" if right else "n/a")
     )
+    print(f"the promise: {accepted.promise}")
     print(
         f"left for review (tag '{constants.REVIEW_TAG}'): "
         f"{accepted.num_review:,}; calibration error of the confidence "

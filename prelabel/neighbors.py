@@ -102,9 +102,10 @@ def _same_points(results, patches_field):
 # ---- the reference set ------------------------------------------------
 
 
-def check_reference(reference, samples) -> None:
+def check_reference(reference, samples, param: str = "reference") -> None:
     """``reference`` names a reference set: None, a tag, a non-empty list
-    of tags, or a view of the same dataset."""
+    of tags, or a view of the same dataset (``param``: the parameter's
+    name, for the messages)."""
     if reference is None:
         return
     if isinstance(reference, str):
@@ -113,26 +114,26 @@ def check_reference(reference, samples) -> None:
         tags = list(reference)
         if not tags:
             raise ValueError(
-                "reference=[] selects no sample; pass None for every "
+                f"{param}=[] selects no sample; pass None for every "
                 "labeled sample, a tag (or a list of tags), or a view"
             )
     elif isinstance(reference, fo.core.collections.SampleCollection):
         mine, theirs = samples._root_dataset, reference._root_dataset
         if mine._doc.id != theirs._doc.id:
             raise ValueError(
-                f"reference= is a view of dataset '{theirs.name}', not of "
+                f"{param}= is a view of dataset '{theirs.name}', not of "
                 f"'{mine.name}'; pass a view of the targets' dataset"
             )
         return
     else:
         raise ValueError(
-            f"reference= must be None, a tag, a list of tags or a view; got "
+            f"{param}= must be None, a tag, a list of tags or a view; got "
             f"{type(reference).__name__}"
         )
     for tag in tags:
         if not isinstance(tag, str) or not tag:
             raise ValueError(
-                f"reference={reference!r} holds {tag!r}, which is not a tag; "
+                f"{param}={reference!r} holds {tag!r}, which is not a tag; "
                 "pass tags as non-empty strings"
             )
 

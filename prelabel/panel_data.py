@@ -620,6 +620,8 @@ class Expectation:
         expected_coverage: the share of references accepted at the run's
             threshold (the expected share of targets)
         expected_precision: the references' precision there
+        interval: 95 % bounds on that precision (None in runs older than
+            the bound)
         num_measured: accepted-or-not pre-labels with ground truth
         measured_coverage: the share of those the run accepted
         measured_precision: the precision of the accepted ones (None when
@@ -632,6 +634,7 @@ class Expectation:
     target: float | None
     expected_coverage: float | None
     expected_precision: float | None
+    interval: tuple[float, float] | None = None
     num_measured: int = 0
     measured_coverage: float | None = None
     measured_precision: float | None = None
@@ -646,14 +649,19 @@ class Expectation:
             )
         if self.expected_precision is None:
             return (
-                f"No confidence kept {self.target:.1%} precision on the "
-                "references, so the run accepted no pre-label; label more "
-                "samples or lower the target."
+                f"No confidence kept {self.target:.1%} precision with 95 % "
+                "confidence on the references, so the run accepted no "
+                "pre-label; label more samples or lower the target."
             )
         said = (
-            f"The run accepted the pre-labels its references expected to "
-            f"keep {self.target:.1%} precision: "
-            f"{self.expected_coverage:.1%} of them expected"
+            f"The run accepted the pre-labels its references showed to "
+            f"keep {self.target:.1%} precision with 95 % confidence"
+            + (
+                f" (bounds {self.interval[0]:.1%} to {self.interval[1]:.1%})"
+                if self.interval
+                else ""
+            )
+            + f": {self.expected_coverage:.1%} of them expected"
         )
         if not self.num_measured:
             return said + "; no ground truth to measure them against yet."
@@ -695,6 +703,11 @@ def run_expectation(
         target=target,
         expected_coverage=_finite(run.get("expected_coverage")),
         expected_precision=_finite(run.get("expected_precision")),
+        interval=(
+            tuple(run["precision_interval"])
+            if run.get("precision_interval")
+            else None
+        ),
     )
     if target is None:
         return out

@@ -75,6 +75,10 @@ class PreannotationResult:
         expected_coverage: the share of references accepted at that
             threshold: the expected share of targets
         expected_precision: the references' precision at that threshold
+        precision_interval: ``(lower, upper)``, 95 % bounds on the
+            precision of the accepted pre-labels from the references that
+            support the threshold; the lower one reached
+            ``target_precision`` (the promise)
         num_accepted: targets accepted (the others are tagged for review)
         coverage: ``num_accepted / num_targets``
         propagation: what spreading the labels chose, with
@@ -104,10 +108,29 @@ class PreannotationResult:
     accept_threshold: float | None = None
     expected_coverage: float | None = None
     expected_precision: float | None = None
+    precision_interval: tuple[float, float] | None = None
     num_accepted: int | None = None
     coverage: float | None = None
     propagation: dict | None = None
     accept_score: str | None = None
+
+    @property
+    def promise(self) -> str | None:
+        """What the accept threshold promises, in a sentence (None without
+        a ``target_precision``)."""
+        if self.target_precision is None:
+            return None
+        if not self.precision_interval:
+            return (
+                f"nothing accepted: no confidence kept "
+                f"{self.target_precision:.1%} precision with 95 % confidence "
+                "on the references; label more samples or lower the target"
+            )
+        low, high = self.precision_interval
+        return (
+            f"precision at least {self.target_precision:.1%} with 95 % "
+            f"confidence (references' bounds {low:.2%} to {high:.2%})"
+        )
 
 
 def check_options(
@@ -155,6 +178,7 @@ def check_preannotate(
     overwrite: bool = False,
     batch_size: int = 1000,
     patches_field: str | None = None,
+    calibration_reference=None,
 ):
     """Runs every check of :func:`preannotate` without writing a label, so
     that operator forms can show the reason before anything runs (a
@@ -181,6 +205,16 @@ def check_preannotate(
     if eval_key is not None:
         validation.check_identifier(eval_key, "eval_key")
     check_options(mode, calibrate, target_precision, propagate)
+    if calibration_reference is not None:
+        neighbors.check_reference(
+            calibration_reference, targets, "calibration_reference"
+        )
+        if target_precision is None and not calibrate and mode == "knn":
+            raise ValueError(
+                "calibration_reference chooses the references that "
+                "calibrate; pass calibrate=True or a target_precision too, "
+                "or leave it out"
+            )
     points, label_field = units.resolve(targets, patches_field, label_field)
     if patches_field is not None:
         _check_box_options(mode, eval_key)
@@ -284,6 +318,7 @@ class _Run:
     mode: str
     overwrite: bool
     units: units.Samples
+    calibration_reference: object = None
 
     @property
     def dataset(self):
@@ -315,6 +350,7 @@ def preannotate(
     mode: str = "knn",
     overwrite: bool = False,
     patches_field: str | None = None,
+    calibration_reference=None,
 ) -> PreannotationResult:
     """Pre-annotates ``targets`` by a vote of their nearest labeled
     neighbors in the index.
@@ -380,6 +416,14 @@ def preannotate(
             the attributes above; a box left for review carries the label
             tag ``needs_review``. The labels of ``patches_field`` vote
             (``label_field`` does not apply), ``mode="knn"`` only
+        calibration_reference (None): the references whose held-out scores
+            fit the calibration and the accept threshold (a tag, list of
+            tags or view; every reference still votes). Default: all of
+            them. Pass the references that were picked at random (the tag
+            ``to_label_random`` of :func:`prelabel.select_for_labeling`)
+            when the others were chosen for being hard or typical: only a
+            fair sample of the targets measures their precision without
+            bias
 
     Returns:
         a :class:`PreannotationResult`
@@ -403,6 +447,7 @@ def preannotate(
         overwrite=overwrite,
         batch_size=batch_size,
         patches_field=patches_field,
+        calibration_reference=calibration_reference,
     )
     run = _Run(
         targets,
@@ -423,6 +468,7 @@ def preannotate(
         mode,
         overwrite,
         points,
+        calibration_reference,
     )
     scorer, frozen = _scorers(run)
     out = PreannotationResult(
@@ -529,7 +575,10 @@ def _verdict(run: _Run, scorer, frozen, out) -> _Verdict:
         if out.accept_score != "adapted":
             verdict.frozen = frozen
         out.seconds["accept_score"] = time.perf_counter() - t1
-    cal = calibration.calibrate(conf_ref, refs.correct, run.target_precision)
+    fair = _calibration_rows(run, refs.ids)
+    correct = refs.correct[fair]
+    conf_ref = conf_ref[fair]
+    cal = calibration.calibrate(conf_ref, correct, run.target_precision)
     verdict.cal = cal
     if run.target_precision is not None:
         verdict.threshold = cal.threshold
@@ -537,13 +586,35 @@ def _verdict(run: _Run, scorer, frozen, out) -> _Verdict:
         out.accept_threshold = cal.threshold
         out.expected_coverage = cal.expected_coverage
         out.expected_precision = cal.expected_precision
+        out.precision_interval = cal.precision_interval
     out.calibrated = run.calibrate
     out.reference_accuracy = cal.reference_accuracy
     out.ece_raw = cal.ece_raw
     out.ece = cal.ece_calibrated if run.calibrate else cal.ece_raw
     out.num_reference_scored = cal.num_scored
-    verdict.extra = _record_extra(run, verdict, out, conf_ref, refs.correct)
+    verdict.extra = _record_extra(run, verdict, out, conf_ref, correct)
     return verdict
+
+
+def _calibration_rows(run: _Run, ref_ids) -> np.ndarray:
+    """The rows of the scored references that calibrate: every one, or
+    those of ``calibration_reference``."""
+    chosen = run.calibration_reference
+    if chosen is None:
+        return np.arange(len(ref_ids))
+    if isinstance(chosen, (str, list, tuple)):
+        chosen = run.root.match_tags(chosen)
+    points = run.units.ids(chosen)
+    wanted = set(points)
+    rows = np.array(
+        [i for i, sid in enumerate(ref_ids) if sid in wanted], dtype=np.int64
+    )
+    if not rows.size:
+        raise ValueError(
+            "calibration_reference selects none of the references that "
+            "vote; pass a tag or view of labeled references"
+        )
+    return rows
 
 
 def _spread(run: _Run, scorer, refs, out):
@@ -594,10 +665,14 @@ def _record_extra(run, verdict, out, conf_ref, correct=None) -> dict:
         "accept_threshold": cal.threshold,
         "expected_coverage": cal.expected_coverage,
         "expected_precision": cal.expected_precision,
+        "precision_interval": cal.precision_interval,
         # the references' held-out curve, in the written confidence
         "expected_curve": calibration.curve_points(written, correct),
         "propagation": out.propagation,
         "accept_score": out.accept_score,
+        "calibration_reference": neighbors.describe_reference(
+            run.calibration_reference
+        ),
     }
 
 

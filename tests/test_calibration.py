@@ -90,19 +90,43 @@ def test_accept_threshold_keeps_the_precision_and_accepts_ties_together():
     np.testing.assert_allclose(thresholds, [0.9, 0.8, 0.7, 0.6])
     np.testing.assert_allclose(coverage, [2 / 7, 5 / 7, 6 / 7, 1.0])
     assert calibration.coverage_at_precision(conf, ok, 0.99) == 5 / 7
-    # the estimate (h + 1) / (n + 2) of 5 of 5 right is 6/7
-    thr, cov, prec = calibration.accept_threshold(conf, ok, 0.85)
-    assert (thr, cov) == (0.8, 5 / 7) and prec == pytest.approx(6 / 7)
-    # too few references to claim 0.99: accept nothing
-    thr, cov, _ = calibration.accept_threshold(conf, ok, 0.99)
+    # 5 of 5 right: the 95 % lower bound is 0.05 ** (1 / 5) = 0.549
+    thr, cov, low = calibration.accept_threshold(conf, ok, 0.5)
+    assert (thr, cov) == (0.8, 5 / 7)
+    assert low == pytest.approx(0.05**0.2)
+    # raw precision 1.0 is not enough to claim 0.85 from 5 references
+    thr, cov, _ = calibration.accept_threshold(conf, ok, 0.85)
     assert thr == float("inf") and cov == 0.0
-    # many right ones can
-    big = np.r_[np.ones(500), np.zeros(10)].astype(bool)
-    score = np.r_[np.linspace(1, 0.5, 500), np.linspace(0.4, 0.1, 10)]
-    thr, cov, prec = calibration.accept_threshold(score, big, 0.99)
-    assert prec >= 0.99 and thr <= 0.5 and cov < 1.0
-    # (500 + 1) / (500 + 4 + 2) >= 0.99 > (500 + 1) / (500 + 5 + 2)
-    assert cov == pytest.approx(504 / 510)
+    # many right ones can: 0 errors in n give the bound 0.05 ** (1 / n)
+    big = np.r_[np.ones(2000), np.zeros(30)].astype(bool)
+    score = np.r_[np.linspace(1, 0.5, 2000), np.linspace(0.4, 0.1, 30)]
+    thr, cov, low = calibration.accept_threshold(score, big, 0.99)
+    assert low >= 0.99 and thr < 0.5 and cov < 1.0
+    # the largest such cut: one more wrong one and the bound falls short
+    n = round(cov * big.size)
+    next_low, _ = calibration.precision_bounds(2000, n + 1)
+    assert next_low < 0.99
+    # 299 right of 299 reach 0.99, 298 do not
+    thr, _, _ = calibration.accept_threshold(score[:299], big[:299], 0.99)
+    assert np.isfinite(thr)
+    thr, _, _ = calibration.accept_threshold(score[:298], big[:298], 0.99)
+    assert thr == float("inf")
+
+
+def test_the_lower_bound_holds_as_often_as_it_says():
+    """Drawn many times from a precision of exactly 0.97, the lower bound
+    exceeds it in at most 5 % of the draws (exact bounds are
+    conservative), and the upper bound falls under it as rarely."""
+    rng = np.random.default_rng(0)
+    for n in (50, 400, 3000):
+        hits = rng.binomial(n, 0.97, size=4000)
+        low, high = calibration.precision_bounds(hits, np.full(4000, n))
+        assert (low > 0.97).mean() <= 0.05
+        assert (high < 0.97).mean() <= 0.05
+        # and the bounds are not trivially wide
+        assert np.median(high - low) < 6 / np.sqrt(n)
+    low, high = calibration.precision_bounds(0, 0)
+    assert (float(low), float(high)) == (0.0, 1.0)
 
 
 def test_curve_points_thin_the_curve_and_keep_its_ends():
