@@ -40,6 +40,7 @@ from prelabel.mistakes import (
 from prelabel.neighbors import load_index
 from prelabel.orphans import delete_orphans
 from prelabel.preannotate import evaluate, preannotate
+from prelabel.selection import select_for_labeling
 from prelabel.units import embedding_coverage
 
 _register_backend()
@@ -79,6 +80,7 @@ __all__ = [
     "high_confidence_mistakes",
     "preannotate",
     "recover",
+    "select_for_labeling",
     "suspicious_labels",
     "sync_index",
 ]

@@ -14,6 +14,9 @@ entry per field (or per adapted field):
   by :func:`prelabel.compute_embeddings`;
 - :data:`ACCEPTED` (``prelabel_accepted``): fields the mistakes panel's
   "accept" action copies labels into;
+- :data:`SELECTIONS` (``prelabel_selections``): reason fields written by
+  :func:`prelabel.select_for_labeling`, with their outlier field, picks,
+  tags and saved view;
 - :data:`PENDING` (``prelabel_pending``): field writes in progress (see
   :mod:`prelabel.fields`), so that a killed job can be finished or undone.
 
@@ -31,9 +34,10 @@ MISTAKES = "prelabel_mistakes"
 ADAPTERS = "prelabel_adapters"
 EMBEDDINGS = "prelabel_embeddings"
 ACCEPTED = "prelabel_accepted"
+SELECTIONS = "prelabel_selections"
 PENDING = "prelabel_pending"
 
-KINDS = (RUNS, MISTAKES, ADAPTERS, EMBEDDINGS, ACCEPTED, PENDING)
+KINDS = (RUNS, MISTAKES, ADAPTERS, EMBEDDINGS, ACCEPTED, SELECTIONS, PENDING)
 
 #: what each kind of record is called in a message
 WRITERS = {
@@ -42,7 +46,11 @@ WRITERS = {
     ADAPTERS: "prelabel.adapt_embeddings",
     EMBEDDINGS: "prelabel.compute_embeddings",
     ACCEPTED: "the mistakes panel's accept action",
+    SELECTIONS: "prelabel.select_for_labeling",
 }
+
+#: the record entry naming a second field each kind writes
+SECOND_FIELD = {MISTAKES: "neighbors_field", SELECTIONS: "outlier_field"}
 
 
 def _collection():
@@ -142,9 +150,8 @@ def writer_of(dataset, field: str) -> str | None:
         records = info.get(kind) or {}
         if field in records:
             return kind
-        if kind == MISTAKES and any(
-            r.get("neighbors_field") == field for r in records.values()
-        ):
+        second = SECOND_FIELD.get(kind)
+        if second and any(r.get(second) == field for r in records.values()):
             return kind
     return None
 

@@ -1,0 +1,529 @@
+"""What to label next: :func:`select_for_labeling` picks the samples a
+person should label so that the next pre-annotation leaves the least for
+review, tags them and says why each was picked.
+
+The numbers are :mod:`prelabel.core.selection` (a greedy weighted coverage
+of the samples' neighbor graph, read from the index); this module reads
+the graph, the labels and the last pre-annotation's scores, and writes the
+picks:
+
+- the tag ``to_label`` on the picks (the previous selection's tag is
+  taken back from the samples it put it on, never from others);
+- a saved view ``to_label`` of the picks, in the order picked;
+- a string field (``label_next_reason``) with the reason of each pick;
+- a float field (``outlier_score``) on every sample: how far it lies from
+  its neighbors (the App can sort and filter by it).
+
+A share of every batch (``random_share``) is drawn uniformly at random
+from the unlabeled samples: references chosen for being typical or
+uncertain are not a fair sample of the targets, so only random ones can
+check an accept threshold's precision without bias (pass them as
+``calibration_reference`` to :func:`prelabel.preannotate`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import fiftyone as fo
+import numpy as np
+
+from prelabel import constants, neighbors, records, validation
+from prelabel.core import selection as core
+from prelabel.fields import check_output_field, staged_fields
+from prelabel.index.base import IndexFilter
+from prelabel.progress import ProgressArg
+
+#: how :func:`select_for_labeling` may pick
+STRATEGIES = ("auto", "typical", "uncertain", "random")
+
+DEFAULT_TAG = "to_label"
+DEFAULT_RANDOM_TAG = "to_label_random"
+DEFAULT_REASON_FIELD = "label_next_reason"
+DEFAULT_OUTLIER_FIELD = "outlier_score"
+DEFAULT_RANDOM_SHARE = 0.2
+
+
+@dataclass
+class SelectionResult:
+    """What :func:`select_for_labeling` picked.
+
+    Attributes:
+        ids: the picked sample ids, in the order picked
+        reasons: the reason of each pick (as written in ``reason_field``)
+        strategy: the strategy used (``"auto"`` resolved)
+        tag: the tag put on the picks
+        random_tag: the tag put on the random share of the picks
+        view_name: the saved view of the picks
+        num_random: picks drawn at random (the unbiased share)
+        num_candidates: samples that could be picked
+        num_labeled: samples already labeled
+        num_outliers: samples left out as outliers
+        num_unindexed: samples of the view without a point in the index
+            (never picked: sync the index first)
+        num_uncertain: samples the pre-annotation left for review
+            (``"uncertain"`` only)
+        seconds: per stage timings
+    """
+
+    ids: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    strategy: str = "auto"
+    tag: str = DEFAULT_TAG
+    random_tag: str | None = DEFAULT_RANDOM_TAG
+    view_name: str | None = DEFAULT_TAG
+    num_random: int = 0
+    num_candidates: int = 0
+    num_labeled: int = 0
+    num_outliers: int = 0
+    num_unindexed: int = 0
+    num_uncertain: int | None = None
+    seconds: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Graph:
+    """The samples' neighbor graph, as rows."""
+
+    ids: list[str]
+    idx: np.ndarray
+    sims: np.ndarray
+
+
+def _check_tag(value, param: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{param} must be a non-empty string; got {value!r}")
+    return value
+
+
+def _pred_run(dataset, pred_field: str | None, label_field: str):
+    """The pre-annotation run whose scores say what is uncertain: the one
+    that wrote ``pred_field``, or the latest run on ``label_field``."""
+    runs = records.read(dataset, records.RUNS)
+    if pred_field is not None:
+        if pred_field not in runs:
+            raise ValueError(
+                f"pred_field={pred_field!r} was not written by "
+                "prelabel.preannotate; pass the field of a pre-annotation "
+                "run, or strategy='typical'"
+            )
+        return pred_field
+    mine = [
+        (r.get("timestamp") or "", name)
+        for name, r in runs.items()
+        if r.get("label_field") == label_field
+        and not r.get("patches_field")
+        and dataset.has_sample_field(name)
+    ]
+    return max(mine)[1] if mine else None
+
+
+def check_select_for_labeling(
+    samples,
+    index=None,
+    budget: int = 100,
+    label_field: str = constants.DEFAULT_LABEL_FIELD,
+    strategy: str = "auto",
+    pred_field: str | None = None,
+    brain_key: str | None = None,
+    tag: str = DEFAULT_TAG,
+    random_tag: str | None = DEFAULT_RANDOM_TAG,
+    view_name: str | None = DEFAULT_TAG,
+    reason_field: str = DEFAULT_REASON_FIELD,
+    outlier_field: str = DEFAULT_OUTLIER_FIELD,
+    k: int = constants.DEFAULT_K,
+    random_share: float = DEFAULT_RANDOM_SHARE,
+    duplicate_similarity: float = core.DUPLICATE_SIMILARITY,
+    outlier_quantile: float = core.OUTLIER_QUANTILE,
+    overwrite: bool = False,
+):
+    """Runs every check of :func:`select_for_labeling` without writing
+    anything (for operator forms).
+
+    Returns:
+        ``(results, strategy, pred_field)``: the index, the strategy
+        (``"auto"`` resolved) and the pre-annotation field it reads (None
+        unless ``"uncertain"``)
+
+    Raises:
+        ValueError: one sentence naming the parameter and what to do
+    """
+    validation.check_positive_int(budget, "budget")
+    validation.check_positive_int(k, "k")
+    if strategy not in STRATEGIES:
+        raise ValueError(
+            f"strategy={strategy!r} is not one of {list(STRATEGIES)}"
+        )
+    _check_tag(tag, "tag")
+    if random_tag is not None:
+        _check_tag(random_tag, "random_tag")
+        if random_tag == tag:
+            raise ValueError(
+                f"random_tag={random_tag!r} is the same as tag; choose "
+                "another name, or None"
+            )
+    for value, param in (
+        (random_share, "random_share"),
+        (duplicate_similarity, "duplicate_similarity"),
+        (outlier_quantile, "outlier_quantile"),
+    ):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not 0.0 <= float(value) <= 1.0
+        ):
+            raise ValueError(
+                f"{param} must be a number between 0 and 1; got {value!r}"
+            )
+    dataset = samples._root_dataset
+    validation.check_identifier(label_field, "label_field")
+    if samples.has_field(label_field):  # a cold start may have none yet
+        validation.check_classification_field(samples, label_field)
+    results = neighbors.load_index(samples, index, brain_key)
+    if results.config.patches_field:
+        raise ValueError(
+            "select_for_labeling picks whole samples; pass an index of "
+            "samples, not of boxes"
+        )
+    mine = records.get(dataset, records.SELECTIONS, reason_field) or {}
+    if (
+        view_name is not None
+        and dataset.has_saved_view(view_name)
+        and mine.get("view_name") != view_name
+        and not overwrite
+    ):
+        raise ValueError(
+            f"view_name={view_name!r} is a saved view prelabel did not "
+            "save; choose another name, or pass overwrite=True"
+        )
+    never = {
+        label_field: "the ground-truth field",
+        results.config.embeddings_field: "the embeddings the index reads",
+    }
+    if reason_field == outlier_field:
+        raise ValueError(
+            f"outlier_field={outlier_field!r} is the reason field; choose "
+            "another name"
+        )
+    for param, name, types in (
+        ("reason_field", reason_field, (fo.StringField,)),
+        ("outlier_field", outlier_field, (fo.FloatField,)),
+    ):
+        check_output_field(
+            samples,
+            name,
+            param,
+            records.SELECTIONS,
+            overwrite=overwrite,
+            never=never,
+            types=types,
+        )
+    chosen = None
+    if strategy in ("auto", "uncertain"):
+        chosen = _pred_run(dataset, pred_field, label_field)
+        if chosen is None and strategy == "uncertain":
+            raise ValueError(
+                "strategy='uncertain' reads the scores of a pre-annotation "
+                f"on label_field={label_field!r}; run prelabel.preannotate "
+                "first, or use strategy='typical'"
+            )
+        strategy = "uncertain" if chosen else "typical"
+    return results, strategy, chosen if strategy == "uncertain" else None
+
+
+def select_for_labeling(
+    samples,
+    index=None,
+    budget: int = 100,
+    label_field: str = constants.DEFAULT_LABEL_FIELD,
+    strategy: str = "auto",
+    pred_field: str | None = None,
+    brain_key: str | None = None,
+    tag: str = DEFAULT_TAG,
+    random_tag: str | None = DEFAULT_RANDOM_TAG,
+    view_name: str | None = DEFAULT_TAG,
+    reason_field: str = DEFAULT_REASON_FIELD,
+    outlier_field: str = DEFAULT_OUTLIER_FIELD,
+    k: int = constants.DEFAULT_K,
+    random_share: float = DEFAULT_RANDOM_SHARE,
+    duplicate_similarity: float = core.DUPLICATE_SIMILARITY,
+    outlier_quantile: float = core.OUTLIER_QUANTILE,
+    seed: int | None = None,
+    overwrite: bool = False,
+    progress: ProgressArg = None,
+) -> SelectionResult:
+    """Picks the next ``budget`` samples to label, tags them and writes why.
+
+    Strategies:
+
+    - ``"typical"`` (cold start): the centers of dense regions no label
+      is near yet, spread over every mode of the data;
+    - ``"uncertain"`` (warm): where the last pre-annotation left the most
+      samples for review, weighted by how unsure each pre-label was, at
+      most twice a fair share of picks per predicted class;
+    - ``"random"``: uniformly at random (what people do without a tool);
+    - ``"auto"``: ``"uncertain"`` when a pre-annotation of
+      ``label_field`` exists, else ``"typical"``.
+
+    Outliers (the ``1 - outlier_quantile`` of samples furthest from their
+    neighbors) and near-duplicates of a labeled sample or of another pick
+    are never picked (except by the random share, which must stay a fair
+    sample). Nothing is written unless every stage succeeds; the previous
+    selection under ``reason_field`` is replaced.
+
+    Args:
+        samples: the dataset or view to pick from (its labeled samples
+            count as labeled)
+        index (None): the results of :func:`prelabel.sync_index` or a
+            brain key (default ``brain_key`` or ``"prelabel_qdrant"``)
+        budget (100): how many samples to pick
+        label_field ("ground_truth"): the Classification field a person
+            labels
+        strategy ("auto"): one of :data:`STRATEGIES`
+        pred_field (None): the pre-annotation whose scores ``"uncertain"``
+            reads (default: the latest one of ``label_field``)
+        brain_key (None): the index's brain key, when ``index`` is None
+        tag ("to_label"): the tag put on the picks
+        random_tag ("to_label_random"): the tag put on the random share
+            too (keep it after labeling: it marks the references that
+            check precision without bias); None for no such tag
+        view_name ("to_label"): a saved view of the picks, or None
+        reason_field ("label_next_reason"): the string field of reasons
+        outlier_field ("outlier_score"): the float field of outlier scores
+        k (15): neighbors per sample in the graph
+        random_share (0.2): the share of the budget picked at random
+        duplicate_similarity (0.98): cosine similarity from which two
+            samples are near-duplicates
+        outlier_quantile (0.99): samples above this quantile of outlier
+            scores are not picked (1.0: keep every sample)
+        seed (None): the random share's seed
+        overwrite (False): replace output fields or a saved view that
+            prelabel did not write
+        progress (None): ``True`` for a progress bar, or a callback
+
+    Returns:
+        a :class:`SelectionResult`
+    """
+    t0 = time.perf_counter()
+    results, strategy, pred_field = check_select_for_labeling(
+        samples,
+        index,
+        budget,
+        label_field,
+        strategy,
+        pred_field,
+        brain_key,
+        tag,
+        random_tag,
+        view_name,
+        reason_field,
+        outlier_field,
+        k,
+        random_share,
+        duplicate_similarity,
+        outlier_quantile,
+        overwrite,
+    )
+    dataset = samples._root_dataset
+    out = SelectionResult(
+        strategy=strategy, tag=tag, random_tag=random_tag, view_name=view_name
+    )
+    view_ids = samples.values("id")
+    graph = _graph(results, dataset, view_ids, k, progress)
+    out.num_unindexed = len(view_ids) - len(graph.ids)
+    out.seconds["graph"] = time.perf_counter() - t0
+    n = len(graph.ids)
+    row = {sid: i for i, sid in enumerate(graph.ids)}
+    labeled = np.zeros(n, dtype=bool)
+    if samples.has_field(label_field):
+        for sid in validation.labeled(samples, label_field).values("id"):
+            if sid in row:
+                labeled[row[sid]] = True
+    out.num_labeled = int(labeled.sum())
+    scores = core.outlier_scores(graph.sims)
+    outlier = core.outlier_mask(scores, outlier_quantile)
+    out.num_outliers = int((outlier & ~labeled).sum())
+    rng = np.random.default_rng(seed)
+    num_random = budget if strategy == "random" else 0
+    if strategy != "random":
+        num_random = int(round(budget * float(random_share)))
+    unlabeled = np.flatnonzero(~labeled)
+    num_random = min(num_random, unlabeled.size)
+    drawn = rng.choice(unlabeled, num_random, replace=False)
+    picked_rows = [int(r) for r in drawn]
+    reasons = [
+        "random: a fair sample of the unlabeled, to check precision "
+        "without bias"
+    ] * num_random
+    t1 = time.perf_counter()
+    if strategy != "random":
+        taken = labeled.copy()
+        taken[drawn] = True
+        candidates = ~outlier & ~taken
+        out.num_candidates = int(candidates.sum())
+        if strategy == "typical":
+            picks = core.greedy_coverage(
+                graph.idx,
+                graph.sims,
+                (~labeled).astype(np.float64),
+                candidates,
+                budget - num_random,
+                labeled=taken,
+                duplicate_similarity=duplicate_similarity,
+            )
+            reasons += [
+                f"typical: {c} unlabeled samples around it that no label "
+                "is near yet"
+                for c in picks.covered
+            ]
+        else:
+            weight, classes, pre = _uncertainty(
+                samples, pred_field, graph.ids, labeled
+            )
+            out.num_uncertain = int((weight > 0).sum())
+            num_classes = max(len(set(classes[classes >= 0].tolist())), 1)
+            picks = core.greedy_coverage(
+                graph.idx,
+                graph.sims,
+                weight,
+                candidates,
+                budget - num_random,
+                labeled=taken,
+                cover_labeled=False,
+                duplicate_similarity=duplicate_similarity,
+                classes=classes,
+                class_cap=math.ceil(2 * (budget - num_random) / num_classes),
+            )
+            reasons += [
+                _uncertain_reason(pre[r], c)
+                for r, c in zip(picks.rows, picks.covered, strict=True)
+            ]
+        picked_rows += picks.rows.tolist()
+    else:
+        out.num_candidates = int(unlabeled.size)
+    out.seconds["select"] = time.perf_counter() - t1
+    out.ids = [graph.ids[r] for r in picked_rows]
+    out.reasons = reasons
+    out.num_random = num_random
+    t2 = time.perf_counter()
+    _write(dataset, out, graph, scores, reason_field, outlier_field)
+    out.seconds["write"] = time.perf_counter() - t2
+    out.seconds["total"] = time.perf_counter() - t0
+    return out
+
+
+def _graph(results, dataset, ids, k, progress) -> _Graph:
+    """Every indexed sample of ``ids`` and its ``k`` nearest indexed
+    samples among ``ids`` (others are dropped: -1, NaN)."""
+    field = results.config.embeddings_field
+    rows, nb_ids, nb_sims = [], [], []
+    for chunk in neighbors.stream(
+        results,
+        dataset,
+        ids,
+        field,
+        k,
+        IndexFilter(),
+        progress=progress,
+        label="Reading the neighbor graph",
+    ):
+        rows.extend(chunk.ids)
+        nb_ids.extend(chunk.neighbor_ids)
+        nb_sims.append(chunk.sims)
+    row = {sid: i for i, sid in enumerate(rows)}
+    idx = np.full((len(rows), k), -1, dtype=np.int64)
+    sims = np.full((len(rows), k), np.nan, dtype=np.float32)
+    flat = np.vstack(nb_sims) if nb_sims else np.zeros((0, k), np.float32)
+    for i, nbs in enumerate(nb_ids):
+        for j, sid in enumerate(nbs):
+            at = row.get(sid)
+            if at is not None:
+                idx[i, j] = at
+                sims[i, j] = flat[i, j]
+    return _Graph(rows, idx, sims)
+
+
+def _uncertainty(samples, pred_field, ids, labeled):
+    """Each row's weight (``1 - confidence`` of a pre-label left for
+    review; 1 for a sample not pre-annotated; 0 when accepted or
+    labeled), predicted class index (-1: none) and ``(label,
+    confidence)``."""
+    paths = [f"{pred_field}.{a}" for a in ("label", "confidence", "accepted")]
+    sid, *cols = samples.values(["id", *paths])
+    got = dict(zip(sid, zip(*cols, strict=True), strict=True))
+    n = len(ids)
+    weight = np.ones(n)
+    classes = np.full(n, -1, dtype=np.int64)
+    pre = [(None, None)] * n
+    names: dict[str, int] = {}
+    for i, sid in enumerate(ids):
+        label, conf, accepted = got.get(sid, (None, None, None))
+        pre[i] = (label, conf)
+        if labeled[i] or accepted:
+            weight[i] = 0.0
+            continue
+        if conf is not None:
+            weight[i] = max(1.0 - float(conf), 1e-3)
+        if label is not None:
+            classes[i] = names.setdefault(label, len(names))
+    return weight, classes, pre
+
+
+def _uncertain_reason(pre, covered: int) -> str:
+    label, conf = pre
+    said = (
+        f"pre-label {label!r} at confidence {conf:.2f}, left for review"
+        if label is not None and conf is not None
+        else "not pre-annotated yet"
+    )
+    return f"uncertain: {said}; {covered} samples around it need review"
+
+
+def _write(dataset, out, graph, scores, reason_field, outlier_field):
+    """The fields (swapped in whole with the record), then the tags and
+    the saved view; the previous selection's tags are taken back from the
+    samples it tagged."""
+    before = records.get(dataset, records.SELECTIONS, reason_field) or {}
+    record = {
+        "timestamp": datetime.now(UTC).isoformat(),
+        "strategy": out.strategy,
+        "ids": out.ids,
+        "random_ids": out.ids[: out.num_random],
+        "tag": out.tag,
+        "random_tag": out.random_tag,
+        "view_name": out.view_name,
+        "outlier_field": outlier_field,
+    }
+    fields = {
+        reason_field: (fo.StringField, {}),
+        outlier_field: (fo.FloatField, {}),
+    }
+    with staged_fields(dataset, fields) as stage:
+        stage.record(records.SELECTIONS, reason_field, record)
+        dataset.set_values(
+            stage[outlier_field],
+            dict(zip(graph.ids, scores.tolist(), strict=True)),
+            key_field="id",
+        )
+        if out.ids:
+            dataset.set_values(
+                stage[reason_field],
+                dict(zip(out.ids, out.reasons, strict=True)),
+                key_field="id",
+            )
+    old_tag = before.get("tag")
+    if old_tag and before.get("ids"):
+        dataset.select(before["ids"]).untag_samples(old_tag)
+    if out.ids:
+        dataset.select(out.ids).tag_samples(out.tag)
+    if out.random_tag and out.num_random:
+        dataset.select(out.ids[: out.num_random]).tag_samples(out.random_tag)
+    if out.view_name:
+        dataset.save_view(
+            out.view_name,
+            dataset.select(out.ids, ordered=True),
+            overwrite=True,
+        )
