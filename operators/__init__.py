@@ -6,6 +6,7 @@ from .compute_embeddings import ComputeEmbeddings
 from .find_label_mistakes import FindLabelMistakes
 from .knn_preannotate import KnnPreannotate
 from .open_mistakes_panel import OpenMistakesPanel
+from .select_for_labeling import SelectForLabeling
 from .sync_index import SyncIndex
 
 #: the operators in workflow order, as ``register`` adds them
@@ -15,6 +16,7 @@ OPERATORS = (
     AdaptEmbeddings,
     KnnPreannotate,
     FindLabelMistakes,
+    SelectForLabeling,
     OpenMistakesPanel,
 )
 
@@ -25,5 +27,6 @@ __all__ = [
     "FindLabelMistakes",
     "KnnPreannotate",
     "OpenMistakesPanel",
+    "SelectForLabeling",
     "SyncIndex",
 ]

@@ -40,7 +40,7 @@ from prelabel.mistakes import (
 from prelabel.neighbors import load_index
 from prelabel.orphans import delete_orphans
 from prelabel.preannotate import evaluate, preannotate
-from prelabel.selection import select_for_labeling
+from prelabel.selection import forecast_labeling, select_for_labeling
 from prelabel.units import embedding_coverage
 
 _register_backend()
@@ -77,6 +77,7 @@ __all__ = [
     "load_mnist_dataset",
     "evaluate",
     "find_label_mistakes",
+    "forecast_labeling",
     "high_confidence_mistakes",
     "preannotate",
     "recover",

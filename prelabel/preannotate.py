@@ -668,6 +668,7 @@ def _record_extra(run, verdict, out, conf_ref, correct=None) -> dict:
         "precision_interval": cal.precision_interval,
         # the references' held-out curve, in the written confidence
         "expected_curve": calibration.curve_points(written, correct),
+        "num_calibration": int(len(correct)),
         "propagation": out.propagation,
         "accept_score": out.accept_score,
         "calibration_reference": neighbors.describe_reference(

@@ -14,11 +14,12 @@ picks:
 - a float field (``outlier_score``) on every sample: how far it lies from
   its neighbors (the App can sort and filter by it).
 
-A share of every batch (``random_share``) is drawn uniformly at random
-from the unlabeled samples: references chosen for being typical or
-uncertain are not a fair sample of the targets, so only random ones can
-check an accept threshold's precision without bias (pass them as
-``calibration_reference`` to :func:`prelabel.preannotate`).
+The first batches are a fair sample spread over the data, and a share of
+every later batch too (``random_share``): references chosen for being
+typical or uncertain are not a fair sample of the targets, so only fair
+ones can check an accept threshold's precision without bias (they carry
+the tag ``to_label_random``; pass it as ``calibration_reference`` to
+:func:`prelabel.preannotate`).
 """
 
 from __future__ import annotations
@@ -32,13 +33,17 @@ import fiftyone as fo
 import numpy as np
 
 from prelabel import constants, neighbors, records, validation
+from prelabel.core import forecast as core_forecast
 from prelabel.core import selection as core
 from prelabel.fields import check_output_field, staged_fields
 from prelabel.index.base import IndexFilter
 from prelabel.progress import ProgressArg
 
+#: the most references a forecast reads (a random subset beyond)
+MAX_FORECAST_REFERENCES = 20000
+
 #: how :func:`select_for_labeling` may pick
-STRATEGIES = ("auto", "typical", "uncertain", "random")
+STRATEGIES = ("auto", "spread", "typical", "uncertain", "random")
 
 DEFAULT_TAG = "to_label"
 DEFAULT_RANDOM_TAG = "to_label_random"
@@ -58,7 +63,8 @@ class SelectionResult:
         tag: the tag put on the picks
         random_tag: the tag put on the random share of the picks
         view_name: the saved view of the picks
-        num_random: picks drawn at random (the unbiased share)
+        num_random: fair picks (every unlabeled sample had the same
+            chance), the first ones of ``ids``
         num_candidates: samples that could be picked
         num_labeled: samples already labeled
         num_outliers: samples left out as outliers
@@ -66,6 +72,9 @@ class SelectionResult:
             (never picked: sync the index first)
         num_uncertain: samples the pre-annotation left for review
             (``"uncertain"`` only)
+        forecast: what labeling the picks is expected to do (a
+            :class:`prelabel.core.forecast.Forecast`), or None when there
+            are too few labels to draw a learning curve
         seconds: per stage timings
     """
 
@@ -81,6 +90,7 @@ class SelectionResult:
     num_outliers: int = 0
     num_unindexed: int = 0
     num_uncertain: int | None = None
+    forecast: core_forecast.Forecast | None = None
     seconds: dict = field(default_factory=dict)
 
 
@@ -91,6 +101,8 @@ class _Graph:
     ids: list[str]
     idx: np.ndarray
     sims: np.ndarray
+    #: the vectors, randomly projected to a few dimensions (for grouping)
+    Z: np.ndarray
 
 
 def _check_tag(value, param: str) -> str:
@@ -108,7 +120,7 @@ def _pred_run(dataset, pred_field: str | None, label_field: str):
             raise ValueError(
                 f"pred_field={pred_field!r} was not written by "
                 "prelabel.preannotate; pass the field of a pre-annotation "
-                "run, or strategy='typical'"
+                "run, or strategy='spread'"
             )
         return pred_field
     mine = [
@@ -176,7 +188,8 @@ def check_select_for_labeling(
             or not 0.0 <= float(value) <= 1.0
         ):
             raise ValueError(
-                f"{param} must be a number between 0 and 1; got {value!r}"
+                f"{param}={value!r} is not a number between 0 and 1; pass "
+                "one (e.g. 0.2)"
             )
     dataset = samples._root_dataset
     validation.check_identifier(label_field, "label_field")
@@ -228,9 +241,15 @@ def check_select_for_labeling(
             raise ValueError(
                 "strategy='uncertain' reads the scores of a pre-annotation "
                 f"on label_field={label_field!r}; run prelabel.preannotate "
-                "first, or use strategy='typical'"
+                "first, or use strategy='spread'"
             )
-        strategy = "uncertain" if chosen else "typical"
+    if strategy == "auto":
+        # until a pre-annotation accepts something, the labels must be a
+        # fair sample: only they can vouch for an accept threshold
+        accepted = chosen and len(
+            samples.match(fo.ViewField(f"{chosen}.accepted") == True)  # noqa
+        )
+        strategy = "uncertain" if accepted else "spread"
     return results, strategy, chosen if strategy == "uncertain" else None
 
 
@@ -259,19 +278,28 @@ def select_for_labeling(
 
     Strategies:
 
-    - ``"typical"`` (cold start): the centers of dense regions no label
-      is near yet, spread over every mode of the data;
+    - ``"spread"`` (cold start): a fair sample spread evenly over the
+      data's regions (every unlabeled sample has the same chance, as in a
+      uniform draw, but every region gets its share); all of it is
+      tagged ``random_tag``, since only a fair sample can vouch for an
+      accept threshold's precision;
     - ``"uncertain"`` (warm): where the last pre-annotation left the most
       samples for review, weighted by how unsure each pre-label was, at
-      most twice a fair share of picks per predicted class;
+      most twice a fair share of picks per predicted class. These samples
+      would be reviewed anyway, so labeling them costs no extra work,
+      and each settles its neighbors' pre-labels too;
+    - ``"typical"``: the centers of dense regions no label is near yet
+      (ProbCover's rule on the neighbor graph): the most accurate first
+      labels, but not a fair sample;
     - ``"random"``: uniformly at random (what people do without a tool);
-    - ``"auto"``: ``"uncertain"`` when a pre-annotation of
-      ``label_field`` exists, else ``"typical"``.
+    - ``"auto"``: ``"uncertain"`` once a pre-annotation of
+      ``label_field`` accepted something, else ``"spread"``.
 
-    Outliers (the ``1 - outlier_quantile`` of samples furthest from their
-    neighbors) and near-duplicates of a labeled sample or of another pick
-    are never picked (except by the random share, which must stay a fair
-    sample). Nothing is written unless every stage succeeds; the previous
+    ``"typical"`` and ``"uncertain"`` draw ``random_share`` of the budget
+    as ``"spread"`` does. Outliers (the ``1 - outlier_quantile`` of
+    samples furthest from their neighbors) and near-duplicates of a
+    labeled sample or of another pick are never picked, except by the
+    fair draws, which must stay fair. Nothing is written unless every stage succeeds; the previous
     selection under ``reason_field`` is replaced.
 
     Args:
@@ -287,14 +315,17 @@ def select_for_labeling(
             reads (default: the latest one of ``label_field``)
         brain_key (None): the index's brain key, when ``index`` is None
         tag ("to_label"): the tag put on the picks
-        random_tag ("to_label_random"): the tag put on the random share
-            too (keep it after labeling: it marks the references that
-            check precision without bias); None for no such tag
+        random_tag ("to_label_random"): the tag put on the fair picks
+            too (keep it after labeling: pass it as
+            ``calibration_reference`` to :func:`prelabel.preannotate`, it
+            marks the references that check precision without bias);
+            None for no such tag
         view_name ("to_label"): a saved view of the picks, or None
         reason_field ("label_next_reason"): the string field of reasons
         outlier_field ("outlier_score"): the float field of outlier scores
         k (15): neighbors per sample in the graph
-        random_share (0.2): the share of the budget picked at random
+        random_share (0.2): the share of the budget drawn fairly by
+            ``"typical"`` and ``"uncertain"``
         duplicate_similarity (0.98): cosine similarity from which two
             samples are near-duplicates
         outlier_quantile (0.99): samples above this quantile of outlier
@@ -346,68 +377,73 @@ def select_for_labeling(
     scores = core.outlier_scores(graph.sims)
     outlier = core.outlier_mask(scores, outlier_quantile)
     out.num_outliers = int((outlier & ~labeled).sum())
-    rng = np.random.default_rng(seed)
-    num_random = budget if strategy == "random" else 0
-    if strategy != "random":
-        num_random = int(round(budget * float(random_share)))
-    unlabeled = np.flatnonzero(~labeled)
-    num_random = min(num_random, unlabeled.size)
-    drawn = rng.choice(unlabeled, num_random, replace=False)
-    picked_rows = [int(r) for r in drawn]
-    reasons = [
-        "random: a fair sample of the unlabeled, to check precision "
-        "without bias"
-    ] * num_random
     t1 = time.perf_counter()
-    if strategy != "random":
-        taken = labeled.copy()
-        taken[drawn] = True
-        candidates = ~outlier & ~taken
-        out.num_candidates = int(candidates.sum())
-        if strategy == "typical":
-            picks = core.greedy_coverage(
-                graph.idx,
-                graph.sims,
-                (~labeled).astype(np.float64),
-                candidates,
-                budget - num_random,
-                labeled=taken,
-                duplicate_similarity=duplicate_similarity,
-            )
-            reasons += [
-                f"typical: {c} unlabeled samples around it that no label "
-                "is near yet"
-                for c in picks.covered
-            ]
-        else:
-            weight, classes, pre = _uncertainty(
-                samples, pred_field, graph.ids, labeled
-            )
-            out.num_uncertain = int((weight > 0).sum())
-            num_classes = max(len(set(classes[classes >= 0].tolist())), 1)
-            picks = core.greedy_coverage(
-                graph.idx,
-                graph.sims,
-                weight,
-                candidates,
-                budget - num_random,
-                labeled=taken,
-                cover_labeled=False,
-                duplicate_similarity=duplicate_similarity,
-                classes=classes,
-                class_cap=math.ceil(2 * (budget - num_random) / num_classes),
-            )
-            reasons += [
-                _uncertain_reason(pre[r], c)
-                for r, c in zip(picks.rows, picks.covered, strict=True)
-            ]
+    rng = np.random.default_rng(seed)
+    fair = _fair_picks(graph, labeled, budget, strategy, random_share, rng)
+    picked_rows = [int(r) for r in fair]
+    reasons = [FAIR_REASONS[strategy]] * len(fair)
+    active = budget - len(fair)
+    taken = labeled.copy()
+    taken[fair] = True
+    candidates = ~outlier & ~taken
+    out.num_candidates = int(candidates.sum())
+    if strategy == "typical" and active:
+        picks = core.greedy_coverage(
+            graph.idx,
+            graph.sims,
+            (~labeled).astype(np.float64),
+            candidates,
+            active,
+            labeled=taken,
+            duplicate_similarity=duplicate_similarity,
+        )
         picked_rows += picks.rows.tolist()
-    else:
-        out.num_candidates = int(unlabeled.size)
+        reasons += [
+            f"typical: {c} unlabeled samples around it that no label is "
+            "near yet"
+            for c in picks.covered
+        ]
+    elif strategy == "uncertain" and active:
+        weight, classes, pre = _uncertainty(
+            samples, pred_field, graph.ids, labeled
+        )
+        out.num_uncertain = int((weight > 0).sum())
+        num_classes = max(len(set(classes[classes >= 0].tolist())), 1)
+        # an accepted pre-label needs no one: labeling it would be extra
+        # work, labeling one left for review replaces that review
+        picks = core.greedy_coverage(
+            graph.idx,
+            graph.sims,
+            weight,
+            candidates & (weight > 0),
+            active,
+            labeled=taken,
+            cover_labeled=False,
+            duplicate_similarity=duplicate_similarity,
+            classes=classes,
+            class_cap=math.ceil(2 * active / num_classes),
+        )
+        picked_rows += picks.rows.tolist()
+        reasons += [
+            _uncertain_reason(pre[r], c)
+            for r, c in zip(picks.rows, picks.covered, strict=True)
+        ]
     out.seconds["select"] = time.perf_counter() - t1
     out.ids = [graph.ids[r] for r in picked_rows]
     out.reasons = reasons
-    out.num_random = num_random
+    out.num_random = len(fair)
+    t2 = time.perf_counter()
+    if out.num_labeled:
+        out.forecast = forecast_labeling(
+            samples,
+            results,
+            budget,
+            label_field,
+            pred_field or _pred_run(dataset, None, label_field),
+            random_tag,
+            k,
+        )
+    out.seconds["forecast"] = time.perf_counter() - t2
     t2 = time.perf_counter()
     _write(dataset, out, graph, scores, reason_field, outlier_field)
     out.seconds["write"] = time.perf_counter() - t2
@@ -415,11 +451,43 @@ def select_for_labeling(
     return out
 
 
+#: the reason written on a fair pick, per strategy
+FAIR_REASONS = {
+    "random": "random: drawn uniformly from the unlabeled samples",
+    "spread": (
+        "spread: a fair sample drawn evenly across the data's regions, so "
+        "that the accept threshold can be vouched for"
+    ),
+    "typical": (
+        "random share: a fair sample, to check the accept threshold's "
+        "precision without bias"
+    ),
+    "uncertain": (
+        "random share: a fair sample, to check the accept threshold's "
+        "precision without bias"
+    ),
+}
+
+
+def _fair_picks(graph, labeled, budget, strategy, random_share, rng):
+    """The picks every unlabeled sample had the same chance to be: all of
+    them for ``"random"`` (a uniform draw) and ``"spread"`` (spread over
+    the data's regions), else ``random_share`` of the budget (spread)."""
+    unlabeled = ~labeled
+    num = budget
+    if strategy in ("typical", "uncertain"):
+        num = int(round(budget * float(random_share)))
+    num = min(num, int(unlabeled.sum()))
+    if strategy == "random":
+        return rng.choice(np.flatnonzero(unlabeled), num, replace=False)
+    return core.spread_sample(graph.Z, unlabeled, num, rng)
+
+
 def _graph(results, dataset, ids, k, progress) -> _Graph:
     """Every indexed sample of ``ids`` and its ``k`` nearest indexed
     samples among ``ids`` (others are dropped: -1, NaN)."""
     field = results.config.embeddings_field
-    rows, nb_ids, nb_sims = [], [], []
+    rows, nb_ids, nb_sims, Z = [], [], [], []
     for chunk in neighbors.stream(
         results,
         dataset,
@@ -431,6 +499,7 @@ def _graph(results, dataset, ids, k, progress) -> _Graph:
         label="Reading the neighbor graph",
     ):
         rows.extend(chunk.ids)
+        Z.append(core.project(chunk.vectors))
         nb_ids.extend(chunk.neighbor_ids)
         nb_sims.append(chunk.sims)
     row = {sid: i for i, sid in enumerate(rows)}
@@ -443,7 +512,8 @@ def _graph(results, dataset, ids, k, progress) -> _Graph:
             if at is not None:
                 idx[i, j] = at
                 sims[i, j] = flat[i, j]
-    return _Graph(rows, idx, sims)
+    Z = np.vstack(Z) if Z else np.zeros((0, 1), np.float32)
+    return _Graph(rows, idx, sims, Z)
 
 
 def _uncertainty(samples, pred_field, ids, labeled):
@@ -482,6 +552,21 @@ def _uncertain_reason(pre, covered: int) -> str:
     return f"uncertain: {said}; {covered} samples around it need review"
 
 
+def _forecast_record(fc) -> dict | None:
+    """What the selection record keeps of a forecast (JSON-able)."""
+    if fc is None:
+        return None
+    return {
+        "text": fc.text,
+        "more": fc.more,
+        "num_labeled": fc.num_labeled,
+        "accepted_now": fc.accepted_now,
+        "accepted_next": fc.accepted_next,
+        "interval": list(fc.interval),
+        "slope": fc.slope,
+    }
+
+
 def _write(dataset, out, graph, scores, reason_field, outlier_field):
     """The fields (swapped in whole with the record), then the tags and
     the saved view; the previous selection's tags are taken back from the
@@ -496,6 +581,7 @@ def _write(dataset, out, graph, scores, reason_field, outlier_field):
         "random_tag": out.random_tag,
         "view_name": out.view_name,
         "outlier_field": outlier_field,
+        "forecast": _forecast_record(out.forecast),
     }
     fields = {
         reason_field: (fo.StringField, {}),
@@ -527,3 +613,77 @@ def _write(dataset, out, graph, scores, reason_field, outlier_field):
             dataset.select(out.ids, ordered=True),
             overwrite=True,
         )
+
+
+def forecast_labeling(
+    samples,
+    index=None,
+    more: int = 100,
+    label_field: str = constants.DEFAULT_LABEL_FIELD,
+    pred_field: str | None = None,
+    fair_tag: str | None = DEFAULT_RANDOM_TAG,
+    k: int = constants.DEFAULT_K,
+    seed: int = 0,
+) -> core_forecast.Forecast | None:
+    """What labeling ``more`` samples is expected to do to the share of
+    pre-labels accepted without review (see
+    :mod:`prelabel.core.forecast`).
+
+    Args:
+        samples: the dataset or view (its labeled samples are the
+            references)
+        index (None): the index (or its brain key) whose vectors the
+            learning curve reads
+        more (100): how many more samples would be labeled
+        label_field ("ground_truth"): the labels
+        pred_field (None): the pre-annotation with an accept threshold
+            whose accepted share and reference curve are the starting
+            point (default: the latest one of ``label_field``; without
+            one, the forecast says nothing will be accepted)
+        fair_tag ("to_label_random"): when at least 50 labeled samples
+            carry this tag, only they draw the learning curve (the other
+            picks were chosen, not drawn at random)
+        k (15): neighbors that vote in the learning curve
+        seed (0): the subsets' seed
+
+    Returns:
+        a :class:`prelabel.core.forecast.Forecast`, or None with fewer
+        than ``4 * k`` references
+    """
+    results = neighbors.load_index(samples, index)
+    dataset = samples._root_dataset
+    refs = validation.labeled(samples, label_field)
+    if fair_tag and len(refs.match_tags(fair_tag)) >= 50:
+        refs = refs.match_tags(fair_tag)
+    ids, labels = refs.values(["id", f"{label_field}.label"])
+    if len(ids) < 4 * k:
+        return None
+    if len(ids) > MAX_FORECAST_REFERENCES:
+        keep = np.random.default_rng(seed).choice(
+            len(ids), MAX_FORECAST_REFERENCES, replace=False
+        )
+        ids = [ids[i] for i in keep]
+        labels = [labels[i] for i in keep]
+    label_of = dict(zip(ids, labels, strict=True))
+    found, X = neighbors.read_vectors(
+        dataset, ids, results.config.embeddings_field
+    )
+    y = np.array([label_of[s] for s in found], dtype=object)
+    pred_field = pred_field or _pred_run(dataset, None, label_field)
+    run = records.get(dataset, records.RUNS, pred_field) if pred_field else None
+    accepted_now, curve, num_cal = 0.0, None, 0
+    target = constants.DEFAULT_TARGET_PRECISION
+    if run and run.get("expected_curve") and run.get("num_calibration"):
+        got = run["expected_curve"]
+        curve = (np.asarray(got["coverage"]), np.asarray(got["precision"]))
+        num_cal = int(run["num_calibration"])
+        target = run.get("target_precision") or target
+        pre = samples.exists(pred_field)
+        if samples.has_field(label_field):
+            pre = pre.exists(label_field, False)  # still unlabeled
+        if len(pre):
+            accepted = pre.match(fo.ViewField(f"{pred_field}.accepted"))
+            accepted_now = len(accepted) / len(pre)
+    return core_forecast.forecast(
+        X, y, more, curve, num_cal, accepted_now, target, k=k, seed=seed
+    )

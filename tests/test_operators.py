@@ -46,6 +46,7 @@ OPERATORS = (
     "adapt_embeddings",
     "knn_preannotate",
     "find_label_mistakes",
+    "select_for_labeling",
     "open_mistakes_panel",
 )
 PIXELS = dict(model="pixels", image_size=12, num_workers=0)
@@ -669,6 +670,50 @@ def test_find_label_mistakes_ranks_flipped_labels_first(indexed):
     assert "would overwrite" in errors(props)["score_field"]
     props = form("find_label_mistakes", indexed, k=500)
     assert "larger than the reference set" in errors(props)["k"]
+
+
+def test_select_for_labeling_tags_the_picks_and_forecasts(indexed):
+    # a pre-annotation to doubt: the test half, from the train half
+    run("knn_preannotate", indexed, reference_tag="train", k=5)
+    op = foo.get_operator(uri("select_for_labeling"))
+    unlabeled = indexed.match_tags("test")
+    # the test half counts as unlabeled: hide its labels
+    unlabeled.set_field("ground_truth", None).save()
+    result = op(indexed, budget=12, strategy="uncertain", random_share=0.25)
+    out = result.result
+    assert out["num_picked"] == 12 and out["num_random"] == 3
+    assert out["strategy"] == "uncertain"
+    assert out["forecast"].startswith("labeling 12 more")
+    picked = indexed.match_tags("to_label")
+    assert len(picked) == 12
+    assert not picked.exists("ground_truth")
+    assert len(indexed.load_saved_view("to_label")) == 12
+    (set_view,) = triggered(result, "set_view")
+    assert set_view["view"]
+    assert_progress(progress_of(result), "neighbor graph")
+
+    props = form("select_for_labeling", indexed, strategy="smart")
+    assert "strategy" in errors(props)["strategy"]
+    props = form("select_for_labeling", indexed, random_share=2.0)
+    assert "random_share" in errors(props)["random_share"]
+
+
+def test_select_for_labeling_delegated(indexed):
+    indexed.match_tags("test").set_field("ground_truth", None).save()
+    queued = run(
+        "select_for_labeling", indexed, request_delegation=True, budget=5
+    )
+    assert queued.delegated
+    assert not indexed.match_tags("to_label")
+
+    service = RecordingService()
+    (done,) = service.execute_queued_operations(dataset_name=indexed.name)
+    assert done.error is None, done.error
+    assert done.result["num_picked"] == 5
+    assert done.result["strategy"] == "spread"
+    assert_progress(service.progress, "neighbor graph")
+    picked = indexed.match_tags("to_label")
+    assert len(picked) == 5 and not picked.exists("ground_truth")
 
 
 def test_find_label_mistakes_adapted_method(indexed):

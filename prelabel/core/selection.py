@@ -214,3 +214,69 @@ def greedy_coverage(
         covered=np.asarray(counts, dtype=np.int64),
         num_candidates=num_candidates,
     )
+
+
+def spread_sample(
+    Z: np.ndarray,
+    candidates: np.ndarray,
+    budget: int,
+    rng: np.random.Generator,
+    num_clusters: int = 32,
+) -> np.ndarray:
+    """A random sample of ``budget`` candidate rows that is spread over
+    every region of the data and still a fair sample.
+
+    The candidates are grouped by k-means on ``Z`` and ordered group by
+    group (at random within a group); the sample takes every
+    ``len / budget``-th of that order from a random start (systematic
+    sampling). Every candidate has the same chance ``budget / len`` to be
+    picked, as in a uniform draw, so precision measured on the picks is
+    unbiased; but each group gets its share of picks (to within one),
+    which a uniform draw gets only on average: no mode of the data is
+    left out by bad luck.
+
+    Args:
+        Z: float array (n, d), the rows' (reduced) vectors
+        candidates: bool array (n,), the rows that may be picked
+        budget: the picks
+        rng: the random generator
+        num_clusters (32): the groups (at most ``budget``)
+
+    Returns:
+        int array of the picked rows, in random order
+    """
+    from sklearn.cluster import MiniBatchKMeans
+
+    rows = np.flatnonzero(np.asarray(candidates, dtype=bool))
+    budget = min(int(budget), rows.size)
+    if budget <= 0:
+        return np.zeros(0, dtype=np.int64)
+    groups = min(num_clusters, budget, rows.size)
+    if groups > 1:
+        km = MiniBatchKMeans(
+            n_clusters=groups,
+            random_state=int(rng.integers(2**31 - 1)),
+            n_init=3,
+            batch_size=4096,
+        )
+        label = km.fit_predict(np.asarray(Z[rows], dtype=np.float32))
+    else:
+        label = np.zeros(rows.size, dtype=np.int64)
+    order = np.lexsort((rng.random(rows.size), label))
+    step = rows.size / budget
+    at = (rng.random() * step + step * np.arange(budget)).astype(np.int64)
+    picked = rows[order[np.minimum(at, rows.size - 1)]]
+    return rng.permutation(picked)
+
+
+def project(X: np.ndarray, dim: int = 64, seed: int = 0) -> np.ndarray:
+    """A random Gaussian projection of the L2-normalized rows of ``X``
+    to ``dim`` dimensions (distances are kept up to a small error, which
+    is all that grouping needs), float32."""
+    X = np.asarray(X, dtype=np.float32)
+    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    X = X / np.maximum(norms, 1e-12)
+    if X.shape[1] <= dim:
+        return X
+    R = np.random.default_rng(seed).standard_normal((X.shape[1], dim))
+    return (X @ (R / np.sqrt(dim)).astype(np.float32)).astype(np.float32)

@@ -1,0 +1,235 @@
+"""Will labeling more pay? A forecast from the references alone (pure
+numpy).
+
+The share of targets a pre-annotation can accept grows with the number
+of labeled references, and the share it cannot (left for review) shrinks
+with the pre-labels' errors, which fall roughly as a power of that
+number: ``err(n) ~ c * n ** slope`` with a negative slope (the learning
+curves of nearest-neighbor and most other classifiers follow such a
+law). The slope is measured on the references: random subsets of several
+sizes are scored by a leave-one-out vote of their own nearest neighbors,
+and their error rates are fitted against the subsets' sizes in log-log
+(the error rate, not the accepted share itself, whose steps at each
+threshold make a poor curve). Repeated subsets give the slope's spread,
+and the scatter of the largest ones how much one reference set of that
+size moves a run; both make the interval.
+
+The forecast applies the slope to what the last pre-annotation really
+accepted (a ratio, so that whatever the vote on the references misses
+about the real run, its mode, its calibration, cancels out)::
+
+    review share after N more = review share now * ((n + N) / n) ** slope
+
+The references must be a fair sample for the slope to hold (a tag of
+random picks, such as :func:`prelabel.select_for_labeling`'s random
+share, when the others were chosen).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from prelabel.core.calibration import precision_bounds
+from prelabel.core.vectors import exact_neighbors
+from prelabel.core.voting import vote
+
+#: subset sizes, as shares of the references
+SHARES = (0.125, 0.25, 0.5, 0.75)
+
+#: the interval's quantiles
+LOW, HIGH = 0.1, 0.9
+
+
+@dataclass
+class Forecast:
+    """What labeling ``more`` samples is expected to do.
+
+    Attributes:
+        num_labeled: references now
+        more: the samples to label
+        accepted_now: the share of targets accepted now
+        accepted_next: the expected share after labeling ``more``
+        interval: ``(low, high)``, the 10 % and 90 % quantiles of
+            ``accepted_next`` over the repeated learning curves
+        slope: the fitted exponent of the review share (negative: labels
+            help; near 0: they no longer do)
+        curve: ``(size, review share)`` points the slope was fitted on
+    """
+
+    num_labeled: int
+    more: int
+    accepted_now: float
+    accepted_next: float
+    interval: tuple[float, float]
+    slope: float
+    curve: list[tuple[int, float]]
+
+    @property
+    def text(self) -> str:
+        """One sentence for a person."""
+        low, high = self.interval
+        return (
+            f"labeling {self.more:,} more is expected to raise the accepted "
+            f"share from {self.accepted_now:.1%} to {self.accepted_next:.1%}"
+            f" (80 % interval {low:.1%} to {high:.1%})"
+        )
+
+
+def error_rate(V: np.ndarray, y: np.ndarray, k: int) -> float:
+    """The share of references whose leave-one-out vote of their ``k``
+    nearest others is wrong."""
+    idx, sims = exact_neighbors(V, k=min(k, len(V) - 1))
+    labels = [[y[j] for j in row] for row in idx.tolist()]
+    classes = sorted(set(y.tolist()))
+    votes = vote(labels, sims, classes, k, "majority")
+    wrong = [p != t for p, t in zip(votes.labels, y.tolist(), strict=True)]
+    return float(np.mean(wrong))
+
+
+def learning_curve(
+    V: np.ndarray,
+    y: np.ndarray,
+    k: int,
+    repeats: int = 5,
+    shares=SHARES,
+    seed: int = 0,
+) -> list[list[tuple[int, float]]]:
+    """Per repeat, ``(size, error rate)`` of random subsets of the
+    references (each size at least ``2 * k``)."""
+    rng = np.random.default_rng(seed)
+    y = np.asarray(y)
+    n = len(y)
+    sizes = sorted({int(round(s * n)) for s in shares if s * n >= 2 * k})
+    out = []
+    for _ in range(repeats):
+        points = []
+        for m in sizes:
+            rows = rng.choice(n, m, replace=False)
+            points.append((m, error_rate(V[rows], y[rows], k)))
+        out.append(points)
+    return out
+
+
+def fit_slope(points: list[tuple[int, float]]) -> float:
+    """The least-squares slope of log error rate against log size (rates
+    of 0 are floored at half a sample), at most 0."""
+    m = np.array([p[0] for p in points], dtype=np.float64)
+    u = np.array([p[1] for p in points], dtype=np.float64)
+    u = np.maximum(u, 0.5 / m)
+    if len(np.unique(m)) < 2:
+        return 0.0
+    slope = np.polyfit(np.log(m), np.log(u), 1)[0]
+    return float(min(slope, 0.0))
+
+
+def accepted_coverage(
+    coverage: np.ndarray,
+    precision: np.ndarray,
+    num: int,
+    target_precision: float,
+    error_ratio: float = 1.0,
+    rng: np.random.Generator | None = None,
+) -> float:
+    """The share an accept threshold chosen as
+    :func:`prelabel.core.calibration.accept_threshold` does would accept,
+    from ``num`` held-out references whose curve is
+    ``(coverage, precision)`` with every error rate times
+    ``error_ratio``. With ``rng``, the errors of each stretch of the curve
+    are drawn (binomially) instead of taken as expected: one plausible
+    reference set."""
+    cov = np.asarray(coverage, dtype=np.float64)
+    err = np.clip((1.0 - np.asarray(precision)) * error_ratio, 0.0, 1.0)
+    m = np.maximum(np.round(cov * num), 1.0)
+    wrong = err * m
+    if rng is not None:
+        step = np.diff(np.r_[0.0, m])
+        rate = np.diff(np.r_[0.0, wrong]) / np.maximum(step, 1.0)
+        wrong = np.cumsum(
+            rng.binomial(step.astype(np.int64), np.clip(rate, 0.0, 1.0))
+        )
+    lower, _ = precision_bounds(m - wrong, m)
+    ok = np.flatnonzero(lower >= target_precision - 1e-12)
+    return float(cov[ok.max()]) if ok.size else 0.0
+
+
+def forecast(
+    V: np.ndarray,
+    y: np.ndarray,
+    more: int,
+    curve: tuple[np.ndarray, np.ndarray] | None,
+    num_calibration: int,
+    accepted_now: float,
+    target_precision: float,
+    k: int = 15,
+    repeats: int = 5,
+    draws: int = 200,
+    seed: int = 0,
+) -> Forecast:
+    """The expected accepted share after labeling ``more`` samples.
+
+    Two things raise it: the pre-labels' errors fall (the slope of the
+    references' learning curve), and more references can vouch for a
+    lower threshold (the lower bound tightens). Both are applied to the
+    last run's held-out reference curve: each point's error rate is
+    scaled by ``((n + more) / n) ** slope`` and the threshold is chosen
+    again as if ``num_calibration`` grew in proportion. The interval
+    draws the slope from its bootstrap and the errors of each stretch of
+    the curve binomially.
+
+    Args:
+        V: float array (n, d), the references' vectors
+        y: their labels (n,)
+        more: how many more samples would be labeled
+        curve: the last run's held-out curve ``(coverage, precision)``
+            of its calibration references (None: no run yet)
+        num_calibration: how many references that curve was measured on
+        accepted_now: the share of targets the last run accepted
+        target_precision: the precision accepted at
+        k (15): the neighbors that vote in the learning curve
+        repeats (5): learning curves drawn, for the slope's spread
+        draws (200): the interval's draws
+        seed (0): the seed of subsets and draws
+
+    Returns:
+        a :class:`Forecast`
+    """
+    n = len(y)
+    curves = learning_curve(V, y, k, repeats, seed=seed)
+    pooled = [p for c in curves for p in c]
+    slope = fit_slope(pooled) if pooled else 0.0
+    rng = np.random.default_rng(seed + 1)
+    grow = (n + more) / n if n else 1.0
+    num_next = int(round(num_calibration * grow))
+
+    def after(s: float, draw=None) -> float:
+        if curve is None:
+            return accepted_now
+        cov = accepted_coverage(
+            curve[0], curve[1], num_next, target_precision, grow**s, draw
+        )
+        # what the references vouch for, moved as the last run moved
+        now = accepted_coverage(
+            curve[0], curve[1], num_calibration, target_precision
+        )
+        return float(np.clip(cov + (accepted_now - now), 0.0, 1.0))
+
+    ends = []
+    for _ in range(draws):
+        pick = rng.integers(0, len(curves), len(curves)) if curves else []
+        s = fit_slope([p for i in pick for p in curves[i]]) if curves else 0
+        ends.append(after(s, rng))
+    low, high = np.quantile(ends, [LOW, HIGH])
+    means = {}
+    for m, u in pooled:
+        means.setdefault(m, []).append(u)
+    return Forecast(
+        num_labeled=n,
+        more=int(more),
+        accepted_now=float(accepted_now),
+        accepted_next=after(slope),
+        interval=(float(low), float(high)),
+        slope=slope,
+        curve=[(m, float(np.mean(v))) for m, v in sorted(means.items())],
+    )
