@@ -5,7 +5,10 @@ The ``mistakes_panel`` lists the pre-labels that disagree with ground truth
 suspicious first), shows each row's neighbors as evidence, tags or accepts
 rows in bulk, and draws the evaluation's confusion matrix and the
 precision a confidence threshold keeps. It writes only tags and, on
-request, a new field of accepted labels; never ground truth.
+request, a new field of accepted labels; never ground truth. A third tab,
+"Label next", lists the latest picks of ``select_for_labeling`` with the
+reason of each and which ones are labeled by now, and opens that operator
+for the next batch.
 
 Thin by design: every number comes from :mod:`prelabel.panel_data`; this
 module keeps the panel state, renders it, and turns clicks into views.
@@ -15,7 +18,7 @@ State (``ctx.panel.state``; what the App keeps across view changes):
 - ``source``: the fields reviewed: ``pred_field``, ``gt_field``,
   ``eval_key`` (pre-label mode), ``score_field`` (suspicious mode); the
   ``open_mistakes_panel`` operator passes the first three at top level
-- ``mode``: ``"prelabel"`` or ``"suspicious"``
+- ``mode``: ``"prelabel"``, ``"suspicious"`` or ``"label_next"``
 - ``filters``: ``min_score``, ``truth``, ``pred`` (``"(any)"`` for none)
 - ``charts``: ``normalize``, ``target``
 - ``bulk``: ``accept_field``
@@ -23,9 +26,13 @@ State (``ctx.panel.state``; what the App keeps across view changes):
   default 100): rows added per "Show more"
 - ``summary``, ``classes``, ``sources``, ``eval_keys``, ``coverage_text``,
   ``showing``, ``message``, ``version``: what the last load found
+- label-next mode: ``selections`` (the reason fields of the dataset's
+  selections), ``pick_ids`` (the picks on screen), ``picks_count``,
+  ``picks_text``, ``forecast_text``, ``picks_label_field``
 
 Data (``ctx.panel.data``, write-only): ``rows``, ``confusion``,
-``coverage`` (the table and the two plots).
+``coverage`` (the table and the two plots); ``picks`` (label-next mode's
+table).
 """
 
 import fiftyone.operators.types as types
@@ -73,7 +80,9 @@ class MistakesPanel(Panel):
                 "Pre-labels that disagree with ground truth and labels "
                 "their neighbors disagree with, most confident first. "
                 "Click a row to see the sample with the neighbors that "
-                "voted; click a confusion-matrix cell to see its samples."
+                "voted; click a confusion-matrix cell to see its samples. "
+                "'Label next' lists the samples picked to label next and "
+                "why."
             ),
         )
 
@@ -274,6 +283,57 @@ class MistakesPanel(Panel):
     def on_run_find_mistakes(self, ctx):
         ctx.prompt(_op_uri("find_label_mistakes"), on_success=self.on_refresh)
 
+    def on_pick_next(self, ctx):
+        ctx.prompt(_op_uri("select_for_labeling"), on_success=self.on_picked)
+
+    def on_picked(self, ctx):
+        """After a selection: its picks, whatever tab was open."""
+        ctx.panel.set_state(
+            {"mode": pdata.LABEL_NEXT, "message": None, "showing": None}
+        )
+        self._load(ctx)
+
+    # ---- label next ---------------------------------------------------------
+
+    def on_click_pick(self, ctx):
+        """Puts the clicked pick in the grid."""
+        row = ctx.params.get("row")
+        ids = ctx.panel.state.pick_ids or []
+        if row is None or not 0 <= int(row) < len(ids):
+            return
+        sample_id = ids[int(row)]
+        try:
+            view = pdata.pick_view(ctx.dataset, sample_id)
+        except ValueError as e:  # deleted since the list was loaded
+            ctx.ops.notify(str(e), variant="warning")
+            self._load(ctx)
+            return
+        ctx.ops.set_view(view)
+        ctx.panel.set_state(
+            "showing",
+            f"Grid: sample {sample_id}, pick {int(row) + 1} of "
+            f"{int(ctx.panel.state.picks_count or len(ids))}",
+        )
+
+    def on_show_all_picks(self, ctx):
+        picks = pdata.label_next(ctx.dataset)
+        if picks is None:
+            self._load(ctx)
+            return
+        view = pdata.picks_view(ctx.dataset, picks)
+        ctx.ops.set_view(view)
+        where = f" (saved view '{picks.view_name}')" if picks.view_name else ""
+        ctx.panel.set_state(
+            "showing",
+            f"Grid: all {len(view)} picks, in the order picked{where}",
+        )
+
+    def on_show_more_picks(self, ctx):
+        page = _page(ctx)
+        limit = min(int(ctx.panel.state.limit or page) + page, MAX_ROWS)
+        ctx.panel.set_state("limit", limit)
+        self._load_label_next(ctx)
+
     # ---- loading ----------------------------------------------------------
 
     def _load(self, ctx):
@@ -281,11 +341,15 @@ class MistakesPanel(Panel):
         dataset = ctx.dataset
         state = ctx.panel.state
         sources = pdata.find_sources(dataset)
+        selections = pdata.selection_fields(dataset)
         mode = state.mode
-        if mode not in pdata.REVIEWS:
+        if mode not in pdata.PANEL_MODES:
             mode = "prelabel" if sources["prelabel"] else "suspicious"
+            if not sources["suspicious"] and selections:
+                mode = pdata.LABEL_NEXT
         updates = {
             "sources": sources,
+            "selections": selections,
             "mode": mode,
             "version": pdata.data_version(dataset),
         }
@@ -299,6 +363,10 @@ class MistakesPanel(Panel):
         if not state.get("bulk.accept_field"):
             updates["bulk"] = {"accept_field": ""}
         ctx.panel.set_state(updates)
+        if mode == pdata.LABEL_NEXT:
+            ctx.panel.set_state("limit", _page(ctx))
+            self._load_label_next(ctx)
+            return
         try:
             source = self._resolve_source(ctx, mode, sources)
         except ValueError as e:
@@ -424,6 +492,36 @@ class MistakesPanel(Panel):
             }
         )
 
+    def _load_label_next(self, ctx):
+        """Re-reads the latest selection: its picks, their labels now."""
+        state = ctx.panel.state
+        no_charts = {"has_charts": False, "coverage_text": None}
+        try:
+            picks = pdata.label_next(ctx.dataset)
+        except ValueError as e:
+            ctx.panel.set_state({**no_charts, "error": str(e), "ready": False})
+            return
+        if picks is None:
+            ctx.panel.set_state({**no_charts, "error": None, "ready": False})
+            return
+        limit = int(state.limit or _page(ctx))
+        shown = picks.rows[:limit]
+        ctx.panel.set_data("picks", [_pick_row(r) for r in shown])
+        ctx.panel.set_state(
+            {
+                **no_charts,
+                "error": None,
+                "ready": True,
+                # no stale copy of the table's values (see _load_rows)
+                "picks": None,
+                "pick_ids": [r["id"] for r in shown],
+                "picks_count": len(picks.rows),
+                "picks_text": picks.text,
+                "forecast_text": picks.forecast_text,
+                "picks_label_field": picks.label_field,
+            }
+        )
+
     def _stale(self, ctx):
         return ctx.panel.state.version != pdata.data_version(ctx.dataset)
 
@@ -473,7 +571,11 @@ class MistakesPanel(Panel):
         panel = types.Object()
         state = ctx.panel.state
         sources = state.sources or {}
-        if not sources.get("prelabel") and not sources.get("suspicious"):
+        if (
+            not sources.get("prelabel")
+            and not sources.get("suspicious")
+            and not state.selections
+        ):
             self._render_no_run(panel)
             return _layout(panel)
 
@@ -484,6 +586,9 @@ class MistakesPanel(Panel):
                 "error",
                 types.Error(label="Cannot show this", description=state.error),
             )
+            return _layout(panel)
+        if mode == pdata.LABEL_NEXT:
+            self._render_label_next(panel, state)
             return _layout(panel)
         if not state.ready:
             self._render_missing_mode(panel, mode)
@@ -509,8 +614,9 @@ class MistakesPanel(Panel):
                 description=(
                     "Run 'kNN pre-annotate' to pre-label samples from "
                     "their labeled neighbors (with an evaluation key for "
-                    "the confusion matrix), or 'Find label mistakes' to "
-                    "score the existing labels."
+                    "the confusion matrix), 'Find label mistakes' to "
+                    "score the existing labels, or pick the samples to "
+                    "label first."
                 ),
             ),
         )
@@ -527,15 +633,21 @@ class MistakesPanel(Panel):
             variant="outlined",
             on_click=self.on_run_find_mistakes,
         )
+        buttons.btn(
+            "pick_next",
+            label="Pick samples to label",
+            variant="outlined",
+            on_click=self.on_pick_next,
+        )
         buttons.btn("refresh", label="Refresh", on_click=self.on_refresh)
 
     def _render_header(self, panel, state, mode):
         tabs = types.TabsView()
-        for value, label in pdata.REVIEWS.items():
+        for value, label in pdata.PANEL_MODES.items():
             tabs.add_choice(value, label=label)
         panel.enum(
             "mode",
-            list(pdata.REVIEWS),
+            list(pdata.PANEL_MODES),
             default=mode,
             view=tabs,
             on_change=self.on_change_mode,
@@ -570,7 +682,13 @@ class MistakesPanel(Panel):
                 "Score field",
                 self.on_change_source,
             )
-        if chosen.get("gt_field"):
+        if mode == pdata.LABEL_NEXT:
+            if state.picks_label_field:
+                source.md(
+                    f"Labels read from `{state.picks_label_field}`",
+                    name="label_field_md",
+                )
+        elif chosen.get("gt_field"):
             source.md(
                 f"Ground truth: `{chosen['gt_field']}`", name="gt_field_md"
             )
@@ -602,6 +720,68 @@ class MistakesPanel(Panel):
         panel.btn(
             action[0], label=action[1], variant="contained", on_click=handler
         )
+
+    def _render_label_next(self, panel, state):
+        if not state.ready:
+            panel.view(
+                "no_picks",
+                types.Notice(
+                    label="Nothing picked yet",
+                    description=(
+                        "No samples were picked to label on this dataset "
+                        "yet: pick a batch (it reads a prelabel index; run "
+                        "'Sync index' first if there is none)."
+                    ),
+                ),
+            )
+            panel.btn(
+                "pick_next",
+                label="Pick next batch",
+                variant="contained",
+                on_click=self.on_pick_next,
+            )
+            return
+        panel.md(f"**{state.picks_text}**", name="picks_md")
+        panel.md(state.forecast_text or "", name="forecast_md")
+        if state.showing:
+            panel.md(state.showing, name="showing_md")
+        actions = panel.h_stack("pick_actions", gap=2, align_y="center")
+        actions.btn(
+            "show_all_picks",
+            label="Show all picks",
+            variant="contained",
+            on_click=self.on_show_all_picks,
+        )
+        actions.btn(
+            "pick_next",
+            label="Pick next batch",
+            variant="outlined",
+            on_click=self.on_pick_next,
+        )
+        # the App's tables are at least 650 px wide, wider than a panel
+        # beside the grid: this one wraps its reasons instead
+        table = types.TableView(
+            on_click_row=self.on_click_pick,
+            componentsProps={"table": {"sx": {"minWidth": 0}}},
+        )
+        table.add_column("rank", label="#")
+        table.add_column("filename", label="File")
+        table.add_column("label", label="Label now")
+        table.add_column("reason", label="Why picked")
+        panel.list("picks", types.Object(), view=table)
+        shown = len(state.pick_ids or [])
+        count = int(state.picks_count or 0)
+        if shown < count:
+            more = panel.h_stack("picks_more", gap=2, align_y="center")
+            more.md(
+                f"Showing the first {shown} of {count}", name="picks_shown_md"
+            )
+            if shown < MAX_ROWS:
+                more.btn(
+                    "show_more_picks",
+                    label="Show more",
+                    on_click=self.on_show_more_picks,
+                )
 
     def _render_filters(self, panel, state):
         filters = panel.h_stack("filters", gap=2, align_y="center")
@@ -801,6 +981,17 @@ def _dropdown(parent, name, choices, value, label, on_change, space=None):
 def _page(ctx):
     """Rows per page: ``page_size`` in the state, else :data:`PAGE`."""
     return int(ctx.panel.state.page_size or PAGE)
+
+
+def _pick_row(row):
+    """A pick as the table shows it."""
+    return {
+        "id": row["id"],
+        "rank": row["rank"],
+        "filename": row["filename"],
+        "label": row["label"] if row["labeled"] else "(not yet)",
+        "reason": row["reason"],
+    }
 
 
 def _accept_default(source):

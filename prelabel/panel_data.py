@@ -13,6 +13,10 @@ Two modes review two kinds of disagreement:
   written by :func:`prelabel.find_label_mistakes`) is another label, most
   suspicious first.
 
+A third, ``"label_next"`` (:func:`label_next`), lists the latest picks of
+:func:`prelabel.select_for_labeling`: why each was picked and which ones a
+person has labeled since.
+
 Everything is computed over the whole dataset, never the App's current
 view: the panel sets that view itself (a row's neighbors, a confusion
 cell), and its list must not shrink to what it just showed.
@@ -40,6 +44,13 @@ REVIEWS = {
     "prelabel": "Pre-label mistakes",
     "suspicious": "Suspicious labels",
 }
+
+#: the mode listing what to label next (not a review: no ground truth to
+#: disagree with, only picks)
+LABEL_NEXT = "label_next"
+
+#: the panel's tabs: the two reviews, then what to label next
+PANEL_MODES = {**REVIEWS, LABEL_NEXT: "Label next"}
 
 #: what one row of each mode is called in the summary
 NOUNS = {
@@ -813,6 +824,196 @@ def accept_labels(view, source: Source, field: str) -> int:
         )
     dataset.set_values(field, values, key_field="id")
     return len(values)
+
+
+# ---- what to label next -------------------------------------------------
+
+
+@dataclass
+class LabelNext:
+    """The picks of one :func:`prelabel.select_for_labeling` run, as they
+    stand now.
+
+    Attributes:
+        reason_field: the field of the picks' reasons (names the record)
+        label_field: the field a person labels the picks in
+        strategy: how they were picked (``"spread"``, ``"uncertain"``, ...)
+        timestamp: when (ISO 8601, UTC)
+        rows: one dict per pick still in the dataset, in the order picked:
+            ``id``, ``rank`` (1 for the first pick), ``filename``,
+            ``filepath``, ``reason``, ``label`` (its label now, or None),
+            ``labeled`` and ``random`` (a fair pick)
+        num_random: fair picks (every unlabeled sample had the same chance)
+        num_labeled: picks labeled by now
+        num_missing: picks deleted from the dataset since
+        tag: the tag on the picks
+        view_name: the saved view of the picks (None: none was saved, or
+            it was deleted since)
+        forecast: the forecast made when they were picked (the record's
+            dict: ``text``, ``more``, ``accepted_now``, ...), or None when
+            there were too few labels to draw a learning curve
+    """
+
+    reason_field: str
+    label_field: str
+    strategy: str
+    timestamp: str | None
+    rows: list[dict]
+    num_random: int
+    num_labeled: int
+    num_missing: int = 0
+    tag: str | None = None
+    view_name: str | None = None
+    forecast: dict | None = None
+
+    @property
+    def ids(self) -> list[str]:
+        """The picks still in the dataset, in the order picked."""
+        return [r["id"] for r in self.rows]
+
+    @property
+    def text(self) -> str:
+        """``"Strategy spread: 30 picks, 5 labeled so far"``."""
+        n = len(self.rows)
+        said = (
+            f"Strategy {self.strategy}: {n:,} {'pick' if n == 1 else 'picks'}"
+            f", {self.num_labeled:,} labeled so far"
+        )
+        if self.num_random and self.num_random < n:
+            said += f" ({self.num_random:,} of them a fair random share)"
+        if self.num_missing:
+            said += f"; {self.num_missing:,} deleted since"
+        return said
+
+    @property
+    def forecast_text(self) -> str:
+        """One sentence: what labeling the picks was expected to do."""
+        text = (self.forecast or {}).get("text")
+        if not text:
+            return (
+                "No forecast yet: label some samples first (a forecast "
+                "needs a learning curve drawn from labeled samples)."
+            )
+        return f"Forecast when picked: {text}."
+
+
+def selection_fields(dataset) -> list[str]:
+    """The reason fields of :func:`prelabel.select_for_labeling` runs that
+    still exist, newest first."""
+    found = records.read(dataset, records.SELECTIONS)
+    newest = sorted(
+        found.items(),
+        key=lambda kv: kv[1].get("timestamp") or "",
+        reverse=True,
+    )
+    return [name for name, _ in newest if dataset.has_sample_field(name)]
+
+
+def label_next(
+    dataset, reason_field: str | None = None, label_field: str | None = None
+) -> LabelNext | None:
+    """The latest picks of :func:`prelabel.select_for_labeling` (or those
+    of ``reason_field``), each with its reason and its label now.
+
+    Args:
+        dataset: the dataset
+        reason_field (None): the reason field of the selection to read;
+            default the newest selection
+        label_field (None): the Classification field a person labels the
+            picks in; default the selection's, else the ground truth of
+            the dataset's pre-annotations or index (see
+            :func:`default_gt_field`)
+
+    Returns:
+        a :class:`LabelNext`, or None when nothing was picked yet
+
+    Raises:
+        ValueError: ``reason_field`` names no selection, or
+            ``label_field`` is not a Classification field
+    """
+    fields = selection_fields(dataset)
+    if reason_field is None:
+        if not fields:
+            return None
+        reason_field = fields[0]
+    elif reason_field not in fields:
+        raise ValueError(
+            f"reason_field={reason_field!r} is not a selection of dataset "
+            f"'{dataset.name}'; choose one of {fields} or run "
+            "select_for_labeling"
+        )
+    record = records.get(dataset, records.SELECTIONS, reason_field) or {}
+    label_field = (
+        label_field or record.get("label_field") or default_gt_field(dataset)
+    )
+    has_labels = dataset.has_sample_field(label_field)
+    if has_labels:
+        validation.check_classification_field(dataset, label_field)
+    picks = list(record.get("ids") or [])
+    fair = set(record.get("random_ids") or [])
+    paths = ["id", "filepath", reason_field]
+    if has_labels:
+        paths.append(f"{label_field}.label")
+    found = {
+        sid: rest
+        for sid, *rest in zip(
+            *dataset.select(picks).values(paths), strict=True
+        )
+    }
+    rows = []
+    for rank, sid in enumerate(picks, start=1):
+        if sid not in found:
+            continue  # deleted since
+        path, reason, *label = found[sid]
+        label = label[0] if label else None
+        rows.append(
+            {
+                "id": sid,
+                "rank": rank,
+                "filename": os.path.basename(path),
+                "filepath": path,
+                "reason": reason or "",
+                "label": label,
+                "labeled": label is not None,
+                "random": sid in fair,
+            }
+        )
+    view_name = record.get("view_name")
+    if view_name and not dataset.has_saved_view(view_name):
+        view_name = None
+    return LabelNext(
+        reason_field=reason_field,
+        label_field=label_field,
+        strategy=record.get("strategy") or "unknown",
+        timestamp=record.get("timestamp"),
+        rows=rows,
+        num_random=sum(r["random"] for r in rows),
+        num_labeled=sum(r["labeled"] for r in rows),
+        num_missing=len(picks) - len(rows),
+        tag=record.get("tag"),
+        view_name=view_name,
+        forecast=record.get("forecast"),
+    )
+
+
+def picks_view(dataset, picks: LabelNext):
+    """Every pick in the order picked: the selection's saved view, or the
+    same samples selected again when that view was deleted."""
+    if picks.view_name:
+        return dataset.load_saved_view(picks.view_name)
+    return dataset.select(picks.ids, ordered=True)
+
+
+def pick_view(dataset, sample_id: str):
+    """One pick alone, for the grid.
+
+    Raises:
+        ValueError: the sample was deleted
+    """
+    view = dataset.select(sample_id)
+    if not len(view):
+        raise ValueError(f"sample {sample_id!r} is not in this dataset")
+    return view
 
 
 # the review modes' old name, before pre-annotation's modes took it

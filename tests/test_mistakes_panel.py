@@ -19,7 +19,13 @@ import fiftyone.core.view as fov
 import fiftyone.operators as foo
 import pydash
 import pytest
-from reviewed_digits import EVAL_KEY, build_reviewed_dataset, delete
+from reviewed_digits import (
+    EVAL_KEY,
+    build_picked_dataset,
+    build_reviewed_dataset,
+    delete,
+    label_from_truth,
+)
 
 import prelabel
 from prelabel import constants
@@ -192,6 +198,7 @@ def test_load_shows_rows_summary_and_charts_of_the_run(dataset):
     assert [c["label"] for c in tabs["view"]["choices"]] == [
         "Pre-label mistakes",
         "Suspicious labels",
+        "Label next",
     ]
     table = app.prop("rows")["view"]
     assert table["name"] == "TableView"
@@ -580,3 +587,147 @@ def test_another_run_is_picked_in_the_dropdown_and_its_removal_noticed(
     assert app.state["source"]["pred_field"] == "prelabel"
     assert app.state["sources"]["prelabel"] == ["prelabel"]
     assert app.state["row_ids"] == _ids_of_mistakes(dataset)[:100]
+
+
+# ---- label next -------------------------------------------------------------
+
+
+@pytest.fixture
+def picked():
+    """200 digits, 80 labeled, 20 picked to label next; nothing else run
+    on them (no pre-labels, no mistake scores)."""
+    dataset, out = build_picked_dataset()
+    yield dataset, out
+    delete(dataset)
+
+
+def test_label_next_without_a_selection_offers_the_operator(dataset):
+    app = _loaded(dataset)
+    app.change("mode", "label_next", "on_change_mode")
+    assert app.state["mode"] == "label_next"
+    assert app.state["ready"] is False and app.state["error"] is None
+    notice = app.prop("no_picks")["view"]
+    assert notice["label"] == "Nothing picked yet"
+    assert app.prop("pick_next")["view"]["label"] == "Pick next batch"
+    assert not app.has("rows") and not app.has("confusion")
+
+    app.event("on_pick_next")
+    (prompt,) = app.triggered("prompt_user_for_operation")
+    assert prompt["operator_uri"] == f"{PLUGIN}/select_for_labeling"
+    assert prompt["on_success"] == f"{PANEL_URI}#on_picked"
+    # that operator is really the plugin's
+    assert foo.get_operator(prompt["operator_uri"]).config.label == (
+        "Select samples to label next"
+    )
+
+    # the two reviews are as they were
+    app.change("mode", "prelabel", "on_change_mode")
+    assert app.state["row_ids"] == _ids_of_mistakes(dataset)[:100]
+    assert app.has("confusion")
+
+
+def test_label_next_lists_the_picks_and_puts_them_in_the_grid(picked):
+    dataset, out = picked
+    # nothing to review but picks: the panel opens on them
+    app = _loaded(dataset, state={})
+    assert app.state["mode"] == "label_next"
+    assert app.state["selections"] == ["label_next_reason"]
+    picks = pdata.label_next(dataset)
+    assert app.state["pick_ids"] == out.ids
+    assert [r["id"] for r in app.data["picks"]] == out.ids
+    assert [r["reason"] for r in app.data["picks"]] == out.reasons
+    assert [r["rank"] for r in app.data["picks"]] == list(range(1, 21))
+    assert {r["label"] for r in app.data["picks"]} == {"(not yet)"}
+    assert app.prop("picks_md")["default"] == (
+        "**Strategy spread: 20 picks, 0 labeled so far**"
+    )
+    assert app.prop("forecast_md")["default"] == picks.forecast_text
+    assert app.state["forecast_text"].startswith(
+        "Forecast when picked: labeling 20 more"
+    )
+    table = app.prop("picks")["view"]
+    assert table["name"] == "TableView"
+    assert [c["label"] for c in table["columns"]] == [
+        "#",
+        "File",
+        "Label now",
+        "Why picked",
+    ]
+    assert table["on_click_row"] == f"{PANEL_URI}#on_click_pick"
+    tabs = app.prop("mode")["view"]["choices"]
+    assert [c["value"] for c in tabs] == [
+        "prelabel",
+        "suspicious",
+        "label_next",
+    ]
+    assert app.prop("source", "label_field_md")["default"] == (
+        "Labels read from `ground_truth`"
+    )
+    assert app.has("pick_actions", "show_all_picks")
+    assert app.has("pick_actions", "pick_next")
+    assert not app.has("picks_more")  # one page holds them all
+
+    # a row: that sample in the grid
+    app.event("on_click_pick", row=3, path="picks", event="on_click_row")
+    assert _ids(app.view_set()) == [out.ids[3]]
+    assert app.state["showing"] == f"Grid: sample {out.ids[3]}, pick 4 of 20"
+    assert app.prop("showing_md")["default"] == app.state["showing"]
+    app.event("on_click_pick", row=10**6, path="picks")  # a stale row
+    assert app.triggered("set_view") == []
+
+    # every pick, as the saved view has them
+    app.event("on_show_all_picks")
+    assert _ids(app.view_set()) == out.ids
+    assert _ids(app.view_set()) == _ids(dataset.load_saved_view("to_label"))
+    assert app.state["showing"] == (
+        "Grid: all 20 picks, in the order picked (saved view 'to_label')"
+    )
+
+    # a person labels three of them; the next refresh counts them
+    label_from_truth(dataset, out.ids[:3])
+    app.event("on_refresh")
+    assert app.state["picks_text"] == (
+        "Strategy spread: 20 picks, 3 labeled so far"
+    )
+    truth = _by_id(dataset, "truth.label")
+    assert [r["label"] for r in app.data["picks"][:4]] == [
+        truth[s] for s in out.ids[:3]
+    ] + ["(not yet)"]
+
+    # a pick deleted since the list was loaded: said, and the list reloaded
+    dataset.delete_samples([out.ids[5]])
+    app.event("on_click_pick", row=5, path="picks")
+    assert app.triggered("set_view") == []
+    (note,) = app.triggered("notify")
+    assert note["variant"] == "warning"
+    assert app.state["pick_ids"] == out.ids[:5] + out.ids[6:]
+    assert app.state["picks_text"] == (
+        "Strategy spread: 19 picks, 3 labeled so far; 1 deleted since"
+    )
+
+
+def test_label_next_pages_and_comes_back_after_a_new_batch(picked):
+    dataset, out = picked
+    app = _loaded(dataset, state={"page_size": 8})
+    assert app.state["pick_ids"] == out.ids[:8]
+    assert app.prop("picks_more", "picks_shown_md")["default"] == (
+        "Showing the first 8 of 20"
+    )
+    app.event("on_show_more_picks")
+    assert app.state["pick_ids"] == out.ids[:16]
+    assert [r["id"] for r in app.data["picks"]] == out.ids[:16]
+    app.event("on_show_more_picks")
+    assert app.state["pick_ids"] == out.ids
+    assert not app.has("picks_more")
+
+    # on another tab, a new batch picked through the operator brings the
+    # panel back to the picks
+    app.change("mode", "suspicious", "on_change_mode")
+    assert app.state["ready"] is False and app.has("no_run")
+    second = prelabel.select_for_labeling(
+        dataset, budget=6, seed=1, progress=False
+    )
+    app.event("on_picked")
+    assert app.state["mode"] == "label_next"
+    assert app.state["pick_ids"] == second.ids
+    assert app.state["picks_text"].startswith("Strategy spread: 6 picks")

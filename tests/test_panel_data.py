@@ -1,11 +1,19 @@
 """What the mistakes panel shows (``prelabel.panel_data``), checked on a
 real pre-annotated and scored digits dataset against what the database
-holds, FiftyOne's own evaluation results, and direct numpy computations."""
+holds, FiftyOne's own evaluation results, and direct numpy computations;
+its "Label next" list on real digits picked by
+:func:`prelabel.select_for_labeling` from a real Qdrant Edge index."""
 
 import fiftyone as fo
 import numpy as np
 import pytest
-from reviewed_digits import EVAL_KEY, build_reviewed_dataset, delete
+from reviewed_digits import (
+    EVAL_KEY,
+    build_picked_dataset,
+    build_reviewed_dataset,
+    delete,
+    label_from_truth,
+)
 
 import prelabel
 from prelabel import panel_data as pdata
@@ -499,3 +507,138 @@ def test_data_version_changes_with_fields_and_samples(dataset):
         assert pdata.data_version(dataset) != version
     finally:
         dataset.delete_sample_field("scratch")
+
+
+# ---- what to label next ----------------------------------------------------
+
+
+@pytest.fixture
+def picked():
+    """200 digits, 80 labeled, 20 picked to label next."""
+    dataset, out = build_picked_dataset()
+    yield dataset, out
+    delete(dataset)
+
+
+def test_no_selection_yet(dataset):
+    assert pdata.selection_fields(dataset) == []
+    assert pdata.label_next(dataset) is None
+
+
+def test_label_next_lists_the_picks_in_order_with_their_reasons(picked):
+    dataset, out = picked
+    picks = pdata.label_next(dataset)
+    assert picks.reason_field == "label_next_reason"
+    assert picks.label_field == "ground_truth"
+    assert picks.strategy == out.strategy == "spread"
+    assert picks.ids == out.ids and len(out.ids) == 20
+    db = _table(dataset, "filepath", "label_next_reason", "ground_truth")
+    assert [r["reason"] for r in picks.rows] == out.reasons
+    for rank, row in enumerate(picks.rows, start=1):
+        path, reason, label = db[row["id"]]
+        assert row["rank"] == rank
+        assert row["filepath"] == path
+        assert row["filename"] == path.rsplit("/", 1)[-1]
+        assert row["reason"] == reason and reason.startswith("spread:")
+        assert label is None
+        assert (row["label"], row["labeled"]) == (None, False)
+    # a spread sample is fair through and through
+    assert picks.num_random == out.num_random == 20
+    assert all(r["random"] for r in picks.rows)
+    assert (picks.num_labeled, picks.num_missing) == (0, 0)
+    assert (picks.tag, picks.view_name) == ("to_label", "to_label")
+    assert picks.text == "Strategy spread: 20 picks, 0 labeled so far"
+    assert picks.forecast["text"] == out.forecast.text
+    assert picks.forecast_text == f"Forecast when picked: {out.forecast.text}."
+    assert picks.forecast_text.startswith(
+        "Forecast when picked: labeling 20 more is expected to raise"
+    )
+
+
+def test_label_next_counts_the_picks_labeled_since(picked):
+    dataset, out = picked
+    done = [out.ids[1], out.ids[4], out.ids[7]]
+    label_from_truth(dataset, done)
+    picks = pdata.label_next(dataset)
+    assert picks.num_labeled == 3
+    assert picks.text == "Strategy spread: 20 picks, 3 labeled so far"
+    truth = _table(dataset, "truth.label")
+    for row in picks.rows:
+        if row["id"] in done:
+            assert row["labeled"] and row["label"] == truth[row["id"]][0]
+        else:
+            assert not row["labeled"] and row["label"] is None
+    assert picks.ids == out.ids  # still in the order picked
+
+    # a label removed again is no longer counted
+    dataset.select(done[0]).set_field("ground_truth", None).save()
+    assert pdata.label_next(dataset).num_labeled == 2
+
+
+def test_without_enough_labels_there_is_no_forecast():
+    dataset, out = build_picked_dataset(num_labeled=0, budget=10)
+    try:
+        assert out.forecast is None
+        picks = pdata.label_next(dataset)
+        assert picks.forecast is None
+        assert "label some samples first" in picks.forecast_text
+        assert picks.text == "Strategy spread: 10 picks, 0 labeled so far"
+    finally:
+        delete(dataset)
+
+
+def test_the_picks_view_is_the_saved_view_or_the_picks_again(picked):
+    dataset, out = picked
+    picks = pdata.label_next(dataset)
+    view = pdata.picks_view(dataset, picks)
+    assert view.values("id") == out.ids
+    assert view.values("id") == dataset.load_saved_view("to_label").values(
+        "id"
+    )
+    assert pdata.pick_view(dataset, out.ids[3]).values("id") == [out.ids[3]]
+
+    dataset.delete_saved_view("to_label")
+    picks = pdata.label_next(dataset)
+    assert picks.view_name is None
+    assert pdata.picks_view(dataset, picks).values("id") == out.ids
+
+    dataset.delete_samples([out.ids[0]])
+    picks = pdata.label_next(dataset)
+    assert picks.ids == out.ids[1:] and picks.num_missing == 1
+    assert picks.rows[0]["rank"] == 2  # the rank it was picked at
+    assert picks.text.endswith("; 1 deleted since")
+    with pytest.raises(ValueError, match="not in this dataset"):
+        pdata.pick_view(dataset, out.ids[0])
+
+
+def test_label_next_reads_the_newest_selection_or_the_one_named(picked):
+    dataset, first = picked
+    second = prelabel.select_for_labeling(
+        dataset,
+        budget=5,
+        strategy="typical",
+        random_share=0.0,
+        tag="batch_2",
+        random_tag=None,
+        view_name="batch_2",
+        reason_field="why_2",
+        outlier_field="outlier_2",
+        progress=False,
+    )
+    assert pdata.selection_fields(dataset) == ["why_2", "label_next_reason"]
+    newest = pdata.label_next(dataset)
+    assert newest.reason_field == "why_2" and newest.strategy == "typical"
+    assert newest.ids == second.ids and newest.num_random == 0
+    assert [r["reason"] for r in newest.rows] == second.reasons
+    assert newest.text == "Strategy typical: 5 picks, 0 labeled so far"
+    assert pdata.label_next(dataset, "label_next_reason").ids == first.ids
+
+    with pytest.raises(ValueError, match="reason_field='nope'"):
+        pdata.label_next(dataset, "nope")
+    with pytest.raises(ValueError, match="label_field='embeddings'"):
+        pdata.label_next(dataset, label_field="embeddings")
+
+    # a selection whose reason field was deleted is no longer offered
+    dataset.delete_sample_field("why_2")
+    assert pdata.selection_fields(dataset) == ["label_next_reason"]
+    assert pdata.label_next(dataset).ids == first.ids
