@@ -1,11 +1,12 @@
-"""Step 5 of the workflow: choose what a person labels next.
+"""Closing the loop: choose what a person labels next.
 
-Picks the samples whose labels should settle the most pre-labels (typical
-ones at a cold start; where the last pre-annotation doubted most once
-there is one), a random share to keep the accept promise honest, tags
-them ``to_label``, saves a view of them and writes the reason of each
-pick and every sample's outlier score. Shows the picks and the forecast
-of what labeling them is expected to do.
+Picks the samples whose labels should settle the most pre-labels: a fair
+sample spread over the data until a pre-annotation accepts something (only
+a fair sample can vouch for its precision), then where the last
+pre-annotation left most for review, with a fair share. Tags them
+``to_label`` (the fair ones also ``to_label_random``), saves a view of
+them and writes the reason of each pick and every sample's outlier score.
+Shows the picks and the forecast of what labeling them is expected to do.
 """
 
 import fiftyone.operators as foo
@@ -20,17 +21,13 @@ NAME = "select_for_labeling"
 
 def _params(ctx, last):
     """The parameters as execution sees them (absent ones defaulted)."""
-    from prelabel import selection
-
     p = ctx.params
     return {
         **c.index_params(ctx, last),
         "budget": p.get("budget") or last.get("budget") or 100,
         "strategy": p.get("strategy") or "auto",
-        "random_share": p.get(
-            "random_share", selection.DEFAULT_RANDOM_SHARE
-        ),
-        "tag": p.get("tag") or selection.DEFAULT_TAG,
+        "random_share": p.get("random_share", constants.FAIR_SHARE),
+        "tag": p.get("tag") or constants.LABEL_NEXT_TAG,
         "overwrite": bool(p.get("overwrite", False)),
     }
 
@@ -64,7 +61,7 @@ class SelectForLabeling(foo.Operator):
         )
 
     def resolve_input(self, ctx):
-        from prelabel import selection
+        from prelabel.selection import check_select_for_labeling
 
         inputs = types.Object()
         dataset = ctx.dataset
@@ -122,7 +119,7 @@ class SelectForLabeling(foo.Operator):
         )
         inputs.enum(
             "strategy",
-            list(selection.STRATEGIES),
+            list(constants.STRATEGIES),
             default="auto",
             label="Strategy",
             view=strategy_view,
@@ -131,18 +128,18 @@ class SelectForLabeling(foo.Operator):
             "random_share",
             min=0.0,
             max=1.0,
-            default=selection.DEFAULT_RANDOM_SHARE,
+            default=constants.FAIR_SHARE,
             label="Random share",
             description=(
                 "Picked at random and tagged "
-                f"'{selection.DEFAULT_RANDOM_TAG}': once labeled, pass "
+                f"'{constants.FAIR_TAG}': once labeled, pass "
                 "that tag as the calibration reference of pre-annotation "
                 "to keep its precision promise honest"
             ),
         )
         inputs.str(
             "tag",
-            default=selection.DEFAULT_TAG,
+            default=constants.LABEL_NEXT_TAG,
             required=False,
             label="Tag (and saved view)",
         )
@@ -151,7 +148,7 @@ class SelectForLabeling(foo.Operator):
         p = _params(ctx, last)
         try:
             results = c.load_index(ctx, dataset, p["brain_key"])
-            _, strategy, pred_field = selection.check_select_for_labeling(
+            _, strategy, pred_field = check_select_for_labeling(
                 targets, index=results, **_kwargs(p)
             )
         except ValueError as e:

@@ -60,3 +60,15 @@ MODES = ("knn", "adapted")
 #: how :func:`prelabel.find_label_mistakes` scores labels: the index's
 #: leave-one-out vote, or a sharper in-memory score (see its docstring)
 METHODS = ("loo", "adapted")
+
+#: how :func:`prelabel.select_for_labeling` picks (see its docstring)
+STRATEGIES = ("auto", "spread", "typical", "uncertain", "random")
+
+#: what :func:`prelabel.select_for_labeling` writes by default: the tag
+#: (and saved view) of the picks, the tag of its fair picks, the field of
+#: reasons and the field of outlier scores; and its fair share
+LABEL_NEXT_TAG = "to_label"
+FAIR_TAG = "to_label_random"
+REASON_FIELD = "label_next_reason"
+OUTLIER_FIELD = "outlier_score"
+FAIR_SHARE = 0.2

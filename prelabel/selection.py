@@ -43,13 +43,13 @@ from prelabel.progress import ProgressArg
 MAX_FORECAST_REFERENCES = 20000
 
 #: how :func:`select_for_labeling` may pick
-STRATEGIES = ("auto", "spread", "typical", "uncertain", "random")
+STRATEGIES = constants.STRATEGIES
 
-DEFAULT_TAG = "to_label"
-DEFAULT_RANDOM_TAG = "to_label_random"
-DEFAULT_REASON_FIELD = "label_next_reason"
-DEFAULT_OUTLIER_FIELD = "outlier_score"
-DEFAULT_RANDOM_SHARE = 0.2
+DEFAULT_TAG = constants.LABEL_NEXT_TAG
+DEFAULT_RANDOM_TAG = constants.FAIR_TAG
+DEFAULT_REASON_FIELD = constants.REASON_FIELD
+DEFAULT_OUTLIER_FIELD = constants.OUTLIER_FIELD
+DEFAULT_RANDOM_SHARE = constants.FAIR_SHARE
 
 
 @dataclass
@@ -163,6 +163,49 @@ def check_select_for_labeling(
     Raises:
         ValueError: one sentence naming the parameter and what to do
     """
+    _check_values(
+        budget,
+        k,
+        strategy,
+        tag,
+        random_tag,
+        random_share,
+        duplicate_similarity,
+        outlier_quantile,
+    )
+    validation.check_identifier(label_field, "label_field")
+    if samples.has_field(label_field):  # a cold start may have none yet
+        validation.check_classification_field(samples, label_field)
+    results = neighbors.load_index(samples, index, brain_key)
+    if results.config.patches_field:
+        raise ValueError(
+            "select_for_labeling picks whole samples; pass an index of "
+            "samples, not of boxes"
+        )
+    _check_outputs(
+        samples,
+        results,
+        label_field,
+        view_name,
+        reason_field,
+        outlier_field,
+        overwrite,
+    )
+    strategy, chosen = _strategy(samples, strategy, pred_field, label_field)
+    return results, strategy, chosen if strategy == "uncertain" else None
+
+
+def _check_values(
+    budget,
+    k,
+    strategy,
+    tag,
+    random_tag,
+    random_share,
+    duplicate_similarity,
+    outlier_quantile,
+) -> None:
+    """The checks of the plain values."""
     validation.check_positive_int(budget, "budget")
     validation.check_positive_int(k, "k")
     if strategy not in STRATEGIES:
@@ -191,16 +234,19 @@ def check_select_for_labeling(
                 f"{param}={value!r} is not a number between 0 and 1; pass "
                 "one (e.g. 0.2)"
             )
+
+
+def _check_outputs(
+    samples,
+    results,
+    label_field,
+    view_name,
+    reason_field,
+    outlier_field,
+    overwrite,
+) -> None:
+    """What is written may be written: the saved view and both fields."""
     dataset = samples._root_dataset
-    validation.check_identifier(label_field, "label_field")
-    if samples.has_field(label_field):  # a cold start may have none yet
-        validation.check_classification_field(samples, label_field)
-    results = neighbors.load_index(samples, index, brain_key)
-    if results.config.patches_field:
-        raise ValueError(
-            "select_for_labeling picks whole samples; pass an index of "
-            "samples, not of boxes"
-        )
     mine = records.get(dataset, records.SELECTIONS, reason_field) or {}
     if (
         view_name is not None
@@ -212,15 +258,15 @@ def check_select_for_labeling(
             f"view_name={view_name!r} is a saved view prelabel did not "
             "save; choose another name, or pass overwrite=True"
         )
-    never = {
-        label_field: "the ground-truth field",
-        results.config.embeddings_field: "the embeddings the index reads",
-    }
     if reason_field == outlier_field:
         raise ValueError(
             f"outlier_field={outlier_field!r} is the reason field; choose "
             "another name"
         )
+    never = {
+        label_field: "the ground-truth field",
+        results.config.embeddings_field: "the embeddings the index reads",
+    }
     for param, name, types in (
         ("reason_field", reason_field, (fo.StringField,)),
         ("outlier_field", outlier_field, (fo.FloatField,)),
@@ -234,9 +280,14 @@ def check_select_for_labeling(
             never=never,
             types=types,
         )
+
+
+def _strategy(samples, strategy, pred_field, label_field):
+    """``(strategy, pre-annotation field it reads)`` with ``"auto"``
+    resolved."""
     chosen = None
     if strategy in ("auto", "uncertain"):
-        chosen = _pred_run(dataset, pred_field, label_field)
+        chosen = _pred_run(samples._root_dataset, pred_field, label_field)
         if chosen is None and strategy == "uncertain":
             raise ValueError(
                 "strategy='uncertain' reads the scores of a pre-annotation "
@@ -250,7 +301,7 @@ def check_select_for_labeling(
             samples.match(fo.ViewField(f"{chosen}.accepted") == True)  # noqa
         )
         strategy = "uncertain" if accepted else "spread"
-    return results, strategy, chosen if strategy == "uncertain" else None
+    return strategy, chosen
 
 
 def select_for_labeling(
@@ -299,8 +350,9 @@ def select_for_labeling(
     as ``"spread"`` does. Outliers (the ``1 - outlier_quantile`` of
     samples furthest from their neighbors) and near-duplicates of a
     labeled sample or of another pick are never picked, except by the
-    fair draws, which must stay fair. Nothing is written unless every stage succeeds; the previous
-    selection under ``reason_field`` is replaced.
+    fair draws, which must stay fair. Nothing is written unless every
+    stage succeeds; the previous selection under ``reason_field`` is
+    replaced.
 
     Args:
         samples: the dataset or view to pick from (its labeled samples
@@ -366,13 +418,7 @@ def select_for_labeling(
     graph = _graph(results, dataset, view_ids, k, progress)
     out.num_unindexed = len(view_ids) - len(graph.ids)
     out.seconds["graph"] = time.perf_counter() - t0
-    n = len(graph.ids)
-    row = {sid: i for i, sid in enumerate(graph.ids)}
-    labeled = np.zeros(n, dtype=bool)
-    if samples.has_field(label_field):
-        for sid in validation.labeled(samples, label_field).values("id"):
-            if sid in row:
-                labeled[row[sid]] = True
+    labeled = _labeled_rows(samples, label_field, graph.ids)
     out.num_labeled = int(labeled.sum())
     scores = core.outlier_scores(graph.sims)
     outlier = core.outlier_mask(scores, outlier_quantile)
@@ -387,47 +433,21 @@ def select_for_labeling(
     taken[fair] = True
     candidates = ~outlier & ~taken
     out.num_candidates = int(candidates.sum())
-    if strategy == "typical" and active:
-        picks = core.greedy_coverage(
-            graph.idx,
-            graph.sims,
-            (~labeled).astype(np.float64),
+    if active:
+        rows, more = _active_picks(
+            samples,
+            graph,
+            strategy,
+            pred_field,
+            labeled,
+            taken,
             candidates,
             active,
-            labeled=taken,
-            duplicate_similarity=duplicate_similarity,
+            duplicate_similarity,
+            out,
         )
-        picked_rows += picks.rows.tolist()
-        reasons += [
-            f"typical: {c} unlabeled samples around it that no label is "
-            "near yet"
-            for c in picks.covered
-        ]
-    elif strategy == "uncertain" and active:
-        weight, classes, pre = _uncertainty(
-            samples, pred_field, graph.ids, labeled
-        )
-        out.num_uncertain = int((weight > 0).sum())
-        num_classes = max(len(set(classes[classes >= 0].tolist())), 1)
-        # an accepted pre-label needs no one: labeling it would be extra
-        # work, labeling one left for review replaces that review
-        picks = core.greedy_coverage(
-            graph.idx,
-            graph.sims,
-            weight,
-            candidates & (weight > 0),
-            active,
-            labeled=taken,
-            cover_labeled=False,
-            duplicate_similarity=duplicate_similarity,
-            classes=classes,
-            class_cap=math.ceil(2 * active / num_classes),
-        )
-        picked_rows += picks.rows.tolist()
-        reasons += [
-            _uncertain_reason(pre[r], c)
-            for r, c in zip(picks.rows, picks.covered, strict=True)
-        ]
+        picked_rows += rows
+        reasons += more
     out.seconds["select"] = time.perf_counter() - t1
     out.ids = [graph.ids[r] for r in picked_rows]
     out.reasons = reasons
@@ -469,6 +489,77 @@ FAIR_REASONS = {
 }
 
 
+def _labeled_rows(samples, label_field: str, ids) -> np.ndarray:
+    """Whether each of ``ids`` has a label (bool array)."""
+    labeled = np.zeros(len(ids), dtype=bool)
+    if samples.has_field(label_field):
+        row = {sid: i for i, sid in enumerate(ids)}
+        for sid in validation.labeled(samples, label_field).values("id"):
+            if sid in row:
+                labeled[row[sid]] = True
+    return labeled
+
+
+def _active_picks(
+    samples,
+    graph,
+    strategy,
+    pred_field,
+    labeled,
+    taken,
+    candidates,
+    active,
+    duplicate_similarity,
+    out,
+):
+    """``(rows, reasons)`` of the ``active`` picks that are not fair
+    draws: typical or uncertain ones (none for the fair strategies)."""
+    reasons: list[str] = []
+    picks = None
+    if strategy == "typical":
+        picks = core.greedy_coverage(
+            graph.idx,
+            graph.sims,
+            (~labeled).astype(np.float64),
+            candidates,
+            active,
+            labeled=taken,
+            duplicate_similarity=duplicate_similarity,
+        )
+        reasons = [
+            f"typical: {c} unlabeled samples around it that no label is "
+            "near yet"
+            for c in picks.covered
+        ]
+    elif strategy == "uncertain":
+        weight, classes, pre = _uncertainty(
+            samples, pred_field, graph.ids, labeled
+        )
+        out.num_uncertain = int((weight > 0).sum())
+        num_classes = max(len(set(classes[classes >= 0].tolist())), 1)
+        # an accepted pre-label needs no one: labeling it would be extra
+        # work, labeling one left for review replaces that review
+        picks = core.greedy_coverage(
+            graph.idx,
+            graph.sims,
+            weight,
+            candidates & (weight > 0),
+            active,
+            labeled=taken,
+            cover_labeled=False,
+            duplicate_similarity=duplicate_similarity,
+            classes=classes,
+            class_cap=math.ceil(2 * active / num_classes),
+        )
+        reasons = [
+            _uncertain_reason(pre[r], c)
+            for r, c in zip(picks.rows, picks.covered, strict=True)
+        ]
+    if picks is None:
+        return [], []
+    return picks.rows.tolist(), reasons
+
+
 def _fair_picks(graph, labeled, budget, strategy, random_share, rng):
     """The picks every unlabeled sample had the same chance to be: all of
     them for ``"random"`` (a uniform draw) and ``"spread"`` (spread over
@@ -485,9 +576,11 @@ def _fair_picks(graph, labeled, budget, strategy, random_share, rng):
 
 def _graph(results, dataset, ids, k, progress) -> _Graph:
     """Every indexed sample of ``ids`` and its ``k`` nearest indexed
-    samples among ``ids`` (others are dropped: -1, NaN)."""
+    samples among ``ids`` (others are dropped: -1, NaN). Held as arrays
+    chunk by chunk (about 200 bytes a sample), never as id strings."""
     field = results.config.embeddings_field
-    rows, nb_ids, nb_sims, Z = [], [], [], []
+    position = {sid: i for i, sid in enumerate(ids)}
+    found, idx, sims, Z = [], [], [], []
     for chunk in neighbors.stream(
         results,
         dataset,
@@ -498,22 +591,25 @@ def _graph(results, dataset, ids, k, progress) -> _Graph:
         progress=progress,
         label="Reading the neighbor graph",
     ):
-        rows.extend(chunk.ids)
+        found.append(np.array([position[s] for s in chunk.ids], np.int64))
+        at = np.full((len(chunk.ids), k), -1, dtype=np.int64)
+        for i, nbs in enumerate(chunk.neighbor_ids):
+            for j, sid in enumerate(nbs):
+                at[i, j] = position.get(sid, -1)
+        idx.append(at)
+        sims.append(np.where(at >= 0, chunk.sims, np.nan).astype(np.float32))
         Z.append(core.project(chunk.vectors))
-        nb_ids.extend(chunk.neighbor_ids)
-        nb_sims.append(chunk.sims)
-    row = {sid: i for i, sid in enumerate(rows)}
-    idx = np.full((len(rows), k), -1, dtype=np.int64)
-    sims = np.full((len(rows), k), np.nan, dtype=np.float32)
-    flat = np.vstack(nb_sims) if nb_sims else np.zeros((0, k), np.float32)
-    for i, nbs in enumerate(nb_ids):
-        for j, sid in enumerate(nbs):
-            at = row.get(sid)
-            if at is not None:
-                idx[i, j] = at
-                sims[i, j] = flat[i, j]
-    Z = np.vstack(Z) if Z else np.zeros((0, 1), np.float32)
-    return _Graph(rows, idx, sims, Z)
+    if not found:
+        empty = np.zeros((0, k))
+        return _Graph([], empty.astype(np.int64), empty, empty)
+    found = np.concatenate(found)
+    # renumber from positions in ``ids`` to rows of the indexed samples
+    row = np.full(len(ids), -1, dtype=np.int64)
+    row[found] = np.arange(found.size)
+    idx = np.vstack(idx)
+    idx = np.where(idx >= 0, row[np.maximum(idx, 0)], -1)
+    sims = np.where(idx >= 0, np.vstack(sims), np.nan).astype(np.float32)
+    return _Graph([ids[i] for i in found], idx, sims, np.vstack(Z))
 
 
 def _uncertainty(samples, pred_field, ids, labeled):
@@ -670,7 +766,9 @@ def forecast_labeling(
     )
     y = np.array([label_of[s] for s in found], dtype=object)
     pred_field = pred_field or _pred_run(dataset, None, label_field)
-    run = records.get(dataset, records.RUNS, pred_field) if pred_field else None
+    run = (
+        records.get(dataset, records.RUNS, pred_field) if pred_field else None
+    )
     accepted_now, curve, num_cal = 0.0, None, 0
     target = constants.DEFAULT_TARGET_PRECISION
     if run and run.get("expected_curve") and run.get("num_calibration"):
