@@ -183,7 +183,7 @@ class Loop:
         truth, pred, acc = targets.values(
             ["truth.label", "prelabel.label", "prelabel.accepted"]
         )
-        right = [t == p for t, p, a in zip(truth, pred, acc) if a]
+        right = [t == p for t, p, a in zip(truth, pred, acc, strict=True) if a]
         n_acc = len(right)
         labels = len(self.dataset) - len(targets)
         return {
@@ -192,7 +192,9 @@ class Loop:
             "review": len(targets) - n_acc,
             "work": labels + len(targets) - n_acc,
             "precision": (sum(right) / n_acc) if n_acc else None,
-            "accuracy": float(np.mean([t == p for t, p in zip(truth, pred)])),
+            "accuracy": float(
+                np.mean([t == p for t, p in zip(truth, pred, strict=True)])
+            ),
             "expected_coverage": res.expected_coverage,
             "seconds": seconds,
         }
@@ -206,9 +208,7 @@ def simulate(dataset, strategy: str, max_labels: int) -> list[dict]:
         loop.reveal(loop.pick(STEP))
         row = loop.preannotate()
         row["round_s"] = time.perf_counter() - t0
-        row["stages"] = {
-            k: round(v, 1) for k, v in loop.last.seconds.items()
-        }
+        row["stages"] = {k: round(v, 1) for k, v in loop.last.seconds.items()}
         rows.append(row)
         print(
             f"    {strategy:>18} {row['labels']:>5} labels: work "

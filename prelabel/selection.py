@@ -465,7 +465,16 @@ def select_for_labeling(
         )
     out.seconds["forecast"] = time.perf_counter() - t2
     t2 = time.perf_counter()
-    _write(dataset, out, graph, scores, reason_field, outlier_field)
+    _write(
+        dataset,
+        out,
+        graph,
+        scores,
+        reason_field,
+        outlier_field,
+        label_field,
+        results.key,
+    )
     out.seconds["write"] = time.perf_counter() - t2
     out.seconds["total"] = time.perf_counter() - t0
     return out
@@ -663,7 +672,16 @@ def _forecast_record(fc) -> dict | None:
     }
 
 
-def _write(dataset, out, graph, scores, reason_field, outlier_field):
+def _write(
+    dataset,
+    out,
+    graph,
+    scores,
+    reason_field,
+    outlier_field,
+    label_field,
+    brain_key,
+):
     """The fields (swapped in whole with the record), then the tags and
     the saved view; the previous selection's tags are taken back from the
     samples it tagged."""
@@ -677,6 +695,8 @@ def _write(dataset, out, graph, scores, reason_field, outlier_field):
         "random_tag": out.random_tag,
         "view_name": out.view_name,
         "outlier_field": outlier_field,
+        "label_field": label_field,
+        "brain_key": brain_key,
         "forecast": _forecast_record(out.forecast),
     }
     fields = {
@@ -744,10 +764,18 @@ def forecast_labeling(
 
     Returns:
         a :class:`prelabel.core.forecast.Forecast`, or None with fewer
-        than ``4 * k`` references
+        than ``4 * k`` references or without a pre-annotation that has an
+        accept threshold (nothing to forecast from: run
+        :func:`prelabel.preannotate` with ``target_precision`` first)
     """
     results = neighbors.load_index(samples, index)
     dataset = samples._root_dataset
+    pred_field = pred_field or _pred_run(dataset, None, label_field)
+    run = (
+        records.get(dataset, records.RUNS, pred_field) if pred_field else None
+    )
+    if not (run and run.get("expected_curve") and run.get("num_calibration")):
+        return None
     refs = validation.labeled(samples, label_field)
     if fair_tag and len(refs.match_tags(fair_tag)) >= 50:
         refs = refs.match_tags(fair_tag)
@@ -765,23 +793,17 @@ def forecast_labeling(
         dataset, ids, results.config.embeddings_field
     )
     y = np.array([label_of[s] for s in found], dtype=object)
-    pred_field = pred_field or _pred_run(dataset, None, label_field)
-    run = (
-        records.get(dataset, records.RUNS, pred_field) if pred_field else None
-    )
-    accepted_now, curve, num_cal = 0.0, None, 0
-    target = constants.DEFAULT_TARGET_PRECISION
-    if run and run.get("expected_curve") and run.get("num_calibration"):
-        got = run["expected_curve"]
-        curve = (np.asarray(got["coverage"]), np.asarray(got["precision"]))
-        num_cal = int(run["num_calibration"])
-        target = run.get("target_precision") or target
-        pre = samples.exists(pred_field)
-        if samples.has_field(label_field):
-            pre = pre.exists(label_field, False)  # still unlabeled
-        if len(pre):
-            accepted = pre.match(fo.ViewField(f"{pred_field}.accepted"))
-            accepted_now = len(accepted) / len(pre)
+    got = run["expected_curve"]
+    curve = (np.asarray(got["coverage"]), np.asarray(got["precision"]))
+    num_cal = int(run["num_calibration"])
+    target = run.get("target_precision") or constants.DEFAULT_TARGET_PRECISION
+    pre = samples.exists(pred_field)
+    if samples.has_field(label_field):
+        pre = pre.exists(label_field, False)  # still unlabeled
+    accepted_now = 0.0
+    if len(pre):
+        accepted = pre.match(fo.ViewField(f"{pred_field}.accepted"))
+        accepted_now = len(accepted) / len(pre)
     return core_forecast.forecast(
         X, y, more, curve, num_cal, accepted_now, target, k=k, seed=seed
     )

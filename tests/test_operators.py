@@ -673,8 +673,15 @@ def test_find_label_mistakes_ranks_flipped_labels_first(indexed):
 
 
 def test_select_for_labeling_tags_the_picks_and_forecasts(indexed):
-    # a pre-annotation to doubt: the test half, from the train half
-    run("knn_preannotate", indexed, reference_tag="train", k=5)
+    # a pre-annotation to doubt: the test half, from the train half,
+    # with an accept threshold (what a forecast starts from)
+    run(
+        "knn_preannotate",
+        indexed.match_tags("test"),
+        reference_tag="train",
+        k=5,
+        target_precision=0.8,
+    )
     op = foo.get_operator(uri("select_for_labeling"))
     unlabeled = indexed.match_tags("test")
     # the test half counts as unlabeled: hide its labels

@@ -345,7 +345,10 @@ def test_a_spread_sample_is_fair_and_leaves_no_region_out():
     sizes = (40, 60, 100, 200)
     centers = np.eye(4) * 10
     Z = np.vstack(
-        [c + rng.normal(size=(m, 4)) for c, m in zip(centers, sizes)]
+        [
+            c + rng.normal(size=(m, 4))
+            for c, m in zip(centers, sizes, strict=True)
+        ]
     )
     region = np.repeat(np.arange(4), sizes)
     hits = np.zeros(len(Z))
@@ -361,3 +364,13 @@ def test_a_spread_sample_is_fair_and_leaves_no_region_out():
     assert abs(rate.mean() - 0.05) < 1e-9
     # each point's rate within 4 standard errors of 0.05
     assert np.all(np.abs(rate - 0.05) < 4 * np.sqrt(0.05 * 0.95 / 3000))
+
+
+def test_no_forecast_without_an_accept_threshold_to_start_from(warm):
+    assert prelabel.forecast_labeling(warm, "sel") is None
+    out = _select(warm, budget=10)
+    assert out.forecast is None
+    record = records.get(warm, records.SELECTIONS, "label_next_reason")
+    assert record["forecast"] is None
+    assert record["label_field"] == "ground_truth"
+    assert record["brain_key"] == "sel"

@@ -50,7 +50,8 @@ class Forecast:
         num_labeled: references now
         more: the samples to label
         accepted_now: the share of targets accepted now
-        accepted_next: the expected share after labeling ``more``
+        accepted_next: the expected share after labeling ``more`` (the
+            median of the draws)
         interval: ``(low, high)``, the 10 % and 90 % quantiles of
             ``accepted_next`` over the repeated learning curves
         slope: the fitted exponent of the review share (negative: labels
@@ -220,7 +221,7 @@ def forecast(
         pick = rng.integers(0, len(curves), len(curves)) if curves else []
         s = fit_slope([p for i in pick for p in curves[i]]) if curves else 0
         ends.append(after(s, rng))
-    low, high = np.quantile(ends, [LOW, HIGH])
+    low, mid, high = np.quantile(ends, [LOW, 0.5, HIGH])
     means = {}
     for m, u in pooled:
         means.setdefault(m, []).append(u)
@@ -228,7 +229,7 @@ def forecast(
         num_labeled=n,
         more=int(more),
         accepted_now=float(accepted_now),
-        accepted_next=after(slope),
+        accepted_next=float(mid),
         interval=(float(low), float(high)),
         slope=slope,
         curve=[(m, float(np.mean(v))) for m, v in sorted(means.items())],
