@@ -47,6 +47,11 @@ BENCHMARKS = [
         "near-duplicates through the index against sklearn, 100k samples",
     ),
     ("boxes", "boxes", "box pre-labels against image pre-labels"),
+    (
+        "labeling-loop",
+        "labeling_loop",
+        "the labeling loop: work share per strategy, MNIST and Fashion-MNIST",
+    ),
 ]
 
 

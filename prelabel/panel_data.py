@@ -891,8 +891,9 @@ class LabelNext:
         text = (self.forecast or {}).get("text")
         if not text:
             return (
-                "No forecast yet: label some samples first (a forecast "
-                "needs a learning curve drawn from labeled samples)."
+                "No forecast yet: it starts from a pre-annotation with an "
+                "accept threshold and a learning curve of at least 60 "
+                "labeled samples."
             )
         return f"Forecast when picked: {text}."
 

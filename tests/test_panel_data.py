@@ -581,7 +581,7 @@ def test_without_enough_labels_there_is_no_forecast():
         assert out.forecast is None
         picks = pdata.label_next(dataset)
         assert picks.forecast is None
-        assert "label some samples first" in picks.forecast_text
+        assert "No forecast yet" in picks.forecast_text
         assert picks.text == "Strategy spread: 10 picks, 0 labeled so far"
     finally:
         delete(dataset)
