@@ -56,7 +56,8 @@ def build_picked_dataset(n=200, num_labeled=80, budget=20, seed=0):
     """``n`` real digits (64 pixels as ``embeddings``) with their class in
     ``truth``, ``ground_truth`` on the first ``num_labeled`` only, a
     Qdrant Edge index, and ``budget`` samples picked to label next by
-    :func:`prelabel.select_for_labeling`.
+    :func:`prelabel.select_for_labeling` (``"spread"``, after a
+    pre-annotation with an accept threshold, so that there is a forecast).
 
     Returns ``(dataset, selection result)``.
     """
@@ -85,8 +86,17 @@ def build_picked_dataset(n=200, num_labeled=80, budget=20, seed=0):
     )
     dataset.add_samples(samples, progress=False)
     prelabel.sync_index(dataset, progress=False)
+    if num_labeled:
+        # a pre-annotation with an accept threshold: what a forecast
+        # starts from
+        prelabel.preannotate(
+            dataset.exists("ground_truth", False),
+            pred_field="prelabel",
+            target_precision=0.8,
+            progress=False,
+        )
     out = prelabel.select_for_labeling(
-        dataset, budget=budget, seed=seed, progress=False
+        dataset, budget=budget, strategy="spread", seed=seed, progress=False
     )
     return dataset, out
 
