@@ -455,26 +455,12 @@ def select_for_labeling(
     t2 = time.perf_counter()
     if out.num_labeled:
         out.forecast = forecast_labeling(
-            samples,
-            results,
-            budget,
-            label_field,
-            pred_field or _pred_run(dataset, None, label_field),
-            random_tag,
-            k,
+            samples, results, budget, label_field, pred_field, random_tag, k
         )
     out.seconds["forecast"] = time.perf_counter() - t2
     t2 = time.perf_counter()
-    _write(
-        dataset,
-        out,
-        graph,
-        scores,
-        reason_field,
-        outlier_field,
-        label_field,
-        results.key,
-    )
+    fields = (reason_field, outlier_field, label_field)
+    _write(dataset, out, graph, scores, fields, results.key)
     out.seconds["write"] = time.perf_counter() - t2
     out.seconds["total"] = time.perf_counter() - t0
     return out
@@ -672,19 +658,12 @@ def _forecast_record(fc) -> dict | None:
     }
 
 
-def _write(
-    dataset,
-    out,
-    graph,
-    scores,
-    reason_field,
-    outlier_field,
-    label_field,
-    brain_key,
-):
-    """The fields (swapped in whole with the record), then the tags and
-    the saved view; the previous selection's tags are taken back from the
-    samples it tagged."""
+def _write(dataset, out, graph, scores, fields, brain_key):
+    """The fields (``(reason, outlier, label)`` names; the first two
+    swapped in whole with the record), then the tags and the saved view;
+    the previous selection's tags are taken back from the samples it
+    tagged."""
+    reason_field, outlier_field, label_field = fields
     before = records.get(dataset, records.SELECTIONS, reason_field) or {}
     record = {
         "timestamp": datetime.now(UTC).isoformat(),
@@ -699,11 +678,11 @@ def _write(
         "brain_key": brain_key,
         "forecast": _forecast_record(out.forecast),
     }
-    fields = {
+    staged = {
         reason_field: (fo.StringField, {}),
         outlier_field: (fo.FloatField, {}),
     }
-    with staged_fields(dataset, fields) as stage:
+    with staged_fields(dataset, staged) as stage:
         stage.record(records.SELECTIONS, reason_field, record)
         dataset.set_values(
             stage[outlier_field],

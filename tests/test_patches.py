@@ -257,7 +257,7 @@ def test_box_prelabels_are_detections_on_the_same_boxes(boxes):
         index=KEY,
         patches_field=BOXES,
         pred_field="box_accept",
-        target_precision=0.9,
+        target_precision=0.7,  # 10 % of the references are mislabeled
     )
     # the boxes a person drew are untouched
     assert [s[BOXES].to_dict() for s in boxes.select_fields(BOXES)] == before
