@@ -30,6 +30,7 @@ benchmarks/labeling_loop.py [--quick]``.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -214,7 +215,7 @@ def simulate(dataset, strategy: str, max_labels: int) -> list[dict]:
             f"    {strategy:>18} {row['labels']:>5} labels: work "
             f"{row['work']:>5} ({row['accepted']:,} accepted at "
             f"{row['precision'] or 0:.4f}) {row['round_s']:.0f} s "
-            f"{row['stages']}",
+            f"accuracy {row['accuracy']:.4f} {row['stages']}",
             flush=True,
         )
         if best is None or row["work"] < best:
@@ -270,6 +271,10 @@ def run(quick: bool = False) -> dict:
         slug = data.lower().replace("-", "")
         path = os.path.join(common.REPO, "docs", f"labeling-loop-{slug}.png")
         plot(data, n, curves, path)
+        # every round's figures, to merge partial runs (not committed)
+        rounds = os.path.join(common.BENCH_DIR, f"labeling_loop_{slug}.json")
+        with open(rounds, "w") as f:
+            json.dump(curves, f, indent=1)
         tables.append(summary_table(data, n, curves))
         tables.append(curve_table(data, n, curves))
         notes.append(f"![{data}](docs/labeling-loop-{slug}.png)")
