@@ -20,8 +20,8 @@ Edge index:
 - ours: :func:`prelabel.select_for_labeling` (``strategy="auto"``: a
   fair sample spread over the data until a pre-annotation accepts
   something, then where it left most for review, with a 20 % fair
-  share), pre-annotating with its fair picks as
-  ``calibration_reference``.
+  share), pre-annotating with every reference calibrating, and again
+  with only its fair picks as ``calibration_reference``.
 
 A strategy stops early once its work has not improved for
 ``PATIENCE`` rounds (its best round is behind it). ``python
@@ -49,7 +49,8 @@ STRATEGIES = (
     "least confidence",
     "representativeness",
     "uniqueness",
-    "ours",
+    "ours (every reference calibrates)",
+    "ours (fair picks calibrate)",
 )
 
 
@@ -165,7 +166,7 @@ class Loop:
 
         targets = self.unlabeled()
         extra = {}
-        if self.strategy == "ours" and (
+        if self.strategy == "ours (fair picks calibrate)" and (
             self.dataset.match_tags("to_label_random").exists("ground_truth")
         ):
             extra["calibration_reference"] = "to_label_random"
@@ -232,7 +233,7 @@ def plot(data: str, n: int, curves: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(9.5, 4.2))
     for name, rows in curves.items():
         ax.plot(
             [r["labels"] for r in rows],
@@ -245,7 +246,7 @@ def plot(data: str, n: int, curves: dict, path: str) -> None:
     ax.set_ylabel("work: labels + reviews (% of dataset)")
     ax.set_title(f"{data}: the person's work to a fully labeled dataset")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
