@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import fiftyone as fo
 import numpy as np
@@ -857,6 +858,8 @@ def run_record(
 ) -> dict:
     """What the run records of a pre-label field say about its run."""
     return {
+        # which run of a label field is the latest (select_for_labeling)
+        "timestamp": datetime.now(UTC).isoformat(),
         "brain_key": brain_key,
         "label_field": label_field,
         "k": k,

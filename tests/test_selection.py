@@ -374,3 +374,31 @@ def test_no_forecast_without_an_accept_threshold_to_start_from(warm):
     assert record["forecast"] is None
     assert record["label_field"] == "ground_truth"
     assert record["brain_key"] == "sel"
+
+
+def test_auto_reads_the_latest_pre_annotation_not_the_last_name(warm):
+    """Two pre-annotations of the same labels: the later one (k = 15),
+    written to the field whose name sorts first, is the one whose doubts
+    count, not the earlier one (k = 5)."""
+    targets = warm.match(fo.ViewField("ground_truth").exists(False))
+    for field, k in (("zz_old", 5), ("aa_new", 15)):
+        prelabel.preannotate(
+            targets,
+            index="sel",
+            pred_field=field,
+            k=k,
+            target_precision=0.9,
+            progress=False,
+        )
+    out = _select(warm, budget=10, random_share=0.0)
+    assert out.strategy == "uncertain"
+    picked = warm.select(out.ids, ordered=True)
+    for reason, label, conf in zip(
+        *picked.values(
+            ["label_next_reason", "aa_new.label", "aa_new.confidence"]
+        ),
+        strict=True,
+    ):
+        assert reason.startswith(
+            f"uncertain: pre-label {label!r} at confidence {conf:.2f}"
+        )
