@@ -141,6 +141,23 @@ def precision_bounds(
     return lower, upper
 
 
+def largest_vouched_cut(
+    hits, n, target_precision: float, level: float = CONFIDENCE_LEVEL
+) -> tuple[int, float]:
+    """The accept rule: of nested cuts (the ``i``-th accepts ``n[i]``
+    references, ``hits[i]`` of them right; ``n`` increasing), the largest
+    whose lower bound (:func:`precision_bounds`) reaches the target.
+
+    Returns:
+        ``(index, its lower bound)``, or ``(-1, nan)`` when none does
+    """
+    lower, _ = precision_bounds(hits, n, level)
+    ok = np.flatnonzero(lower >= target_precision - 1e-12)
+    if not ok.size:
+        return -1, float("nan")
+    return int(ok.max()), float(lower[ok.max()])
+
+
 def accept_threshold(
     confidence: np.ndarray,
     correct: np.ndarray,
@@ -173,12 +190,12 @@ def accept_threshold(
     """
     thresholds, coverage, precision = precision_curve(confidence, correct)
     n = np.round(coverage * len(np.asarray(confidence)))
-    lower, _ = precision_bounds(np.round(precision * n), n, level)
-    ok = np.flatnonzero(lower >= target_precision - 1e-12)
-    if not ok.size:
+    i, lower = largest_vouched_cut(
+        np.round(precision * n), n, target_precision, level
+    )
+    if i < 0:
         return float("inf"), 0.0, float("nan")
-    i = ok.max()
-    return float(thresholds[i]), float(coverage[i]), float(lower[i])
+    return float(thresholds[i]), float(coverage[i]), lower
 
 
 def choose_score(

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from prelabel.core.calibration import precision_bounds
+from prelabel.core.calibration import largest_vouched_cut
 from prelabel.core.vectors import exact_neighbors
 from prelabel.core.voting import vote
 
@@ -150,9 +150,8 @@ def accepted_coverage(
         wrong = np.cumsum(
             rng.binomial(step.astype(np.int64), np.clip(rate, 0.0, 1.0))
         )
-    lower, _ = precision_bounds(m - wrong, m)
-    ok = np.flatnonzero(lower >= target_precision - 1e-12)
-    return float(cov[ok.max()]) if ok.size else 0.0
+    i, _ = largest_vouched_cut(m - wrong, m, target_precision)
+    return float(cov[i]) if i >= 0 else 0.0
 
 
 def forecast(
@@ -204,15 +203,20 @@ def forecast(
     grow = (n + more) / n if n else 1.0
     num_next = int(round(num_calibration * grow))
 
+    # what the references vouch for now: the replays move as the run did
+    now = (
+        accepted_coverage(
+            curve[0], curve[1], num_calibration, target_precision
+        )
+        if curve is not None
+        else accepted_now
+    )
+
     def after(s: float, draw=None) -> float:
         if curve is None:
             return accepted_now
         cov = accepted_coverage(
             curve[0], curve[1], num_next, target_precision, grow**s, draw
-        )
-        # what the references vouch for, moved as the last run moved
-        now = accepted_coverage(
-            curve[0], curve[1], num_calibration, target_precision
         )
         return float(np.clip(cov + (accepted_now - now), 0.0, 1.0))
 
