@@ -677,6 +677,10 @@ def _write(dataset, out, graph, scores, fields, brain_key):
         "label_field": label_field,
         "brain_key": brain_key,
         "forecast": _forecast_record(out.forecast),
+        # tags to take back: the previous picks', and any that a run killed
+        # between its swap and its tags left (cleared once taken back)
+        "untag": [[before.get("tag"), before.get("ids") or []]]
+        + (before.get("untag") or []),
     }
     staged = {
         reason_field: (fo.StringField, {}),
@@ -695,9 +699,9 @@ def _write(dataset, out, graph, scores, fields, brain_key):
                 dict(zip(out.ids, out.reasons, strict=True)),
                 key_field="id",
             )
-    old_tag = before.get("tag")
-    if old_tag and before.get("ids"):
-        dataset.select(before["ids"]).untag_samples(old_tag)
+    for old_tag, ids in record["untag"]:
+        if old_tag and ids:
+            dataset.select(ids).untag_samples(old_tag)
     if out.ids:
         dataset.select(out.ids).tag_samples(out.tag)
     if out.random_tag and out.num_random:
@@ -708,6 +712,9 @@ def _write(dataset, out, graph, scores, fields, brain_key):
             dataset.select(out.ids, ordered=True),
             overwrite=True,
         )
+    records.put(
+        dataset, records.SELECTIONS, reason_field, {**record, "untag": []}
+    )
 
 
 def forecast_labeling(

@@ -402,3 +402,25 @@ def test_auto_reads_the_latest_pre_annotation_not_the_last_name(warm):
         assert reason.startswith(
             f"uncertain: pre-label {label!r} at confidence {conf:.2f}"
         )
+
+
+def test_a_kill_between_the_swap_and_the_tags_is_mended_next_time(
+    cold, monkeypatch
+):
+    """The fields and the record are swapped in before the tags move: a
+    run that dies there leaves the previous picks tagged, and the next
+    run takes those tags back too."""
+    first = _select(cold, budget=10)
+
+    def killed(self, tag):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(fo.core.view.DatasetView, "untag_samples", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _select(cold, budget=10, seed=1)
+    monkeypatch.undo()
+    assert set(first.ids) <= set(cold.match_tags("to_label").values("id"))
+    third = _select(cold, budget=10, seed=2)
+    assert set(cold.match_tags("to_label").values("id")) == set(third.ids)
+    record = records.get(cold, records.SELECTIONS, "label_next_reason")
+    assert record["untag"] == []
