@@ -49,6 +49,8 @@ def cache_dir() -> str:
 #: the precision that accepted pre-labels keep unless asked otherwise (the
 #: panel's default, and what ranks adapted pre-labels without a target)
 DEFAULT_TARGET_PRECISION = 0.99
+#: targets scored to choose an accept threshold (a random sample)
+ACCEPT_SAMPLE = 2000
 
 #: how neighbors vote: one vote each, or weighted by similarity
 VOTES = ("majority", "weighted")

@@ -628,9 +628,9 @@ class Expectation:
         precision: ... and the precision of those (float arrays)
         thresholds: the confidence of each point (as written)
         target: the run's ``target_precision`` (None without one)
-        expected_coverage: the share of references accepted at the run's
-            threshold (the expected share of targets)
-        expected_precision: the references' precision there
+        expected_coverage: the expected share of targets accepted at the
+            run's threshold
+        expected_precision: the expected precision of those
         interval: 95 % bounds on that precision (None in runs older than
             the bound)
         num_measured: accepted-or-not pre-labels with ground truth

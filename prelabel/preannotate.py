@@ -73,13 +73,18 @@ class PreannotationResult:
         num_reference_scored: references scored for these estimates
         target_precision: the precision asked for
         accept_threshold: the raw confidence accepted from
-        expected_coverage: the share of references accepted at that
-            threshold: the expected share of targets
-        expected_precision: the references' precision at that threshold
+        expected_coverage: the expected share of targets accepted at that
+            threshold
+        expected_precision: the expected precision of the accepted
+            pre-labels
         precision_interval: ``(lower, upper)``, 95 % bounds on the
-            precision of the accepted pre-labels from the references that
-            support the threshold; the lower one reached
+            precision of the accepted pre-labels, from the references (how
+            often a pre-label of each confidence is right) and the targets
+            (how many of each confidence there are); the lower one reached
             ``target_precision`` (the promise)
+        num_accept_sample: the targets scored to choose the threshold (a
+            random sample of at most ``constants.ACCEPT_SAMPLE``; all of
+            them with ``propagate=True``)
         num_accepted: targets accepted (the others are tagged for review)
         coverage: ``num_accepted / num_targets``
         propagation: what spreading the labels chose, with
@@ -114,6 +119,7 @@ class PreannotationResult:
     coverage: float | None = None
     propagation: dict | None = None
     accept_score: str | None = None
+    num_accept_sample: int | None = None
 
     @property
     def promise(self) -> str | None:
@@ -123,14 +129,16 @@ class PreannotationResult:
             return None
         if not self.precision_interval:
             return (
-                f"nothing accepted: no confidence kept "
+                f"nothing accepted: the references do not show "
                 f"{self.target_precision:.1%} precision with 95 % confidence "
-                "on the references; label more samples or lower the target"
+                "at any confidence of the targets; label more samples or "
+                "lower the target"
             )
         low, high = self.precision_interval
         return (
             f"precision at least {self.target_precision:.1%} with 95 % "
-            f"confidence (references' bounds {low:.2%} to {high:.2%})"
+            f"confidence (expected {self.expected_precision:.2%}, 95 % "
+            f"bounds {low:.2%} to {high:.2%})"
         )
 
 
@@ -259,7 +267,26 @@ def check_preannotate(
                 + f"; label some {points.plural} first (and sync the index)"
             )
         validation.check_k(k, num_ref)
+        if calibration_reference is not None and patches_field is None:
+            _check_calibration_reference(
+                targets, calibration_reference, reference, label_field
+            )
         return results, flt, num_ref, points
+
+
+def _check_calibration_reference(targets, chosen, reference, label_field):
+    """Some labeled sample that votes is among ``chosen`` (a tag, tags or
+    a view)."""
+    root = targets._root_dataset
+    if isinstance(chosen, (str, list, tuple)):
+        chosen = root.match_tags(chosen)
+    voters = neighbors.reference_view(root, reference, label_field)
+    chosen_ids = set(validation.labeled(chosen, label_field).values("id"))
+    if not chosen_ids or not chosen_ids & set(voters.values("id")):
+        raise ValueError(
+            "calibration_reference selects none of the references that "
+            "vote; pass a tag or view of labeled references"
+        )
 
 
 def _check_box_options(mode, eval_key) -> None:
@@ -579,8 +606,22 @@ def _verdict(run: _Run, scorer, frozen, out) -> _Verdict:
     fair = _calibration_rows(run, refs.ids)
     correct = refs.correct[fair]
     conf_ref = conf_ref[fair]
-    cal = calibration.calibrate(conf_ref, correct, run.target_precision)
-    verdict.cal = cal
+    verdict.cal = cal = calibration.calibrate(conf_ref, correct)
+    if run.target_precision is not None:
+        t1 = time.perf_counter()
+        target_conf, num_targets = _target_sample(run, scorer, verdict)
+        out.num_accept_sample = int(target_conf.size)
+        cal.set_acceptance(
+            calibration.target_accept_threshold(
+                conf_ref,
+                correct,
+                target_conf,
+                run.target_precision,
+                num_targets,
+            ),
+            run.target_precision,
+        )
+        out.seconds["accept_threshold"] = time.perf_counter() - t1
     if run.target_precision is not None:
         verdict.threshold = cal.threshold
         out.target_precision = float(run.target_precision)
@@ -595,6 +636,43 @@ def _verdict(run: _Run, scorer, frozen, out) -> _Verdict:
     out.num_reference_scored = cal.num_scored
     verdict.extra = _record_extra(run, verdict, out, conf_ref, correct)
     return verdict
+
+
+def _target_sample(run: _Run, scorer, verdict: _Verdict):
+    """The raw confidences of a random sample of the targets (all of them
+    when spreading kept their scores), as the writer will compute them:
+    what the accept threshold is chosen for. ``nan`` where a target would
+    get no label. Returns ``(confidences, number of targets)``."""
+    ids = run.units.ids(run.targets)
+    if verdict.target_chunks is not None:
+        chunks = verdict.target_chunks
+    else:
+        rng = np.random.default_rng(0)
+        size = min(len(ids), constants.ACCEPT_SAMPLE)
+        sample = [ids[i] for i in np.sort(rng.choice(len(ids), size, False))]
+        chunks = scorer.stream(run.dataset, sample, run.batch_size)
+    conf = []
+    for chunk in chunks:
+        scale = _prepare(run, chunk, verdict)
+        conf.append(_accept_confidence(chunk, verdict, run, scale))
+    return (np.concatenate(conf) if conf else np.zeros(0)), len(ids)
+
+
+def _accept_confidence(chunk, verdict: _Verdict, run: _Run, scale):
+    """What the accept threshold is compared with, per row of a chunk:
+    the winner's raw confidence (times ``scale``), ``nan`` where no label
+    is written (no vote, or under ``min_confidence``)."""
+    probs = chunk.probs
+    raw = probs[np.arange(len(probs)), chunk.winners].astype(np.float64)
+    if scale is not None:
+        raw = raw * np.asarray(scale, dtype=np.float64)
+    raw[probs.sum(axis=1) <= 0] = np.nan
+    if run.min_confidence is not None:
+        conf = raw
+        if verdict.calibrate and verdict.cal is not None:
+            conf = verdict.cal.calibrator(raw)
+        raw[conf < run.min_confidence] = np.nan
+    return raw
 
 
 def _calibration_rows(run: _Run, ref_ids) -> np.ndarray:
@@ -670,6 +748,7 @@ def _record_extra(run, verdict, out, conf_ref, correct=None) -> dict:
         # the references' held-out curve, in the written confidence
         "expected_curve": calibration.curve_points(written, correct),
         "num_calibration": int(len(correct)),
+        "num_accept_sample": out.num_accept_sample,
         "propagation": out.propagation,
         "accept_score": out.accept_score,
         "calibration_reference": neighbors.describe_reference(

@@ -129,6 +129,112 @@ def test_the_lower_bound_holds_as_often_as_it_says():
     assert (float(low), float(high)) == (0.0, 1.0)
 
 
+def _population(rng, n=40000):
+    """Confidences and whether each pre-label is right: the probability
+    of being right rises with the confidence, to 0.985-1.0 at the top."""
+    conf = rng.beta(5, 1, n)
+    p = np.where(conf > 0.9, 0.985 + 0.15 * (conf - 0.9), 0.5 + 0.5 * conf**3)
+    return conf, rng.uniform(size=n) < p
+
+
+def _accepted_precision(pick, seeds=range(30), target=0.99):
+    """Per seed: references drawn by ``pick`` from a population, a
+    threshold for 2,000 random targets, and the precision and share that
+    it really accepts of 10,000 other targets."""
+    out = []
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        conf, ok = _population(rng)
+        refs = pick(rng, conf)
+        rest = np.setdiff1d(np.arange(conf.size), refs)
+        targets = rng.choice(rest, 10000, replace=False)
+        sample = rng.choice(targets, 2000, replace=False)
+        acc = calibration.target_accept_threshold(
+            conf[refs], ok[refs], conf[sample], target, targets.size
+        )
+        got = targets[conf[targets] >= acc.threshold]
+        count_thr = calibration.accept_threshold(conf[refs], ok[refs], target)[
+            0
+        ]
+        out.append(
+            (
+                ok[got].mean() if got.size else np.nan,
+                got.size / targets.size,
+                np.mean(conf[targets] >= count_thr),
+                acc,
+            )
+        )
+    return out
+
+
+def test_the_target_threshold_keeps_its_promise_from_fair_references():
+    """From 1,000 random references, the accepted targets keep 99 % in
+    at least 90 % of the draws (the promise is 95 %), never far under,
+    and accept far more than the references' own count bound, which
+    can hardly vouch for 99 % with 1,000."""
+    runs = _accepted_precision(
+        lambda rng, conf: rng.choice(conf.size, 1000, replace=False)
+    )
+    prec = np.array([r[0] for r in runs])
+    share = np.array([r[1] for r in runs])
+    # accepting nothing (nan) breaks no promise
+    assert np.mean(~(prec < 0.99)) >= 0.9 and np.nanmin(prec) > 0.98
+    assert share.mean() > 0.15
+    assert share.mean() > 2 * np.mean([r[2] for r in runs])
+    for _, got, _, acc in runs:
+        if acc.interval is None:
+            continue
+        low, high = acc.interval
+        assert low >= 0.99 and low <= acc.precision <= high <= 1.0
+        assert abs(acc.coverage - got) < 0.03  # the sample's share
+
+
+def test_hard_references_still_vouch_for_the_easy_targets():
+    """References picked for being uncertain (half of them among the
+    least confident fifth): their own precision at any cut is too low to
+    vouch for 99 %, yet how often each confidence is right is the same,
+    and the targets are mostly confident: the rule accepts and keeps the
+    precision."""
+
+    def hard(rng, conf):
+        low = np.flatnonzero(conf < np.quantile(conf, 0.2))
+        high = np.setdiff1d(np.arange(conf.size), low)
+        return np.r_[
+            rng.choice(low, 1000, replace=False),
+            rng.choice(high, 1000, replace=False),
+        ]
+
+    runs = _accepted_precision(hard, seeds=range(10))
+    prec = np.array([r[0] for r in runs])
+    share = np.mean([r[1] for r in runs])
+    assert share > 0.15 and share > 2 * np.mean([r[2] for r in runs])
+    assert np.mean(~(prec < 0.99)) >= 0.9 and np.nanmin(prec) > 0.98
+
+
+def test_the_target_threshold_accepts_nothing_it_cannot_vouch_for():
+    rng = np.random.default_rng(0)
+    conf, ok = _population(rng, 20000)
+    # 100 references are too few to show 99 %
+    acc = calibration.target_accept_threshold(
+        conf[:100], ok[:100], conf[100:2100], 0.99
+    )
+    assert acc.threshold == float("inf") and acc.coverage == 0.0
+    assert acc.interval is None
+    # targets that get no label (nan) are never accepted, but count
+    tconf = conf[100:2100].copy()
+    tconf[:1000] = np.nan
+    acc = calibration.target_accept_threshold(
+        conf[2100:], ok[2100:], tconf, 0.95
+    )
+    assert 0.0 < acc.coverage <= 0.5
+    # no references, or no target with a label: nothing
+    for refs, targets in ((conf[:0], conf), (conf, np.full(5, np.nan))):
+        acc = calibration.target_accept_threshold(
+            refs, ok[: refs.size], targets, 0.9
+        )
+        assert acc.threshold == float("inf")
+
+
 def test_curve_points_thin_the_curve_and_keep_its_ends():
     rng = np.random.default_rng(2)
     conf = rng.uniform(size=5000)
@@ -165,6 +271,11 @@ def test_calibrated_preannotation_on_held_out_targets(digits):
     assert res.accept_threshold is not None
     assert 0.3 < res.expected_coverage <= 1.0
     assert res.expected_precision >= 0.98
+    # the threshold was chosen for these targets: every one was scored
+    assert res.num_accept_sample == len(test)
+    low, high = res.precision_interval
+    assert 0.98 <= low <= res.expected_precision <= high <= 1.0
+    assert "expected" in res.promise
 
     truth, label, conf, raw, share, accepted, tags = _values(
         test,

@@ -198,6 +198,139 @@ def accept_threshold(
     return float(thresholds[i]), float(coverage[i]), lower
 
 
+#: how many resampled fits :func:`target_accept_threshold` draws
+NUM_DRAWS = 400
+
+
+@dataclass
+class Acceptance:
+    """An accept threshold and what it promises on the targets.
+
+    Attributes:
+        threshold: accept a pre-label whose raw confidence is at least this
+            (``inf``: accept nothing)
+        coverage: the expected share of targets accepted
+        precision: the expected precision of the accepted pre-labels
+        interval: ``(lower, upper)`` bounds on that precision, each at the
+            confidence level (the lower one reached the target), or None
+            when nothing is accepted
+    """
+
+    threshold: float
+    coverage: float
+    precision: float
+    interval: tuple[float, float] | None
+
+
+def _pav_rates(hits, n, rng) -> np.ndarray:
+    """One draw of the probability of being right in each group of
+    references (ordered by confidence): the groups are pooled into
+    monotone blocks (isotonic regression, weighted by size), and each
+    block's rate is drawn from its Jeffreys posterior, so that a block of
+    few references, even all right, stays uncertain."""
+    from sklearn.isotonic import isotonic_regression
+
+    fitted = isotonic_regression(hits / n, sample_weight=n)
+    starts = np.flatnonzero(np.r_[True, fitted[1:] != fitted[:-1]])
+    block_hits = np.add.reduceat(hits, starts)
+    block_n = np.add.reduceat(n, starts)
+    rates = rng.beta(block_hits + 0.5, block_n - block_hits + 0.5)
+    return np.repeat(rates, np.diff(np.r_[starts, n.size]))
+
+
+def target_accept_threshold(
+    ref_confidence: np.ndarray,
+    ref_correct: np.ndarray,
+    target_confidence: np.ndarray,
+    target_precision: float,
+    num_targets: int | None = None,
+    level: float = CONFIDENCE_LEVEL,
+    draws: int = NUM_DRAWS,
+    seed: int = 0,
+) -> Acceptance:
+    """The lowest confidence to accept so that the accepted *targets* keep
+    ``target_precision``, with confidence ``level``.
+
+    :func:`accept_threshold` bounds the precision of the accepted
+    references; that is the targets' only when the references are a fair
+    sample of them. References chosen for being hard (or typical) are
+    not: hard ones make the bound too strict, typical ones too lenient.
+    Here the references say how likely a pre-label of each confidence is
+    to be right (a monotone fit), and the targets say how many pre-labels
+    of each confidence there are; the expected precision of accepting
+    ``confidence >= c`` is the mean probability of being right over the
+    targets above ``c``. Its uncertainty is drawn ``draws`` times: the
+    references resampled (Poisson bootstrap), the fit's blocks' rates
+    drawn from their posteriors, the targets resampled, and the binomial
+    luck of the accepted pre-labels themselves. The threshold is the
+    lowest cut whose ``1 - level`` quantile reaches the target.
+
+    Args:
+        ref_confidence: the references' held-out confidences (n,)
+        ref_correct: bool (n,), whether each held-out pre-label was right
+        target_confidence: the confidences of the targets, or of a random
+            sample of them (m,); ``nan`` for a target that gets no label
+        target_precision: the wanted precision, e.g. 0.99
+        num_targets (None): how many targets the sample stands for
+            (default ``m``): the more are accepted, the less luck matters
+        level (0.95): the confidence of the promise
+        draws (400): resampled fits
+        seed (0): the draws' seed
+
+    Returns:
+        an :class:`Acceptance`
+    """
+    conf = np.asarray(ref_confidence, dtype=np.float64)
+    ok = np.asarray(ref_correct, dtype=np.float64)
+    tconf = np.asarray(target_confidence, dtype=np.float64)
+    tconf = np.where(np.isnan(tconf), -np.inf, tconf)
+    nothing = Acceptance(float("inf"), 0.0, float("nan"), None)
+    if conf.size == 0 or not np.isfinite(tconf).any():
+        return nothing
+    # the references in groups of equal confidence, at most ~1,000
+    order = np.argsort(conf, kind="stable")
+    conf, ok = conf[order], ok[order]
+    cuts = np.quantile(conf, np.linspace(0, 1, 1001)[1:-1])
+    edges = np.unique(np.r_[0, np.searchsorted(conf, cuts), conf.size])
+    lo = conf[edges[:-1]]
+    hits = np.add.reduceat(ok, edges[:-1])
+    sizes = np.diff(edges).astype(np.float64)
+    # the targets from the most confident down; the cuts are where the
+    # confidence changes
+    tconf = np.sort(tconf)[::-1]
+    ends = np.flatnonzero(np.r_[tconf[1:] != tconf[:-1], True])
+    ends = ends[np.isfinite(tconf[ends])]
+    population = float(num_targets or tconf.size)
+    rng = np.random.default_rng(seed)
+    found = np.empty((draws, ends.size))
+    for d in range(draws):
+        h = rng.poisson(hits)
+        m = h + rng.poisson(sizes - hits)
+        kept = m > 0
+        rates = _pav_rates(h[kept], m[kept], rng)
+        at = np.searchsorted(lo[kept], tconf, side="right") - 1
+        r = rates[np.clip(at, 0, None)]
+        w = rng.poisson(1.0, tconf.size).astype(np.float64)
+        n_acc = np.cumsum(w)[ends]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.cumsum(w * r)[ends] / n_acc
+            var = np.cumsum(w * r * (1 - r))[ends] / n_acc
+            accepted = np.maximum(n_acc / w.sum() * population, 1.0)
+            luck = np.sqrt(var / accepted) * rng.standard_normal(ends.size)
+        found[d] = np.clip(np.nan_to_num(mean + luck), 0.0, 1.0)
+    lower = np.quantile(found, 1 - level, axis=0)
+    good = np.flatnonzero(lower >= target_precision - 1e-12)
+    if not good.size:
+        return nothing
+    i = int(good.max())
+    return Acceptance(
+        threshold=float(tconf[ends[i]]),
+        coverage=float((ends[i] + 1) / tconf.size),
+        precision=float(found[:, i].mean()),
+        interval=(float(lower[i]), float(np.quantile(found[:, i], level))),
+    )
+
+
 def choose_score(
     candidates: dict, correct: np.ndarray, target_precision: float
 ) -> str:
@@ -309,14 +442,13 @@ class Calibration:
             the others), so it is not flattered by the fit itself
         target_precision: the precision asked for, if any
         threshold: the raw confidence to accept at, if asked
-        expected_coverage: the share of references accepted at
-            ``threshold`` (the cross-validated estimate of the share of
-            targets that will be)
-        expected_precision: the precision of the references accepted at
+        expected_coverage: the expected share of targets accepted at
             ``threshold``
-        precision_interval: ``(lower, upper)`` bounds on the precision at
-            ``threshold`` (:func:`precision_bounds`; the lower one is the
-            promise: it reached ``target_precision``)
+        expected_precision: the expected precision of the targets
+            accepted at ``threshold``
+        precision_interval: ``(lower, upper)`` bounds on that precision
+            (:func:`target_accept_threshold`; the lower one is the promise:
+            it reached ``target_precision``)
     """
 
     calibrator: Calibrator
@@ -330,6 +462,16 @@ class Calibration:
     expected_precision: float | None = None
     precision_interval: tuple[float, float] | None = None
 
+    def set_acceptance(
+        self, acceptance: Acceptance, target_precision: float
+    ) -> None:
+        """Records the accept threshold chosen for ``target_precision``."""
+        self.target_precision = float(target_precision)
+        self.threshold = acceptance.threshold
+        self.expected_coverage = acceptance.coverage
+        self.expected_precision = acceptance.precision
+        self.precision_interval = acceptance.interval
+
 
 def calibrate(
     confidence: np.ndarray,
@@ -337,10 +479,13 @@ def calibrate(
     target_precision: float | None = None,
     folds: int = 5,
     seed: int = 0,
+    target_confidence: np.ndarray | None = None,
+    num_targets: int | None = None,
 ) -> Calibration:
     """Fits a :class:`Calibrator` on scored references, estimates its
     calibration error by K-fold cross-validation over those references, and
-    optionally the accept threshold for ``target_precision``.
+    optionally the accept threshold for ``target_precision``
+    (:func:`target_accept_threshold`).
 
     Args:
         confidence: raw confidences of the references, each scored without
@@ -349,6 +494,10 @@ def calibrate(
         target_precision (None): e.g. 0.99, for an accept threshold
         folds (5): folds of the cross-validated calibration error
         seed (0): the fold assignment's seed
+        target_confidence (None): the raw confidences of the targets (or
+            of a random sample of them) that the threshold will accept
+            from; default: the references stand for them
+        num_targets (None): how many targets that sample stands for
 
     Returns:
         a :class:`Calibration`
@@ -372,18 +521,15 @@ def calibrate(
         ece_calibrated=expected_calibration_error(held, ok),
     )
     if target_precision is not None:
-        thr, cov, lower = accept_threshold(conf, ok, target_precision)
-        out.target_precision = float(target_precision)
-        out.threshold = thr
-        out.expected_coverage = cov
-        if np.isfinite(thr):
-            at = conf >= thr
-            hits, n = int(ok[at].sum()), int(at.sum())
-            out.expected_precision = hits / n
-            out.precision_interval = (
-                lower,
-                float(precision_bounds(hits, n)[1]),
-            )
-        else:
-            out.expected_precision = float("nan")
+        out.set_acceptance(
+            target_accept_threshold(
+                conf,
+                ok,
+                conf if target_confidence is None else target_confidence,
+                target_precision,
+                num_targets,
+                seed=seed,
+            ),
+            target_precision,
+        )
     return out

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from prelabel.core.calibration import largest_vouched_cut
+from prelabel.core.calibration import target_accept_threshold
 from prelabel.core.vectors import exact_neighbors
 from prelabel.core.voting import vote
 
@@ -125,6 +125,11 @@ def fit_slope(points: list[tuple[int, float]]) -> float:
     return float(min(slope, 0.0))
 
 
+#: the resampled fits behind each replayed threshold (fewer than a run's:
+#: the forecast replays the rule once per draw)
+REPLAY_DRAWS = 60
+
+
 def accepted_coverage(
     coverage: np.ndarray,
     precision: np.ndarray,
@@ -133,25 +138,44 @@ def accepted_coverage(
     error_ratio: float = 1.0,
     rng: np.random.Generator | None = None,
 ) -> float:
-    """The share an accept threshold chosen as
-    :func:`prelabel.core.calibration.accept_threshold` does would accept,
-    from ``num`` held-out references whose curve is
+    """The share an accept threshold chosen as a run chooses it
+    (:func:`prelabel.core.calibration.target_accept_threshold`) would
+    accept, from ``num`` held-out references whose curve is
     ``(coverage, precision)`` with every error rate times
-    ``error_ratio``. With ``rng``, the errors of each stretch of the curve
-    are drawn (binomially) instead of taken as expected: one plausible
+    ``error_ratio``, the references standing for the targets (a fair
+    sample). With ``rng``, the errors of each stretch of the curve are
+    drawn (binomially) instead of taken as expected: one plausible
     reference set."""
     cov = np.asarray(coverage, dtype=np.float64)
     err = np.clip((1.0 - np.asarray(precision)) * error_ratio, 0.0, 1.0)
     m = np.maximum(np.round(cov * num), 1.0)
-    wrong = err * m
-    if rng is not None:
-        step = np.diff(np.r_[0.0, m])
-        rate = np.diff(np.r_[0.0, wrong]) / np.maximum(step, 1.0)
-        wrong = np.cumsum(
-            rng.binomial(step.astype(np.int64), np.clip(rate, 0.0, 1.0))
-        )
-    i, _ = largest_vouched_cut(m - wrong, m, target_precision)
-    return float(cov[i]) if i >= 0 else 0.0
+    m = np.maximum.accumulate(m)
+    step = np.diff(np.r_[0.0, m]).astype(np.int64)
+    rate = np.diff(np.r_[0.0, err * m]) / np.maximum(step, 1)
+    rate = np.clip(rate, 0.0, 1.0)
+    if rng is None:  # rounded as a running total, not stretch by stretch
+        total = np.maximum.accumulate(np.round(err * m))
+        wrong = np.minimum(np.diff(np.r_[0.0, total]), step).astype(np.int64)
+    else:
+        wrong = rng.binomial(step, rate)
+    # one confidence per stretch (only the order matters to the rule)
+    conf = np.repeat(-cov, step)
+    correct = np.concatenate(
+        [np.arange(s) >= w for s, w in zip(step, wrong, strict=True)]
+    )
+    targets = np.sort(conf)[
+        np.linspace(0, conf.size - 1, min(conf.size, 2000)).astype(int)
+    ]
+    seed = None if rng is None else int(rng.integers(1 << 31))
+    acc = target_accept_threshold(
+        conf,
+        correct,
+        targets,
+        target_precision,
+        draws=REPLAY_DRAWS,
+        seed=0 if seed is None else seed,
+    )
+    return float(np.mean(conf >= acc.threshold)) * float(cov[-1])
 
 
 def forecast(
@@ -164,7 +188,7 @@ def forecast(
     target_precision: float,
     k: int = 15,
     repeats: int = 5,
-    draws: int = 200,
+    draws: int = 100,
     seed: int = 0,
 ) -> Forecast:
     """The expected accepted share after labeling ``more`` samples.
@@ -189,7 +213,7 @@ def forecast(
         target_precision: the precision accepted at
         k (15): the neighbors that vote in the learning curve
         repeats (5): learning curves drawn, for the slope's spread
-        draws (200): the interval's draws
+        draws (100): the interval's draws
         seed (0): the seed of subsets and draws
 
     Returns:
