@@ -32,6 +32,7 @@ def _params(ctx, last):
         "min_confidence": p.get("min_confidence"),
         "mode": p.get("mode") or "knn",
         "target_precision": p.get("target_precision") or None,
+        "calibration_tag": p.get("calibration_tag") or None,
         "calibrate": bool(p.get("calibrate", False)),
         "propagate": bool(p.get("propagate", False)),
         "overwrite": bool(p.get("overwrite", False)),
@@ -58,6 +59,7 @@ _ARGS = (
 def _kwargs(p):
     return {
         "reference": p["reference_tag"],
+        "calibration_reference": p["calibration_tag"],
         **{name: p[name] for name in _ARGS},
     }
 
@@ -226,7 +228,7 @@ class KnnPreannotate(foo.Operator):
                 ("num_targets", "Targets"),
                 ("num_labeled", "Pre-labeled"),
                 ("num_accepted", "Accepted without review"),
-                ("expected_coverage", "Expected share accepted (references)"),
+                ("expected_coverage", "Expected share accepted"),
                 ("promise", "Precision of the accepted (95 % bounds)"),
                 ("num_review", "Left for review"),
                 ("review_tag", "Review tag"),
@@ -252,6 +254,7 @@ class KnnPreannotate(foo.Operator):
         min_confidence=None,
         mode="knn",
         target_precision=None,
+        calibration_tag=None,
         calibrate=False,
         propagate=False,
         overwrite=False,
@@ -277,6 +280,9 @@ class KnnPreannotate(foo.Operator):
             target_precision (None): e.g. ``0.99``: accept the pre-labels
                 the references say keep this precision, tag the rest
                 ``needs_review``
+            calibration_tag (None): only labeled samples with this tag
+                measure the precision (e.g. the random picks,
+                ``to_label_random``); default every labeled sample
             calibrate (False): write calibrated confidences
             propagate (False): spread labels over the neighbor graph when
                 the references say it helps
@@ -298,6 +304,7 @@ class KnnPreannotate(foo.Operator):
             min_confidence=min_confidence,
             mode=mode,
             target_precision=target_precision,
+            calibration_tag=calibration_tag,
             calibrate=calibrate,
             propagate=propagate,
             overwrite=overwrite,
@@ -377,6 +384,8 @@ def _accept_inputs(ctx, inputs, last):
             f"tagged '{constants.REVIEW_TAG}'. Empty: no threshold"
         ),
     )
+    if ctx.params.get("target_precision", last.get("target_precision")):
+        _calibration_tag_input(ctx, inputs, last)
     mode = ctx.params.get("mode") or last.get("mode")
     if mode != "adapted":  # always calibrated
         _calibrate_input(inputs, last)
@@ -390,6 +399,26 @@ def _accept_inputs(ctx, inputs, last):
             "all samples, when the labeled samples say it helps"
         ),
         view=types.CheckboxView(),
+    )
+
+
+def _calibration_tag_input(ctx, inputs, last):
+    """Which labeled samples check the precision: by default the random
+    picks of "select for labeling", once the dataset has them."""
+    fair = constants.FAIR_TAG
+    has_fair = fair in ctx.dataset.count_sample_tags()
+    inputs.str(
+        "calibration_tag",
+        default=last.get("calibration_tag") or (fair if has_fair else None),
+        required=False,
+        label="Check precision on (tag)",
+        description=(
+            "Only labeled samples with this tag measure the precision "
+            "(all still vote). Samples picked for being typical are right "
+            "more often than their confidence says and would over-promise; "
+            f"the random picks '{fair}' of 'Select for labeling' do not. "
+            "Empty: every labeled sample"
+        ),
     )
 
 

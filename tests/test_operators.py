@@ -28,6 +28,8 @@ from fiftyone.operators.executor import (
 )
 from fiftyone.operators.registry import OperatorRegistry
 
+from prelabel import constants
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLUGIN = "@prelabel/qdrant"
 #: what a plugin install needs besides ``pip install`` of the package
@@ -564,6 +566,47 @@ def test_knn_preannotate_accepts_what_the_references_say_is_safe(indexed):
     op = foo.get_operator(uri("knn_preannotate"))
     with pytest.raises(ValueError, match="target_precision: Value must be"):
         op(targets, reference_tag="train", target_precision=2)
+
+
+def test_knn_preannotate_checks_precision_on_the_random_picks(indexed):
+    """Once 'Select for labeling' has tagged random picks, the form
+    offers them as the samples that check the precision (all still
+    vote), and the run measures its threshold on them alone."""
+    targets = indexed.match_tags("test")
+    fair = constants.FAIR_TAG
+    props = form("knn_preannotate", targets, target_precision=0.8)
+    assert props["calibration_tag"].default is None  # none tagged yet
+    train = indexed.match_tags("train")
+    train.take(40, seed=0).tag_samples(fair)
+    try:
+        props = form("knn_preannotate", targets, target_precision=0.8)
+        assert props["calibration_tag"].default == fair
+        out = run(
+            "knn_preannotate",
+            targets,
+            reference_tag="train",
+            k=5,
+            pred_field="checked",
+            target_precision=0.8,
+            calibration_tag=fair,
+        ).result
+        run_record = indexed.info["prelabel_runs"]["checked"]
+        assert run_record["calibration_reference"] == fair
+        assert run_record["num_calibration"] == 40
+        assert out["num_labeled"] == 60
+        # a tag that no voting sample carries is refused in the form
+        props = form(
+            "knn_preannotate",
+            targets,
+            reference_tag="train",
+            target_precision=0.8,
+            calibration_tag="nope",
+        )
+        assert "calibration_reference selects none" in errors(props)["error"]
+    finally:
+        indexed.untag_samples([fair, constants.REVIEW_TAG])
+        if indexed.has_field("checked"):
+            indexed.delete_sample_field("checked")
 
 
 def test_adapt_embeddings_operator_makes_an_index_to_vote_in(indexed):
