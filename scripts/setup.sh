@@ -18,6 +18,19 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
+    # torch's CUDA build and its libraries take about 7 GB in the venv; a
+    # full disk fails deep inside pip ("No space left on device"), so say
+    # it first. The downloads are not cached (they would take as much
+    # again in ~/.cache/pip).
+    free_mb=$(df -Pm "$VENV" | awk 'NR == 2 {print $4}')
+    if [ "${free_mb:-0}" -lt "${PRELABEL_MIN_FREE_MB:-9000}" ]; then
+        echo "[setup] only ${free_mb} MB free where $VENV lives; the" \
+            "install needs about 9,000 MB (torch, FiftyOne). Free some" \
+            "space (old virtualenvs, benchmark data under" \
+            "~/.fiftyone) or set VENV to a folder on a larger disk." >&2
+        exit 1
+    fi
+    export PIP_NO_CACHE_DIR=1
     echo "[setup] installing Python packages into $VENV (first run: a few minutes)"
     "$VENV/bin/python" -m pip install -q --upgrade pip wheel setuptools
     "$VENV/bin/python" -m pip install -q -r requirements/env.txt
