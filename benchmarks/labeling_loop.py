@@ -227,6 +227,24 @@ def simulate(dataset, strategy: str, max_labels: int) -> list[dict]:
             return rows
 
 
+def merge_rounds(slug: str, curves: dict) -> dict:
+    """Every round's figures are kept (not committed) in
+    ``benchmarks/labeling_loop_<slug>.json``; a run of some strategies
+    (``LOOP_STRATEGIES``, e.g. two processes on two cores) replaces
+    theirs and keeps the others'. Returns the merged curves, in the order
+    of :data:`STRATEGIES`."""
+    path = os.path.join(common.BENCH_DIR, f"labeling_loop_{slug}.json")
+    kept = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = json.load(f)
+    kept.update(curves)
+    with open(path, "w") as f:
+        json.dump(kept, f, indent=1)
+    order = [s for s in STRATEGIES if s in kept]
+    return {s: kept[s] for s in order + sorted(set(kept) - set(order))}
+
+
 def plot(data: str, n: int, curves: dict, path: str) -> None:
     import matplotlib
 
@@ -270,12 +288,9 @@ def run(quick: bool = False) -> dict:
             finally:
                 common.delete_dataset(name)
         slug = data.lower().replace("-", "")
+        curves = merge_rounds(slug, curves)
         path = os.path.join(common.REPO, "docs", f"labeling-loop-{slug}.png")
         plot(data, n, curves, path)
-        # every round's figures, to merge partial runs (not committed)
-        rounds = os.path.join(common.BENCH_DIR, f"labeling_loop_{slug}.json")
-        with open(rounds, "w") as f:
-            json.dump(curves, f, indent=1)
         tables.append(summary_table(data, n, curves))
         tables.append(curve_table(data, n, curves))
         notes.append(f"![{data}](docs/labeling-loop-{slug}.png)")
