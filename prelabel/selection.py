@@ -72,6 +72,9 @@ class SelectionResult:
             (never picked: sync the index first)
         num_uncertain: samples the pre-annotation left for review
             (``"uncertain"`` only)
+        num_top_up: typical picks among the other unlabeled samples,
+            when fewer than the budget were left for review
+            (``"uncertain"`` only)
         forecast: what labeling the picks is expected to do (a
             :class:`prelabel.core.forecast.Forecast`), or None when there
             are too few labels to draw a learning curve
@@ -90,6 +93,7 @@ class SelectionResult:
     num_outliers: int = 0
     num_unindexed: int = 0
     num_uncertain: int | None = None
+    num_top_up: int = 0
     forecast: core_forecast.Forecast | None = None
     seconds: dict = field(default_factory=dict)
 
@@ -448,6 +452,21 @@ def select_for_labeling(
         )
         picked_rows += rows
         reasons += more
+    short = budget - len(picked_rows)
+    if short > 0 and strategy == "uncertain":  # fewer left for review
+        taken[picked_rows] = True
+        extra = core.greedy_coverage(
+            graph.idx,
+            graph.sims,
+            (~labeled).astype(np.float64),
+            ~outlier & ~taken,
+            short,
+            labeled=taken,
+            duplicate_similarity=duplicate_similarity,
+        ).rows
+        picked_rows += [int(r) for r in extra]
+        reasons += [TOP_UP_REASON] * len(extra)
+        out.num_top_up = len(extra)
     out.seconds["select"] = time.perf_counter() - t1
     out.ids = [graph.ids[r] for r in picked_rows]
     out.reasons = reasons
@@ -465,6 +484,13 @@ def select_for_labeling(
     out.seconds["total"] = time.perf_counter() - t0
     return out
 
+
+#: the reason of a pick that fills the budget when the strategy found
+#: fewer candidates (not tagged as a fair pick: drawn after the others)
+TOP_UP_REASON = (
+    "typical (filling the budget): fewer samples than the budget were "
+    "left for review"
+)
 
 #: the reason written on a fair pick, per strategy
 FAIR_REASONS = {

@@ -16,6 +16,7 @@ from prelabel import records
 from prelabel.core import forecast
 from prelabel.core import selection as core
 from prelabel.fields import TMP_PREFIX
+from prelabel.selection import TOP_UP_REASON
 
 N = 500
 NUM_DUPLICATES = 20
@@ -167,6 +168,34 @@ def test_warm_picks_follow_the_doubts_of_the_last_pre_annotation(warm):
     labels = picked.values("prelabel.label")
     cap = int(np.ceil(2 * 40 / len(set(targets.values("prelabel.label")))))
     assert max(labels.count(c) for c in set(labels)) <= cap
+
+
+def test_a_budget_past_the_doubts_is_filled_with_a_spread_sample(warm):
+    """Asked for more picks than the pre-annotation left for review, the
+    selection still returns the budget: every sample left for review
+    (none accepted), then a spread sample of the rest, each saying so."""
+    targets = warm.match(fo.ViewField("ground_truth").exists(False))
+    prelabel.preannotate(
+        targets,
+        index="sel",
+        pred_field="prelabel",
+        target_precision=0.8,
+        progress=False,
+    )
+    budget = len(targets)  # all of them: more than were left for review
+    out = _select(warm, budget=budget, random_share=0.0)
+    assert out.strategy == "uncertain" and 0 < out.num_uncertain < budget
+    assert len(out.ids) == len(set(out.ids)) <= budget
+    reasons = dict(zip(out.ids, out.reasons, strict=True))
+    top_up = {s for s, r in reasons.items() if r == TOP_UP_REASON}
+    assert len(top_up) == out.num_top_up > 0
+    picked = warm.select(out.ids)
+    ids, accepted = picked.values(["id", "prelabel.accepted"])
+    for sid, acc in zip(ids, accepted, strict=True):
+        if acc:  # settled: only ever a pick that fills the budget
+            assert sid in top_up
+    assert len(out.ids) - len(top_up) > 0.8 * out.num_uncertain
+    assert not set(out.ids) & set(warm.exists("ground_truth").values("id"))
 
 
 def test_a_new_selection_takes_back_only_its_own_tags(cold):
