@@ -83,8 +83,7 @@ class PreannotationResult:
             (how many of each confidence there are); the lower one reached
             ``target_precision`` (the promise)
         num_accept_sample: the targets scored to choose the threshold (a
-            random sample of at most ``constants.ACCEPT_SAMPLE``; all of
-            them with ``propagate=True``)
+            random sample of at most ``constants.ACCEPT_SAMPLE``)
         num_accepted: targets accepted (the others are tagged for review)
         coverage: ``num_accepted / num_targets``
         propagation: what spreading the labels chose, with
@@ -639,20 +638,17 @@ def _verdict(run: _Run, scorer, frozen, out) -> _Verdict:
 
 
 def _target_sample(run: _Run, scorer, verdict: _Verdict):
-    """The raw confidences of a random sample of the targets (all of them
-    when spreading kept their scores), as the writer will compute them:
-    what the accept threshold is chosen for. ``nan`` where a target would
-    get no label. Returns ``(confidences, number of targets)``."""
+    """The raw confidences of a random sample of the targets (at most
+    ``constants.ACCEPT_SAMPLE``), as the writer will compute them (after
+    spreading, times the frozen vote's share): what the accept threshold
+    is chosen for. ``nan`` where a target would get no label. Returns
+    ``(confidences, number of targets)``."""
     ids = run.units.ids(run.targets)
-    if verdict.target_chunks is not None:
-        chunks = verdict.target_chunks
-    else:
-        rng = np.random.default_rng(0)
-        size = min(len(ids), constants.ACCEPT_SAMPLE)
-        sample = [ids[i] for i in np.sort(rng.choice(len(ids), size, False))]
-        chunks = scorer.stream(run.dataset, sample, run.batch_size)
+    rng = np.random.default_rng(0)
+    size = min(len(ids), constants.ACCEPT_SAMPLE)
+    sample = [ids[i] for i in np.sort(rng.choice(len(ids), size, False))]
     conf = []
-    for chunk in chunks:
+    for chunk in scorer.stream(run.dataset, sample, run.batch_size):
         scale = _prepare(run, chunk, verdict)
         conf.append(_accept_confidence(chunk, verdict, run, scale))
     return (np.concatenate(conf) if conf else np.zeros(0)), len(ids)
