@@ -55,12 +55,15 @@ STRATEGIES = (
 
 
 def settings(quick: bool) -> dict:
+    """What to run: everything, or (``LOOP_STRATEGIES``, comma-separated)
+    some strategies on ``LOOP_DATA``; ``LOOP_STRATEGIES=none`` runs no
+    strategy and only writes the tables and plots of the kept rounds."""
     only = os.environ.get("LOOP_STRATEGIES")
     if only:
         return {
             "data": os.environ.get("LOOP_DATA", "MNIST").split(","),
             "max_labels": int(os.environ.get("LOOP_MAX", "1500")),
-            "strategies": only.split(","),
+            "strategies": [] if only == "none" else only.split(","),
         }
     if quick:
         return {"data": ["MNIST"], "max_labels": 800, "strategies": STRATEGIES}

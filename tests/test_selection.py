@@ -295,7 +295,7 @@ def test_the_forecast_holds_on_simulated_rounds():
     """All 1,797 digits, labels hidden and revealed 100 random ones per
     round: before each round, the forecast of the accepted share after
     it; after, the share the next pre-annotation really accepted. Its
-    80 % interval holds in at least 5 of 8 rounds (6 of 8 measured), and
+    80 % interval holds in at least 5 of 8 rounds (7 of 8 measured), and
     the point forecast never promises less than what is accepted now."""
     data = load_digits()
     dataset = fo.Dataset(f"prelabel-forecast-{uuid.uuid4().hex[:8]}")
