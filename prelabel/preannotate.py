@@ -621,7 +621,6 @@ def _verdict(run: _Run, scorer, frozen, out) -> _Verdict:
             run.target_precision,
         )
         out.seconds["accept_threshold"] = time.perf_counter() - t1
-    if run.target_precision is not None:
         verdict.threshold = cal.threshold
         out.target_precision = float(run.target_precision)
         out.accept_threshold = cal.threshold
@@ -655,19 +654,27 @@ def _target_sample(run: _Run, scorer, verdict: _Verdict):
 
 
 def _accept_confidence(chunk, verdict: _Verdict, run: _Run, scale):
-    """What the accept threshold is compared with, per row of a chunk:
-    the winner's raw confidence (times ``scale``), ``nan`` where no label
-    is written (no vote, or under ``min_confidence``)."""
-    probs = chunk.probs
-    raw = probs[np.arange(len(probs)), chunk.winners].astype(np.float64)
-    if scale is not None:
-        raw = raw * np.asarray(scale, dtype=np.float64)
-    raw[probs.sum(axis=1) <= 0] = np.nan
+    """What the accept threshold is compared with, per row of a chunk
+    (:func:`raw_confidence`), ``nan`` where no label is written (no vote,
+    or under ``min_confidence``)."""
+    raw = raw_confidence(chunk, scale)
     if run.min_confidence is not None:
         conf = raw
         if verdict.calibrate and verdict.cal is not None:
             conf = verdict.cal.calibrator(raw)
         raw[conf < run.min_confidence] = np.nan
+    return raw
+
+
+def raw_confidence(chunk, scale=None) -> np.ndarray:
+    """The raw confidence of each row of a chunk: the winner's share of
+    the written distribution, times ``scale`` (the frozen vote's share,
+    when the references chose it); ``nan`` for a row with no vote."""
+    probs = chunk.probs
+    raw = probs[np.arange(len(probs)), chunk.winners].astype(np.float64)
+    if scale is not None:
+        raw = raw * np.asarray(scale, dtype=np.float64)
+    raw[probs.sum(axis=1) <= 0] = np.nan
     return raw
 
 
@@ -865,17 +872,16 @@ def classify(chunk, verdict=None, min_confidence=None, scale=None):
     classes = votes.classes
     log_probs = logits(probs)
     wins = winners(probs, votes)
+    raws = raw_confidence(chunk, scale)
     cal = verdict.cal if verdict.calibrate else None
     labels, review, accepted = [], [], 0
     for i in range(len(probs)):
-        if probs[i].sum() <= 0:
+        if np.isnan(raws[i]):
             labels.append(None)
             review.append(True)
             continue
         w = int(wins[i])
-        raw = float(probs[i, w])
-        if scale is not None:
-            raw *= float(scale[i])
+        raw = float(raws[i])
         conf = float(cal.calibrator(raw)) if cal is not None else raw
         if min_confidence is not None and conf < min_confidence:
             labels.append(None)
