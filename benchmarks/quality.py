@@ -546,7 +546,7 @@ QUALITY_LIMITS = (
     "anything keeps 99 % measured precision, `propagate=True` included. "
     "The price: with 100 to 250 labels no run accepts anything (too few "
     "references to show 99 % at any confidence), and with 500 to 2,500 "
-    "labels the accepted share stays a few points below the share the "
+    "labels the accepted share stays 0 to 12 points below the share the "
     "ground truth says could have been accepted at 99 % (coverage @99 % "
     "measured). On 100 labeled 8x8 digits logistic regression also ranks "
     "the targets better for acceptance."
