@@ -433,8 +433,7 @@ def select_for_labeling(
     picked_rows = [int(r) for r in fair]
     reasons = [FAIR_REASONS[strategy]] * len(fair)
     active = budget - len(fair)
-    taken = labeled.copy()
-    taken[fair] = True
+    taken = labeled | np.isin(np.arange(labeled.size), fair)
     candidates = ~outlier & ~taken
     out.num_candidates = int(candidates.sum())
     if active:
@@ -452,19 +451,11 @@ def select_for_labeling(
         )
         picked_rows += rows
         reasons += more
-    short = budget - len(picked_rows)
-    if short > 0 and strategy == "uncertain":  # fewer left for review
-        taken[picked_rows] = True
-        extra = core.greedy_coverage(
-            graph.idx,
-            graph.sims,
-            (~labeled).astype(np.float64),
-            ~outlier & ~taken,
-            short,
-            labeled=taken,
-            duplicate_similarity=duplicate_similarity,
-        ).rows
-        picked_rows += [int(r) for r in extra]
+    if strategy == "uncertain" and len(picked_rows) < budget:
+        extra = _top_up(
+            graph, labeled, ~outlier, picked_rows, budget, duplicate_similarity
+        )
+        picked_rows += extra
         reasons += [TOP_UP_REASON] * len(extra)
         out.num_top_up = len(extra)
     out.seconds["select"] = time.perf_counter() - t1
@@ -579,6 +570,25 @@ def _active_picks(
     if picks is None:
         return [], []
     return picks.rows.tolist(), reasons
+
+
+def _top_up(graph, labeled, allowed, picked, budget, duplicate_similarity):
+    """Typical picks among the unlabeled samples not picked yet, up to
+    ``budget`` picks in all (when fewer were left for review)."""
+    taken = labeled.copy()
+    taken[picked] = True
+    return [
+        int(r)
+        for r in core.greedy_coverage(
+            graph.idx,
+            graph.sims,
+            (~labeled).astype(np.float64),
+            allowed & ~taken,
+            budget - len(picked),
+            labeled=taken,
+            duplicate_similarity=duplicate_similarity,
+        ).rows
+    ]
 
 
 def _fair_picks(graph, labeled, budget, strategy, random_share, rng):
