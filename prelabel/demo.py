@@ -211,8 +211,9 @@ def launch_app(args, dataset, targets) -> None:
 
 
 def report_accepted(targets, pred_field, accepted, plain) -> None:
-    """Prints what the one-click setting accepted, against what its
-    references expected and the ground truth measures."""
+    """Prints what the one-click setting accepted, against what it
+    expected (references and a sample of targets) and the ground truth
+    measures."""
     from prelabel import constants
 
     truth, pred, ok = targets.values(
@@ -227,7 +228,7 @@ def report_accepted(targets, pred_field, accepted, plain) -> None:
     )
     print(
         f"accepted without review: {accepted.num_accepted:,} of {n:,} "
-        f"({accepted.coverage:.1%}; the references expected "
+        f"({accepted.coverage:.1%}; expected "
         f"{accepted.expected_coverage:.1%}), measured precision "
         + (f"{sum(right) / len(right):.2%}" if right else "n/a")
     )
