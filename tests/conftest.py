@@ -8,11 +8,34 @@ process starts or stops under them, and a user's datasets are never
 touched. Every embedded index lives in a temporary folder.
 """
 
+import atexit
 import os
 import tempfile
 import uuid
 
 _SESSION_DIR = tempfile.mkdtemp(prefix="prelabel-tests-")
+#: the private mongod of this session, if one was started
+_MONGOD = []
+
+
+def _remove_session_dir() -> None:
+    """At exit: stops the private mongod, then removes the session's
+    folder (its database files alone are about 300 MB; every run used to
+    leave them in the temp folder)."""
+    import shutil
+    import subprocess
+
+    for proc in _MONGOD:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+
+
+atexit.register(_remove_session_dir)
 os.environ["FIFTYONE_DO_NOT_TRACK"] = "true"
 os.environ.setdefault("FIFTYONE_DATABASE_NAME", "prelabel-tests")
 os.environ["PRELABEL_HOME"] = os.path.join(_SESSION_DIR, "home")
@@ -22,7 +45,6 @@ import fiftyone as fo  # noqa: E402
 
 
 def _start_private_mongod() -> None:
-    import atexit
     import socket
     import subprocess
     import time
@@ -51,7 +73,7 @@ def _start_private_mongod() -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    atexit.register(proc.terminate)
+    _MONGOD.append(proc)
     uri = f"mongodb://127.0.0.1:{port}"
     client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=500)
     deadline = time.monotonic() + 60
