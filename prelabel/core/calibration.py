@@ -479,13 +479,13 @@ def calibrate(
     target_precision: float | None = None,
     folds: int = 5,
     seed: int = 0,
-    target_confidence: np.ndarray | None = None,
-    num_targets: int | None = None,
 ) -> Calibration:
     """Fits a :class:`Calibrator` on scored references, estimates its
     calibration error by K-fold cross-validation over those references, and
     optionally the accept threshold for ``target_precision``
-    (:func:`target_accept_threshold`).
+    (:func:`target_accept_threshold`, the references standing for the
+    targets; with a sample of the targets, call it and
+    :meth:`Calibration.set_acceptance` instead).
 
     Args:
         confidence: raw confidences of the references, each scored without
@@ -494,10 +494,6 @@ def calibrate(
         target_precision (None): e.g. 0.99, for an accept threshold
         folds (5): folds of the cross-validated calibration error
         seed (0): the fold assignment's seed
-        target_confidence (None): the raw confidences of the targets (or
-            of a random sample of them) that the threshold will accept
-            from; default: the references stand for them
-        num_targets (None): how many targets that sample stands for
 
     Returns:
         a :class:`Calibration`
@@ -523,12 +519,7 @@ def calibrate(
     if target_precision is not None:
         out.set_acceptance(
             target_accept_threshold(
-                conf,
-                ok,
-                conf if target_confidence is None else target_confidence,
-                target_precision,
-                num_targets,
-                seed=seed,
+                conf, ok, conf, target_precision, seed=seed
             ),
             target_precision,
         )
