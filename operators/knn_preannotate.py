@@ -406,7 +406,7 @@ def _calibration_tag_input(ctx, inputs, last):
     """Which labeled samples check the precision: by default the random
     picks of "select for labeling", once the dataset has them."""
     fair = constants.FAIR_TAG
-    has_fair = fair in ctx.dataset.count_sample_tags()
+    has_fair = bool(ctx.dataset.match_tags(fair).limit(1).count())
     inputs.str(
         "calibration_tag",
         default=last.get("calibration_tag") or (fair if has_fair else None),

@@ -276,12 +276,16 @@ def check_preannotate(
 def _check_calibration_reference(targets, chosen, reference, label_field):
     """Some labeled sample that votes is among ``chosen`` (a tag, tags or
     a view)."""
-    root = targets._root_dataset
+    voters = neighbors.reference_view(
+        targets._root_dataset, reference, label_field
+    )
     if isinstance(chosen, (str, list, tuple)):
-        chosen = root.match_tags(chosen)
-    voters = neighbors.reference_view(root, reference, label_field)
-    chosen_ids = set(validation.labeled(chosen, label_field).values("id"))
-    if not chosen_ids or not chosen_ids & set(voters.values("id")):
+        both = voters.match_tags(chosen)
+    else:  # a view: usually the few random picks
+        both = voters.select(
+            validation.labeled(chosen, label_field).values("id")
+        )
+    if not both.limit(1).count():  # counted in the database
         raise ValueError(
             "calibration_reference selects none of the references that "
             "vote; pass a tag or view of labeled references"
