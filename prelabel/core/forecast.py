@@ -151,13 +151,12 @@ def accepted_coverage(
     m = np.maximum(np.round(cov * num), 1.0)
     m = np.maximum.accumulate(m)
     step = np.diff(np.r_[0.0, m]).astype(np.int64)
-    rate = np.diff(np.r_[0.0, err * m]) / np.maximum(step, 1)
-    rate = np.clip(rate, 0.0, 1.0)
     if rng is None:  # rounded as a running total, not stretch by stretch
         total = np.maximum.accumulate(np.round(err * m))
         wrong = np.minimum(np.diff(np.r_[0.0, total]), step).astype(np.int64)
     else:
-        wrong = rng.binomial(step, rate)
+        rate = np.diff(np.r_[0.0, err * m]) / np.maximum(step, 1)
+        wrong = rng.binomial(step, np.clip(rate, 0.0, 1.0))
     # one confidence per stretch (only the order matters to the rule)
     conf = np.repeat(-cov, step)
     correct = np.concatenate(
@@ -166,14 +165,13 @@ def accepted_coverage(
     targets = np.sort(conf)[
         np.linspace(0, conf.size - 1, min(conf.size, 2000)).astype(int)
     ]
-    seed = None if rng is None else int(rng.integers(1 << 31))
     acc = target_accept_threshold(
         conf,
         correct,
         targets,
         target_precision,
         draws=REPLAY_DRAWS,
-        seed=0 if seed is None else seed,
+        seed=0 if rng is None else int(rng.integers(1 << 31)),
     )
     return float(np.mean(conf >= acc.threshold)) * float(cov[-1])
 
