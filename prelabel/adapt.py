@@ -28,6 +28,7 @@ from prelabel.core.voting import sort_classes
 from prelabel.deprecation import moved
 from prelabel.fields import check_output_field, staged_fields
 from prelabel.progress import Progress, ProgressArg, sub
+from prelabel.stored_vectors import values_with_vectors
 
 #: where the adapters of a dataset are recorded in ``dataset.info``
 INFO_KEY = records.ADAPTERS
@@ -282,8 +283,10 @@ def _training_data(samples, refs, embeddings_field, label_field, seed=0):
     embedded samples (at most :data:`MAX_UNLABELED_FIT`, a random subset
     beyond) for the label-free part of the map, so that memory does not
     grow with the number of unlabeled samples."""
-    ref_ids, ref_vecs, ref_labels = refs.values(
-        ["id", embeddings_field, f"{label_field}.label"]
+    ref_ids, ref_vecs, ref_labels = values_with_vectors(
+        refs,
+        ["id", embeddings_field, f"{label_field}.label"],
+        embeddings_field,
     )
     ref_set = set(ref_ids)
     other = [
@@ -354,8 +357,10 @@ def _write_adapted(
     ids = embedded.values("id")
     with Progress(progress, len(ids), "Writing adapted embeddings") as bar:
         for a in range(0, len(ids), batch_size):
-            chunk_ids, vecs = dataset.select(ids[a : a + batch_size]).values(
-                ["id", embeddings_field]
+            chunk_ids, vecs = values_with_vectors(
+                dataset.select(ids[a : a + batch_size]),
+                ["id", embeddings_field],
+                embeddings_field,
             )
             V = adapter.transform(
                 np.stack([np.asarray(v, dtype=np.float32) for v in vecs])

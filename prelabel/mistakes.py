@@ -30,6 +30,7 @@ from prelabel.health import check_index
 from prelabel.index.base import IndexFilter
 from prelabel.index.locking import Lease
 from prelabel.progress import Progress, ProgressArg
+from prelabel.stored_vectors import values_with_vectors
 
 #: how :func:`find_label_mistakes` scores (also in ``constants``)
 METHODS = constants.METHODS
@@ -351,9 +352,8 @@ def _adapted_rows(labeled, emb_field, ids, own, k, batch_size) -> Rows:
     lookup = {c: i for i, c in enumerate(classes)}
     y = np.array([lookup[c] for c in own], dtype=np.int64)
     # the same view as ``ids``: the same order
-    X = np.stack(
-        [np.asarray(v, dtype=np.float32) for v in labeled.values(emb_field)]
-    )
+    (vecs,) = values_with_vectors(labeled, [emb_field], emb_field)
+    X = np.stack([np.asarray(v, dtype=np.float32) for v in vecs])
     scores, probs, nb, _ = label_error_scores(X, y, len(classes), k=k)
     wins = probs.argmax(axis=1)
     counts = np.zeros((len(ids), len(classes)), dtype=np.int64)

@@ -26,6 +26,7 @@ from bson import ObjectId
 from fiftyone import ViewField as F
 
 from prelabel import constants
+from prelabel.stored_vectors import values_with_vectors
 
 #: the ``fields`` entry of a Classification field
 CLASSIFICATION = (
@@ -103,7 +104,7 @@ class Samples:
         view = samples.exists(field)
         if size is not None:
             view = view.take(size, seed=seed)
-        ids, vecs = view.values(["id", field])
+        ids, vecs = values_with_vectors(view, ["id", field], field)
         return list(zip(ids, ids, vecs, strict=True))
 
     def read_vectors(
@@ -112,7 +113,9 @@ class Samples:
         """``(ids, float32 matrix)`` of the given points' ``field``, in
         the order the database returns them (points without a vector
         are left out)."""
-        found, vecs = dataset.select(list(ids)).values(["id", field])
+        found, vecs = values_with_vectors(
+            dataset.select(list(ids)), ["id", field], field
+        )
         return _matrix(found, vecs)
 
     def writer(self, dataset, field: str, ids) -> _SampleWriter:

@@ -38,6 +38,7 @@ from prelabel.index.sync import (
     payloads_for,
     sync_points,
 )
+from prelabel.stored_vectors import values_with_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -682,7 +683,11 @@ class PrelabelQdrantSimilarityIndex(SimilarityIndex, DuplicatesMixin):
             return stored
         values = dict(
             zip(
-                *self.samples._root_dataset.select(ids).values(["id", field]),
+                *values_with_vectors(
+                    self.samples._root_dataset.select(ids),
+                    ["id", field],
+                    field,
+                ),
                 strict=True,
             )
         )

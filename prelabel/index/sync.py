@@ -18,6 +18,7 @@ reported as "in sync".
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,9 @@ from prelabel import validation
 from prelabel.index import base
 from prelabel.index.base import VectorIndex
 from prelabel.index.locking import Lease
+from prelabel.prefetch import prefetch
 from prelabel.progress import Progress, ProgressArg
+from prelabel.stored_vectors import values_with_vectors
 from prelabel.units import Samples, units_of
 
 logger = logging.getLogger(__name__)
@@ -106,7 +109,7 @@ def read_chunk(dataset, ids, embeddings_field, label_field, units=None):
     label_path = _label_path(label_field)
     if label_path:
         fields.append(label_path)
-    values = view.values(fields)
+    values = values_with_vectors(view, fields, embeddings_field)
     labels = values[3] if label_path else [None] * len(values[0])
     return values[0], values[1], labels, values[2], values[0]
 
@@ -446,18 +449,26 @@ def sync_points(
     checked = _checked(all_ids, verify)
     dataset = samples._dataset
     metric = getattr(index, "metric", "cosine")
+    chunks = [
+        all_ids[start : start + batch_size]
+        for start in range(0, len(all_ids), batch_size)
+    ]
+    # chunk i + 1 is read from the database while chunk i is written
+    reads = prefetch(
+        lambda: (
+            read_chunk(dataset, ids, embeddings_field, label_field, units)
+            for ids in chunks
+        )
+    )
     with (
         Progress(progress, len(all_ids), "Syncing index") as bar,
         Lease(index) as lease,
+        contextlib.closing(reads),
     ):
         points = _PointStream(index)
-        for start in range(0, len(all_ids), batch_size):
+        for ids, values in zip(chunks, reads, strict=True):
             lease.tick()
-            ids = all_ids[start : start + batch_size]
             current, stale = points.until(ids[-1], set(ids))
-            values = read_chunk(
-                dataset, ids, embeddings_field, label_field, units
-            )
             chunk = _plan_chunk(
                 values, current, stats, dim, embeddings_field, checked
             )
