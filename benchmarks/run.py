@@ -32,6 +32,11 @@ BENCHMARKS = [
     ("quality", "quality", "quality of pre-labels and mistake finding"),
     ("knn", "knn_throughput", "kNN pre-annotation throughput"),
     ("sync", "sync_throughput", "sync throughput"),
+    (
+        "index-settings",
+        "index_settings",
+        "index settings: int8 and HNSW against float32, 60k points",
+    ),
     ("embeddings", "embeddings_throughput", "embeddings throughput"),
     ("scale", "scale", "the embedded index from 30k to 300k points"),
     ("memory", "memory", "peak memory of the whole pipeline"),

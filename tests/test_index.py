@@ -454,15 +454,17 @@ def test_two_edge_objects_of_one_folder_nest(tmp_path):
         assert first.count() == 11
 
 
-def test_edge_hnsw_graph_recall(tmp_path):
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_edge_hnsw_graph_recall(tmp_path, quantization):
     """Enough data (12 MB of vectors) that optimize() builds a real HNSW
-    segment, so the default query goes through the graph."""
+    segment, so the default query goes through the graph; a quantized
+    index answers with the float32 scores of its rescored candidates."""
     rng = np.random.default_rng(7)
     n, dim, k = 3000, 1024, 10
     centers = rng.normal(size=(20, dim))
     vectors = centers[rng.integers(0, 20, n)] + 0.8 * rng.normal(size=(n, dim))
     ids = [sid(i) for i in range(n)]
-    index = EdgeIndex(str(tmp_path / "index"))
+    index = EdgeIndex(str(tmp_path / "index"), quantization=quantization)
     index.create(dim)
     index.upsert(ids, vectors, [{base.SAMPLE_ID: s} for s in ids])
     index.optimize()
@@ -472,10 +474,20 @@ def test_edge_hnsw_graph_recall(tmp_path):
         config = json.loads((seg / "segment.json").read_text())["config"]
         kinds |= {v["index"]["type"] for v in config["vector_data"].values()}
     assert "hnsw" in kinds
+    assert index.quantization == quantization
+    edge = json.loads(
+        (tmp_path / "index" / "shard" / "edge_config.json").read_text()
+    )
+    assert (
+        edge["hnsw_config"]["ef_construct"]
+        == base.DEFAULT_HNSW["ef_construct"]
+    )
+    assert bool(edge.get("quantization_config")) == bool(quantization)
 
     queries = vectors[:50] + 0.1 * rng.normal(size=(50, dim))
     sims = unit(queries) @ unit(vectors).T
     truth = np.argsort(-sims, axis=1)[:, :k]
+    where = {s: i for i, s in enumerate(ids)}
     for kwargs in ({}, {"hnsw_ef": 32}):
         res = index.query(queries, k, **kwargs)
         hits = sum(
@@ -483,6 +495,9 @@ def test_edge_hnsw_graph_recall(tmp_path):
             for i in range(50)
         )
         assert hits / (50 * k) >= 0.95, kwargs
+        for i in range(50):  # float32 scores, even from int8 candidates
+            cols = [where[s] for s in res.sample_ids[i]]
+            np.testing.assert_allclose(res.scores[i], sims[i, cols], atol=1e-4)
     res = index.query(queries, k, exact=True)
     assert res.sample_ids == [[ids[j] for j in row] for row in truth]
 

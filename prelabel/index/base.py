@@ -35,6 +35,38 @@ NORM = "norm"
 
 METRICS = ("cosine", "dotproduct", "euclidean")
 
+#: how a new index keeps its vectors: ``"int8"`` (scalar quantization,
+#: with the float32 vectors kept for rescoring) or ``None`` (float32 only).
+#: On 60,000 x 1,280 MNIST features (benchmarks/index_settings.py) int8
+#: builds the graph 3.6x faster and answers filtered queries 1.7x faster
+#: at recall@15 0.999 against exact search (0.973 without rescoring)
+DEFAULT_QUANTIZATION = "int8"
+
+#: a quantized index ranks this many times k candidates by their int8
+#: scores, then rescores them with the float32 vectors
+RESCORE_OVERSAMPLING = 2.0
+
+#: the HNSW settings of a new index, under those a caller gives
+#: (``ef_construct`` 64 instead of Qdrant's 100: the int8 graph builds in
+#: 3/4 of the time for 0.0008 less recall@15, measured as above)
+DEFAULT_HNSW = {"m": 16, "ef_construct": 64, "full_scan_threshold": 10000}
+
+
+def hnsw_settings(hnsw_config: dict | None) -> dict:
+    """The HNSW settings of a new index: :data:`DEFAULT_HNSW` updated with
+    ``hnsw_config``."""
+    return {**DEFAULT_HNSW, **(hnsw_config or {})}
+
+
+def check_quantization(quantization) -> None:
+    """Raises unless ``quantization`` is one an index supports."""
+    if quantization not in (None, "int8"):
+        raise ValueError(
+            f"quantization={quantization!r} is not supported; use 'int8' "
+            "(the default) or None (float32 vectors only)"
+        )
+
+
 #: the most distinct labels :meth:`VectorIndex.label_counts` asks a place's
 #: facet of the labels for
 MAX_LABELS = 1_000_000
@@ -158,6 +190,27 @@ class VectorIndex(abc.ABC):
 
     #: "embedded" or "server"
     location: str = ""
+    #: ``None`` (float32 vectors) or ``"int8"`` (scalar quantization)
+    quantization: str | None = None
+    #: see :data:`RESCORE_OVERSAMPLING`
+    oversampling: float = RESCORE_OVERSAMPLING
+
+    def search_params(self, models, exact: bool, hnsw_ef: int | None):
+        """The ``SearchParams`` of a query, from the engine's ``models``
+        (Qdrant Edge's or qdrant-client's, which share these names), or
+        None for the engine's defaults. A quantized index picks
+        ``oversampling`` x k candidates by their int8 scores and ranks
+        them by their float32 vectors."""
+        rescoring = None
+        if self.quantization:
+            rescoring = models.QuantizationSearchParams(
+                rescore=True, oversampling=float(self.oversampling)
+            )
+        if not (exact or hnsw_ef is not None or rescoring):
+            return None
+        return models.SearchParams(
+            hnsw_ef=hnsw_ef, exact=bool(exact), quantization=rescoring
+        )
 
     @property
     @abc.abstractmethod

@@ -74,8 +74,12 @@ class PrelabelQdrantSimilarityConfig(SimilarityConfig):
         replication_factor (None): replicas of a new server collection
         write_consistency_factor (None): of a new server collection
         hnsw_config (None): dict of HNSW settings (``m``,
-            ``ef_construct``, ``full_scan_threshold``)
-        quantization (None): ``None`` or ``"int8"``
+            ``ef_construct``, ``full_scan_threshold``) over
+            :data:`prelabel.index.base.DEFAULT_HNSW`
+        quantization ("int8"): ``"int8"`` (scalar quantization, the top
+            candidates rescored with the float32 vectors: see
+            :data:`prelabel.index.base.DEFAULT_QUANTIZATION`) or ``None``
+            (float32 vectors only)
         url (None): the Qdrant server URL (never stored)
         api_key (None): the Qdrant API key (never stored)
         prefer_grpc (None): use gRPC to talk to the server
@@ -101,7 +105,7 @@ class PrelabelQdrantSimilarityConfig(SimilarityConfig):
         replication_factor=None,
         write_consistency_factor=None,
         hnsw_config=None,
-        quantization=None,
+        quantization=base.DEFAULT_QUANTIZATION,
         url=None,
         api_key=None,
         prefer_grpc=None,
@@ -115,6 +119,7 @@ class PrelabelQdrantSimilarityConfig(SimilarityConfig):
                 f"metric={metric!r} is not supported; use one of "
                 f"{base.METRICS}"
             )
+        base.check_quantization(quantization)
         if location is None:
             location = "server" if url else "embedded"
         if location not in ("embedded", "server"):

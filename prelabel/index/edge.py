@@ -120,10 +120,12 @@ class EdgeIndex(VectorIndex):
     Args:
         path: the index folder (created on :meth:`create`)
         metric ("cosine"): ``"cosine"``, ``"dotproduct"`` or ``"euclidean"``
-        hnsw_config (None): optional dict with ``m``, ``ef_construct``,
-            ``full_scan_threshold``
-        quantization (None): ``None`` or ``"int8"`` (scalar quantization,
-            4x less memory for vectors, rescored)
+        hnsw_config (None): HNSW settings of a new index (``m``,
+            ``ef_construct``, ``full_scan_threshold``) over
+            :data:`prelabel.index.base.DEFAULT_HNSW`
+        quantization ("int8"): ``"int8"`` (scalar quantization: the graph
+            is built and searched on int8 vectors, the top candidates
+            rescored with the float32 ones) or ``None``
         lock_timeout (None): seconds to wait for another process holding
             the index (``$PRELABEL_LOCK_TIMEOUT`` or 120)
         label (None): how messages name this index (default: its folder)
@@ -137,7 +139,7 @@ class EdgeIndex(VectorIndex):
         path: str,
         metric: str = "cosine",
         hnsw_config: dict | None = None,
-        quantization: str | None = None,
+        quantization: str | None = base.DEFAULT_QUANTIZATION,
         lock_timeout: float | None = None,
         label: str | None = None,
         repair_hint: str | None = None,
@@ -147,11 +149,7 @@ class EdgeIndex(VectorIndex):
                 f"metric={metric!r} is not supported; use one of "
                 f"{base.METRICS}"
             )
-        if quantization not in (None, "int8"):
-            raise ValueError(
-                f"quantization={quantization!r} is not supported; use None "
-                "or 'int8'"
-            )
+        base.check_quantization(quantization)
         self.path = os.path.abspath(os.path.expanduser(path))
         self.metric = metric
         self.hnsw_config = hnsw_config
@@ -337,11 +335,11 @@ class EdgeIndex(VectorIndex):
             "dotproduct": qe.Distance.Dot,
             "euclidean": qe.Distance.Euclid,
         }[self.metric]
-        kwargs = {}
-        if self.hnsw_config:
-            hnsw = {"m": 16, "ef_construct": 100, "full_scan_threshold": 10000}
-            hnsw.update(self.hnsw_config)
-            kwargs["hnsw_config"] = qe.HnswIndexConfig(**hnsw)
+        kwargs = {
+            "hnsw_config": qe.HnswIndexConfig(
+                **base.hnsw_settings(self.hnsw_config)
+            )
+        }
         if self.quantization == "int8":
             kwargs["quantization_config"] = qe.ScalarQuantizationConfig(
                 type=qe.ScalarType.Int8, quantile=0.99
@@ -506,9 +504,7 @@ class EdgeIndex(VectorIndex):
     def query(self, vectors, k, filter=None, exact=False, hnsw_ef=None):
         qe = _edge()
         vectors = base.as_matrix(vectors, self.dim)
-        params = None
-        if exact or hnsw_ef is not None:
-            params = qe.SearchParams(hnsw_ef=hnsw_ef, exact=bool(exact))
+        params = self.search_params(qe, exact, hnsw_ef)
         native = _to_filter(filter)
         requests = [
             qe.QueryRequest(

@@ -82,7 +82,9 @@ class ServerIndex(VectorIndex):
         replication_factor (None): replicas of a new collection
         write_consistency_factor (None): of a new collection
         hnsw_config (None): dict of ``qdrant_client.models.HnswConfigDiff``
-        quantization (None): ``None`` or ``"int8"``
+            settings over :data:`prelabel.index.base.DEFAULT_HNSW`
+        quantization ("int8"): ``"int8"`` (scalar quantization, the top
+            candidates rescored with the float32 vectors) or ``None``
         url (None): the server's URL, to name it in messages
     """
 
@@ -97,7 +99,7 @@ class ServerIndex(VectorIndex):
         replication_factor: int | None = None,
         write_consistency_factor: int | None = None,
         hnsw_config: dict | None = None,
-        quantization: str | None = None,
+        quantization: str | None = base.DEFAULT_QUANTIZATION,
         url: str | None = None,
     ):
         if metric not in base.METRICS:
@@ -105,6 +107,7 @@ class ServerIndex(VectorIndex):
                 f"metric={metric!r} is not supported; use one of "
                 f"{base.METRICS}"
             )
+        base.check_quantization(quantization)
         self.client = client
         self.collection_name = collection_name
         self.metric = metric
@@ -217,10 +220,8 @@ class ServerIndex(VectorIndex):
             shard_number=self.shard_number,
             replication_factor=self.replication_factor,
             write_consistency_factor=self.write_consistency_factor,
-            hnsw_config=(
-                m.HnswConfigDiff(**self.hnsw_config)
-                if self.hnsw_config
-                else None
+            hnsw_config=m.HnswConfigDiff(
+                **base.hnsw_settings(self.hnsw_config)
             ),
             quantization_config=quantization,
         )
@@ -377,9 +378,7 @@ class ServerIndex(VectorIndex):
     def query(self, vectors, k, filter=None, exact=False, hnsw_ef=None):
         m = _models()
         vectors = base.as_matrix(vectors, self.dim)
-        params = None
-        if exact or hnsw_ef is not None:
-            params = m.SearchParams(hnsw_ef=hnsw_ef, exact=bool(exact))
+        params = self.search_params(m, exact, hnsw_ef)
         native = _to_filter(filter)
         requests = [
             m.QueryRequest(
