@@ -40,6 +40,7 @@ from prelabel.deprecation import moved
 from prelabel.fields import check_output_field, staged_fields
 from prelabel.health import check_index
 from prelabel.index.locking import Lease
+from prelabel.prefetch import Behind
 from prelabel.progress import Progress, ProgressArg
 
 
@@ -508,8 +509,11 @@ def preannotate(
         mode=mode,
         brain_key=scorer.results.key,
     )
-    verdict = _verdict(run, scorer, frozen, out)
-    _write(run, scorer, verdict, out)
+    # one opening of the scorer's index for the references' verdict and
+    # the targets (the streams inside give it back every few seconds)
+    with Lease(scorer.results.index):
+        verdict = _verdict(run, scorer, frozen, out)
+        _write(run, scorer, verdict, out)
     if eval_key is not None:
         t1 = time.perf_counter()
         out.eval_key = eval_key
@@ -783,7 +787,10 @@ def _write(run: _Run, scorer, verdict: _Verdict, out) -> None:
         extra=dict(verdict.extra, patches_field=run.units.patches_field),
     )
     staged = {run.pred_field: run.units.result_type}
-    with staged_fields(dataset, staged) as stage:
+    with (
+        staged_fields(dataset, staged) as stage,
+        Behind() as writes,
+    ):
         stage.record(records.RUNS, run.pred_field, record)
         writer = run.units.writer(dataset, stage[run.pred_field], ids)
         t0 = time.perf_counter()
@@ -801,7 +808,9 @@ def _write(run: _Run, scorer, verdict: _Verdict, out) -> None:
                 if r
             ]
             review_ids.extend(chunk_review)
-            writer.write(
+            # written in a thread while the next chunk is queried
+            writes.put(
+                writer.write,
                 dict(zip(chunk.neighbors.ids, labels, strict=True)),
                 chunk_review,
             )
@@ -809,8 +818,9 @@ def _write(run: _Run, scorer, verdict: _Verdict, out) -> None:
             t_query += t1 - t0
             t_write += t2 - t1
             t0 = t2
-        writer.close()
         t3 = time.perf_counter()
+        writes.wait()
+        writer.close()
     t_write += time.perf_counter() - t3  # the swap of the field
     run.units.tag_for_review(dataset, review_ids)
     out.num_review = len(review_ids)

@@ -1,9 +1,12 @@
-"""Overlapping a producer with its consumer: the next item of an iterator
-is computed in a thread while the caller works on the current one.
+"""Overlapping the stages of a chunked job in threads: the next item of
+an iterator computed while the caller works on the current one
+(:func:`prefetch`), and the caller's writes done behind it
+(:class:`Behind`).
 
 A sync reads chunk i + 1 from the database while chunk i goes to the
-index; most of both is spent outside Python's lock (MongoDB's socket,
-zlib, the engine), so on two cores the stages overlap.
+index; pre-annotation writes chunk i while chunk i + 1 is queried. What
+overlaps is the time spent outside Python's lock (MongoDB's socket and
+its own process, zlib); Qdrant Edge's queries hold the lock.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -83,3 +87,49 @@ def prefetch(make: Callable[[], Iterator[T]], depth: int = 1) -> Iterator[T]:
     finally:
         stop.set()
         thread.join()
+
+
+class Behind:
+    """Runs calls one at a time, in order, in a thread of their own, at
+    most ``depth`` behind the caller; an exception of one is raised by the
+    next :meth:`put` or by :meth:`wait`. Leaving the ``with`` block waits
+    for the calls in flight (and raises the first error, unless the block
+    is already raising one).
+
+    Args:
+        depth (1): calls that may be waiting or running when :meth:`put`
+            returns
+    """
+
+    def __init__(self, depth: int = 1):
+        self._depth = max(1, int(depth))
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
+
+    def __enter__(self) -> Behind:
+        self._pool = ThreadPoolExecutor(
+            1, thread_name_prefix="prelabel-behind"
+        )
+        return self
+
+    def put(self, fn: Callable, *args, **kwargs) -> None:
+        """Queues ``fn(*args, **kwargs)`` once fewer than ``depth`` calls
+        are waiting or running."""
+        while len(self._pending) >= self._depth:
+            self._pending.pop(0).result()
+        self._pending.append(self._pool.submit(fn, *args, **kwargs))
+
+    def wait(self) -> None:
+        """Returns when every queued call is done."""
+        while self._pending:
+            self._pending.pop(0).result()
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if exc[0] is None:
+                self.wait()
+        finally:
+            for f in self._pending:
+                f.cancel()
+            self._pool.shutdown(wait=True)
+            self._pending = []

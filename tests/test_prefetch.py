@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from prelabel.prefetch import prefetch
+from prelabel.prefetch import Behind, prefetch
 
 
 def test_same_items_in_order_and_ahead():
@@ -70,3 +70,38 @@ def test_stopping_early_closes_the_producer():
     assert not [
         t for t in threading.enumerate() if t.name == "prelabel-prefetch"
     ]
+
+
+def test_behind_runs_in_order_in_one_thread_and_raises_errors():
+    done, threads = [], set()
+
+    def work(i):
+        threads.add(threading.get_ident())
+        time.sleep(0.01)
+        done.append(i)
+
+    with Behind(depth=2) as behind:
+        for i in range(6):
+            behind.put(work, i)
+            assert len(done) >= i - 2  # never more than 2 behind
+    assert done == list(range(6))
+    assert len(threads) == 1 and threading.get_ident() not in threads
+
+    def fail(i):
+        if i == 1:
+            raise ValueError("write failed")
+
+    with pytest.raises(ValueError, match="write failed"):
+        with Behind() as behind:
+            for i in range(4):
+                behind.put(fail, i)
+
+
+def test_behind_drops_queued_calls_when_the_block_raises():
+    done = []
+    with pytest.raises(RuntimeError, match="caller"):
+        with Behind(depth=3) as behind:
+            behind.put(time.sleep, 0.2)
+            behind.put(done.append, 1)
+            raise RuntimeError("caller")
+    assert done == []  # queued behind the running call: cancelled
