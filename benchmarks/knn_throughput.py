@@ -259,6 +259,7 @@ def run_exact(dataset, pred_field):
     from prelabel.neighbors import Neighbors
     from prelabel.preannotate import classify
     from prelabel.scorers import ChunkScores
+    from prelabel.units import Samples
 
     stages = {}
     t0 = time.perf_counter()
@@ -282,9 +283,9 @@ def run_exact(dataset, pred_field):
         Neighbors(tgt_ids, Q, nb_ids, nb_labels, sims), votes, votes.probs
     )
     labels, _, _ = classify(chunk)
-    dataset.set_values(
-        pred_field, dict(zip(tgt_ids, labels, strict=True)), key_field="id"
-    )
+    # the same write as ours
+    writer = Samples().writer(dataset, pred_field, tgt_ids)
+    writer.write(dict(zip(tgt_ids, labels, strict=True)))
     stages["write"] = time.perf_counter() - t2
     return stages, nb_ids
 

@@ -426,8 +426,9 @@ def _write_boxes(dataset, out, record, rows, bar, scored) -> None:
         writer.close()
 
 
-def _box_score(label, score, majority) -> fo.Classification:
-    """What a scored box's Detection carries (as a Classification)."""
+def _box_score(label, score, majority) -> dict:
+    """What a scored box's Detection carries (the attributes of a
+    Classification)."""
     attrs = dict(label=label, score=score)
     if majority is not None:
         attrs.update(
@@ -436,7 +437,7 @@ def _box_score(label, score, majority) -> fo.Classification:
             votes=majority["votes"],
             neighbors=majority["neighbors"],
         )
-    return fo.Classification(**attrs)
+    return attrs
 
 
 def mistakes_record(

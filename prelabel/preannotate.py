@@ -867,8 +867,9 @@ def _prepare(run: _Run, chunk, verdict: _Verdict):
 
 
 def classify(chunk, verdict=None, min_confidence=None, scale=None):
-    """The Classifications of a chunk, which targets need review, and how
-    many were accepted.
+    """The results of a chunk (the attributes of each target's
+    ``fo.Classification``, or None: no label), which targets need review,
+    and how many were accepted.
 
     Args:
         chunk: a :class:`prelabel.scorers.ChunkScores`
@@ -917,7 +918,7 @@ def classify(chunk, verdict=None, min_confidence=None, scale=None):
             ok = raw >= verdict.threshold
             attrs["accepted"] = bool(ok)
             accepted += int(ok)
-        labels.append(fo.Classification(**attrs))
+        labels.append(attrs)
         review.append(not ok)
     return labels, review, accepted
 

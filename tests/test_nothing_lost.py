@@ -472,16 +472,18 @@ _KILL_DURING_WRITES = """
 
     ds = fo.load_dataset(sys.argv[1])
     calls = [0]
-    set_values = fo.Dataset.set_values
+    bulk_write = fo.Dataset._bulk_write
 
-    def dying(self, field, *args, **kwargs):
-        if field.startswith("prelabel_tmp_"):
+    def dying(self, ops, *args, **kwargs):
+        # the second write of results into the staged field
+        if any(f.startswith("prelabel_tmp_")
+               for op in ops for f in op._doc.get("$set", {})):
             calls[0] += 1
             if calls[0] == 2:
                 os.kill(os.getpid(), signal.SIGKILL)
-        return set_values(self, field, *args, **kwargs)
+        return bulk_write(self, ops, *args, **kwargs)
 
-    fo.Dataset.set_values = dying
+    fo.Dataset._bulk_write = dying
     prelabel.preannotate(
         ds.match_tags("test"), "k", reference="train", k=7,
         pred_field="prelabel", batch_size=50, progress=False,

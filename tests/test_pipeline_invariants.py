@@ -89,15 +89,25 @@ def test_a_failure_half_way_leaves_the_previous_field(
     record = records.get(digits, records.RUNS, "kept")
     calls = []
     set_values = fo.Dataset.set_values
+    bulk_write = fo.Dataset._bulk_write
 
-    def failing(self, field, *args, **kwargs):
-        if field.startswith(TMP_PREFIX):
-            calls.append(field)
+    def fail_on_second(fields):
+        if any(f.startswith(TMP_PREFIX) for f in fields):
+            calls.append(fields)
             if len(calls) == 2:
                 raise RuntimeError("the database went away")
+
+    def failing(self, field, *args, **kwargs):
+        fail_on_second([field])
         return set_values(self, field, *args, **kwargs)
 
+    def failing_bulk(self, ops, *args, **kwargs):
+        # the raw writes of results (prelabel.units._SampleWriter)
+        fail_on_second([f for op in ops for f in op._doc.get("$set", {})])
+        return bulk_write(self, ops, *args, **kwargs)
+
     monkeypatch.setattr(fo.Dataset, "set_values", failing)
+    monkeypatch.setattr(fo.Dataset, "_bulk_write", failing_bulk)
     with pytest.raises(RuntimeError, match="went away"):
         _run(digits, targets, pred_field="kept", k=7, **CASES[case])
     monkeypatch.undo()
