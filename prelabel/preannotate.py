@@ -17,6 +17,7 @@ reference and target (see :mod:`prelabel.scorers`).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -188,13 +189,18 @@ def check_preannotate(
     batch_size: int = 1000,
     patches_field: str | None = None,
     calibration_reference=None,
+    *,
+    keep_open: contextlib.ExitStack | None = None,
 ):
     """Runs every check of :func:`preannotate` without writing a label, so
     that operator forms can show the reason before anything runs (a
     reference given as a view is marked in the payloads, as
     :func:`prelabel.neighbors.reference_filter` does).
 
-    Args: as :func:`preannotate`
+    Args: as :func:`preannotate`, and
+        keep_open (None): an ``ExitStack`` that keeps the embedded index
+            open after the checks (for a caller that queries it next;
+            loading a shard of 60,000 points takes about a second)
 
     Returns:
         ``(results, filter, num_reference, units)``: the similarity
@@ -229,7 +235,9 @@ def check_preannotate(
         _check_box_options(mode, eval_key)
     results = neighbors.load_index(targets, index, brain_key, patches_field)
     # the checks below share one opening of an embedded index
-    with Lease(results.index):
+    own = contextlib.ExitStack()
+    with own if keep_open is None else contextlib.nullcontext():
+        (keep_open or own).enter_context(Lease(results.index))
         check_index(targets, results, sample_size=64).raise_if_damaged()
         config = results.config
         if config.label_field != label_field:
@@ -461,66 +469,74 @@ def preannotate(
         a :class:`PreannotationResult`
     """
     t0 = time.perf_counter()
-    results, flt, _, points = check_preannotate(
-        targets,
-        index=index,
-        reference=reference,
-        label_field=label_field,
-        pred_field=pred_field,
-        k=k,
-        vote=vote,
-        brain_key=brain_key,
-        min_confidence=min_confidence,
-        eval_key=eval_key,
-        calibrate=calibrate,
-        target_precision=target_precision,
-        propagate=propagate,
-        mode=mode,
-        overwrite=overwrite,
-        batch_size=batch_size,
-        patches_field=patches_field,
-        calibration_reference=calibration_reference,
-    )
-    run = _Run(
-        targets,
-        results,
-        flt,
-        reference,
-        points.label_field(label_field),
-        pred_field,
-        k,
-        vote,
-        min_confidence,
-        eval_key,
-        batch_size,
-        progress,
-        calibrate or mode == "adapted",
-        target_precision,
-        propagate,
-        mode,
-        overwrite,
-        points,
-        calibration_reference,
-    )
-    scorer, frozen = _scorers(run)
-    out = PreannotationResult(
-        pred_field=pred_field,
-        classes=scorer.classes,
-        mode=mode,
-        brain_key=scorer.results.key,
-    )
-    # one opening of the scorer's index for the references' verdict and
-    # the targets (the streams inside give it back every few seconds)
-    with Lease(scorer.results.index):
-        verdict = _verdict(run, scorer, frozen, out)
-        _write(run, scorer, verdict, out)
-    if eval_key is not None:
-        t1 = time.perf_counter()
-        out.eval_key = eval_key
-        out.accuracy = evaluate(
-            targets, pred_field, label_field, eval_key, out.classes
+    with contextlib.ExitStack() as held:
+        results, flt, _, points = check_preannotate(
+            targets,
+            index=index,
+            reference=reference,
+            label_field=label_field,
+            pred_field=pred_field,
+            k=k,
+            vote=vote,
+            brain_key=brain_key,
+            min_confidence=min_confidence,
+            eval_key=eval_key,
+            calibrate=calibrate,
+            target_precision=target_precision,
+            propagate=propagate,
+            mode=mode,
+            overwrite=overwrite,
+            batch_size=batch_size,
+            patches_field=patches_field,
+            calibration_reference=calibration_reference,
+            keep_open=held,
         )
-        out.seconds["evaluate"] = time.perf_counter() - t1
+        run = _Run(
+            targets,
+            results,
+            flt,
+            reference,
+            points.label_field(label_field),
+            pred_field,
+            k,
+            vote,
+            min_confidence,
+            eval_key,
+            batch_size,
+            progress,
+            calibrate or mode == "adapted",
+            target_precision,
+            propagate,
+            mode,
+            overwrite,
+            points,
+            calibration_reference,
+        )
+        if mode != "knn":
+            # learning the adapted space takes a while, and the adapted
+            # index answers: give the checked one back now
+            held.close()
+        scorer, frozen = _scorers(run)
+        out = PreannotationResult(
+            pred_field=pred_field,
+            classes=scorer.classes,
+            mode=mode,
+            brain_key=scorer.results.key,
+        )
+        # one opening of the scorer's index for the checks, the references'
+        # verdict and the targets (the streams inside give it back every few
+        # seconds)
+        with Lease(scorer.results.index):
+            verdict = _verdict(run, scorer, frozen, out)
+            _write(run, scorer, verdict, out)
+        held.close()
+        if eval_key is not None:
+            t1 = time.perf_counter()
+            out.eval_key = eval_key
+            out.accuracy = evaluate(
+                targets, pred_field, label_field, eval_key, out.classes
+            )
+            out.seconds["evaluate"] = time.perf_counter() - t1
     out.seconds["total"] = time.perf_counter() - t0
     return out
 
