@@ -38,7 +38,7 @@ BENCHMARKS = [
         "index settings: int8 and HNSW against float32, 60k points",
     ),
     ("embeddings", "embeddings_throughput", "embeddings throughput"),
-    ("scale", "scale", "the embedded index from 30k to 300k points"),
+    ("scale", "scale", "the embedded index from 30k to 1M points"),
     ("memory", "memory", "peak memory of the whole pipeline"),
     (
         "memory-stream",
