@@ -357,14 +357,10 @@ def _write_adapted(
     ids = embedded.values("id")
     with Progress(progress, len(ids), "Writing adapted embeddings") as bar:
         for a in range(0, len(ids), batch_size):
-            chunk_ids, vecs = values_with_vectors(
-                dataset.select(ids[a : a + batch_size]),
-                ["id", embeddings_field],
-                embeddings_field,
+            chunk_ids, X = neighbors.read_vectors(
+                dataset, ids[a : a + batch_size], embeddings_field
             )
-            V = adapter.transform(
-                np.stack([np.asarray(v, dtype=np.float32) for v in vecs])
-            )
+            V = adapter.transform(X)
             dataset.set_values(
                 field,
                 dict(zip(chunk_ids, list(V), strict=True)),

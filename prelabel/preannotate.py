@@ -235,9 +235,10 @@ def check_preannotate(
         _check_box_options(mode, eval_key)
     results = neighbors.load_index(targets, index, brain_key, patches_field)
     # the checks below share one opening of an embedded index
-    own = contextlib.ExitStack()
-    with own if keep_open is None else contextlib.nullcontext():
-        (keep_open or own).enter_context(Lease(results.index))
+    with contextlib.ExitStack() as own:
+        (own if keep_open is None else keep_open).enter_context(
+            Lease(results.index)
+        )
         check_index(targets, results, sample_size=64).raise_if_damaged()
         config = results.config
         if config.label_field != label_field:

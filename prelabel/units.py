@@ -127,7 +127,7 @@ class Samples:
         (the attributes of the point's ``fo.Classification``)
         (``review``: the ids to tag for review; samples are tagged by the
         caller once the field is in place), then ``writer.close()``."""
-        return _SampleWriter(dataset, field)
+        return _SampleWriter(dataset, field, self.result_type)
 
 
 class Patches(Samples):
@@ -334,10 +334,10 @@ class _SampleWriter:
     """Writes each sample's result (the attributes of a Classification,
     or None) in one bulk request per chunk, as ``set_values`` would."""
 
-    def __init__(self, dataset, field: str):
+    def __init__(self, dataset, field: str, result_type: tuple):
         self.dataset, self.field = dataset, field
         if not dataset.has_sample_field(field):
-            ftype, kwargs = Samples().result_type
+            ftype, kwargs = result_type
             dataset.add_sample_field(field, ftype, **kwargs)
 
     def write(self, values: dict, review=()) -> None:
