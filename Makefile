@@ -12,7 +12,7 @@ ifdef APP
 DEMO_ARGS += --app
 endif
 
-.PHONY: setup demo test test-fast lint format bench clean-index
+.PHONY: setup demo test test-fast lint format bench bench-scale clean-index
 
 setup:
 	@bash scripts/setup.sh
@@ -42,3 +42,12 @@ bench: setup
 	@$(PY) -c "import cleanlab, datasets" 2>/dev/null || \
 		$(PY) -m pip install -q -c requirements/env.txt -e ".[bench]"
 	$(PY) benchmarks/run.py $(if $(QUICK),--quick)
+
+# The whole job in FiftyOne at 100k, 500k and 1M samples, two kinds of
+# vectors (hours on 2 cores; QUICK=1: 20,000 samples, minutes). Prints the
+# section and writes it to benchmarks/scale_fiftyone.json; SIZES=100000
+# and KINDS=mnist narrow it.
+bench-scale: setup
+	$(PY) benchmarks/scale_fiftyone.py $(if $(QUICK),--quick) \
+		$(if $(SIZES),--sizes $(SIZES)) $(if $(KINDS),--kinds $(KINDS)) \
+		--json benchmarks/scale_fiftyone.json
