@@ -437,8 +437,51 @@ def test_edge_session_keeps_one_shard_open(tmp_path):
         assert index.count() == 11
         assert index._lock.held
     assert not index._lock.held
-    assert index._handle.shard is None
+    # flushed, and left open for the next call (see the linger tests)
+    assert index._handle.shard is shard
     assert EdgeIndex(index.path).count() == 11
+
+
+def _count_loads(monkeypatch) -> list:
+    loads = []
+    real = EdgeIndex._load
+    monkeypatch.setattr(
+        EdgeIndex, "_load", lambda self: loads.append(1) or real(self)
+    )
+    return loads
+
+
+def test_idle_shard_lingers_then_closes(tmp_path, monkeypatch):
+    """After its last use the shard stays open for the next call (no
+    loading), and closes after PRELABEL_INDEX_LINGER idle seconds; with 0
+    it closes at once; a lingering shard whose folder was deleted is not
+    used again."""
+    monkeypatch.setenv("PRELABEL_INDEX_LINGER", "0.3")
+    index = EdgeIndex(str(tmp_path / "index"))
+    fill(index, 10, 4)
+    loads = _count_loads(monkeypatch)
+    for _ in range(3):
+        assert index.count() == 10
+        assert not index._lock.held and index._handle.shard is not None
+    assert loads == []
+    deadline = time.monotonic() + 10
+    while index._handle.shard is not None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert index._handle.shard is None
+    assert index.count() == 10 and loads == [1]
+
+    monkeypatch.setenv("PRELABEL_INDEX_LINGER", "0")
+    assert index.count() == 10
+    assert index._handle.shard is None
+
+    monkeypatch.setenv("PRELABEL_INDEX_LINGER", "60")
+    assert index.count() == 10 and index._handle.shard is not None
+    import shutil
+
+    shutil.rmtree(index.path)
+    with pytest.raises(IndexDamagedError, match="missing"):
+        index.query(np.ones((1, 4)), 1)
+    assert index._handle.shard is None
 
 
 def test_two_edge_objects_of_one_folder_nest(tmp_path):
@@ -589,6 +632,82 @@ def test_edge_lock_across_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr.read()
 
 
+def test_fork_closes_a_lingering_shard(tmp_path, monkeypatch):
+    """A forked child (a DataLoader worker) must not inherit an idle open
+    shard and its locks: the shard is closed before the fork, and both
+    processes can open it afterwards."""
+    import multiprocessing
+
+    monkeypatch.setenv("PRELABEL_INDEX_LINGER", "60")
+    index = EdgeIndex(str(tmp_path / "index"))
+    fill(index, 10, 4)
+    assert index._handle.shard is not None
+    ctx = multiprocessing.get_context("fork")
+    child = ctx.Process(target=time.sleep, args=(3,))
+    child.start()
+    try:
+        assert index._handle.shard is None
+        proc = _count_child(index.path, PRELABEL_LOCK_TIMEOUT="2")
+        try:
+            assert _ask(proc)[1] == "ok 10"
+        finally:
+            proc.stdin.close()
+            proc.wait(timeout=30)
+        assert index.count() == 10
+    finally:
+        child.join(timeout=30)
+
+
+def _count_child(path, **env):
+    return subprocess.Popen(
+        [sys.executable, "-c", _CHILD, path],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "FIFTYONE_DO_NOT_TRACK": "true", **env},
+    )
+
+
+def test_lingering_shard_is_given_back_when_another_process_asks(
+    tmp_path, monkeypatch
+):
+    """Two processes that each keep the shard open while idle (for a
+    minute) take turns at once: each asks the other, which closes its idle
+    shard within a fraction of a second. A holder killed while it lingers
+    keeps nobody out."""
+    monkeypatch.setenv("PRELABEL_INDEX_LINGER", "60")
+    path = str(tmp_path / "index")
+    index = EdgeIndex(path)
+    fill(index, 10, 4)
+    assert index._handle.shard is not None  # we linger
+    proc = _count_child(path, PRELABEL_LOCK_TIMEOUT="20")
+    try:
+        for turn in range(3):
+            seconds, answer = _ask(proc)
+            assert answer == "ok 10", answer
+            assert seconds < 5, f"the child waited {seconds:.1f} s"
+            assert index._handle.shard is None  # we gave it back
+            t0 = time.monotonic()
+            index.upsert(
+                [sid(100 + turn)], np.ones((1, 4)), [{base.SAMPLE_ID: "x"}]
+            )
+            index.delete([sid(100 + turn)])
+            assert time.monotonic() - t0 < 5
+            assert index._handle.shard is not None  # the child gave it back
+        # the child dies with the shard open: nothing is left to wait for
+        _ask(proc)
+        proc.kill()
+        proc.wait(timeout=30)
+        t0 = time.monotonic()
+        assert index.count() == 10
+        assert time.monotonic() - t0 < 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
 @pytest.mark.parametrize("place", ["edge", "server"])
 def test_euclidean_scores_are_similarities(place, tmp_path):
     """Whatever the metric, a higher score is a closer point, so votes
@@ -623,13 +742,10 @@ def test_nested_leases_share_one_opening(tmp_path, monkeypatch):
     through the outer lease; a scroll of many pages opens the shard once."""
     from prelabel.index.locking import Lease
 
+    monkeypatch.setenv("PRELABEL_INDEX_LINGER", "0")  # count openings
     index = EdgeIndex(str(tmp_path / "index"))
     fill(index, 50, 4)
-    loads = []
-    real = EdgeIndex._load
-    monkeypatch.setattr(
-        EdgeIndex, "_load", lambda self: loads.append(1) or real(self)
-    )
+    loads = _count_loads(monkeypatch)
     assert sum(len(p) for p in index.scroll(None, 5, False, False)) == 50
     assert len(loads) == 1
     with Lease(index, hold=0.0, pause=0.0, overhead=0.0) as outer:

@@ -14,14 +14,18 @@ deletes the two entries above and the folder only if it is then empty, so
 a file a user keeps there survives, and :meth:`create` refuses a
 non-empty folder that is not a prelabel index.
 
-Every public method opens the shard under the lock, works, flushes and
-closes it again (see :mod:`prelabel.index.locking` for why). Use
+Every public method opens the shard under the lock, works and flushes it;
+the shard then stays open for the next call until it has been idle for
+``PRELABEL_INDEX_LINGER`` seconds or another process asks for it (see
+:class:`_Handle`, and :mod:`prelabel.index.locking` for the lock). Use
 :meth:`EdgeIndex.session` to keep it open across several calls of one job.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -224,28 +228,30 @@ class EdgeIndex(VectorIndex):
 
     @contextlib.contextmanager
     def session(self):
-        """Keeps the shard open (and the lock held) for several calls."""
+        """Keeps the shard open (and the lock held) for several calls.
+
+        When the last session of this process ends, the shard is flushed
+        and stays open for ``PRELABEL_INDEX_LINGER`` seconds, so that the
+        next call (an App query, the next chunk of a job) does not load it
+        again; another process that wants it asks, and gets it at once
+        (see :class:`_Handle`).
+        """
         handle = self._handle
         with self._lock:
-            if handle.shard is not None:
-                yield handle.shard
-                return
-            if not self.exists():
-                raise IndexDamagedError(
-                    f"{self.label} is missing (no index at {self.path}); "
-                    f"{self.repair_hint}"
-                )
-            self._meta = None  # read again: another process may change it
-            self.meta  # noqa: B018 - raises on a damaged marker
-            handle.shard = self._load()
+            shard = handle.reuse()
+            if shard is None:
+                if not self.exists():
+                    raise IndexDamagedError(
+                        f"{self.label} is missing (no index at {self.path}); "
+                        f"{self.repair_hint}"
+                    )
+                self._meta = None  # read again: another process may change it
+                self.meta  # noqa: B018 - raises on a damaged marker
+                shard = handle.opened(self._load())
             try:
-                yield handle.shard
+                yield shard
             finally:
-                shard, handle.shard = handle.shard, None
-                try:
-                    shard.flush()
-                finally:
-                    shard.close()
+                handle.done()
 
     def _load(self):
         """Opens the shard; waits while another process (one that does not
@@ -363,7 +369,7 @@ class EdgeIndex(VectorIndex):
         left half-written; the folder too if nothing else is in it. Any
         other file in the folder stays."""
         with self._lock:
-            if self._handle.shard is not None:
+            if not self._handle.close_idle():
                 raise RuntimeError(f"cannot drop {self} while it is open")
             for entry in _our_entries(self.path):
                 path = os.path.join(self.path, entry)
@@ -391,6 +397,7 @@ class EdgeIndex(VectorIndex):
             lock_timeout=self._lock.timeout,
         )
         with self._lock, target._lock:
+            self._handle.close_idle()  # copy the files of a closed shard
             if target.state().kind not in ("missing", "empty"):
                 raise FileExistsError(f"{target.path} is not empty")
             meta = dict(self.meta or {})
@@ -537,18 +544,221 @@ class EdgeIndex(VectorIndex):
         return f"EdgeIndex({self.path!r})"
 
 
+def default_linger() -> float:
+    """Seconds an embedded index stays open in a process after its last
+    use (``PRELABEL_INDEX_LINGER``; 0 closes it at once)."""
+    return float(os.environ.get("PRELABEL_INDEX_LINGER", "120"))
+
+
 class _Handle:
     """What every ``EdgeIndex`` of one folder shares in this process: the
     lock and the open shard, so that two objects for the same index (say,
-    two loaded brain results) nest instead of waiting on each other."""
+    two loaded brain results) nest instead of waiting on each other.
+
+    Loading a shard costs seconds at a million points, so the shard is not
+    closed when the last session ends: it lingers, flushed, for
+    :func:`default_linger` seconds (an App server answers the next query
+    at once). The engine lets one process open a shard at a time, so a
+    lingering shard must never keep another process waiting: while it is
+    open this process holds a lock on the file ``<lock>.open``; any
+    process taking the folder lock first checks that lock
+    (:meth:`evict_others`), and if it is held, writes ``<lock>.wanted``
+    and waits; the holder's closer thread sees the file within 0.05 s,
+    closes the idle shard and lets go.
+    """
 
     def __init__(self, path: str, timeout: float, label: str):
+        self.path = path
         self.lock = FolderLock(lock_path(path), timeout=timeout, what=label)
+        self.lock.on_acquire = self.evict_others
+        self.open_path = self.lock.path + ".open"
+        self.wanted_path = self.lock.path + ".wanted"
         self.shard = None
+        self.linger = default_linger()
+        self._active = 0
+        self._idle_since = 0.0
+        self._open_fd: int | None = None
+        self._files: dict = {}
+        self._state = threading.Lock()
+        self._closer: threading.Thread | None = None
+
+    # ---- in this process -------------------------------------------------
+
+    def reuse(self):
+        """The shard if it is still open (lingering or in use), else None.
+        A lingering shard whose files changed since its last flush (deleted,
+        damaged, replaced by hand) is closed: the caller loads it again,
+        and finds out."""
+        with self._state:
+            if self.shard is None:
+                return None
+            files = None if self._active else _files_of(self.path)
+            if files is None or files == self._files:
+                self._active += 1
+                return self.shard
+            self._close_keeping(files)
+            return None
+
+    def _close_keeping(self, files: dict) -> None:
+        """Closes a lingering shard whose files someone else changed. The
+        engine rewrites its headers on closing (the bytes it flushed last):
+        what the other party wrote is put back, so that closing never
+        writes over it (a damaged file stays damaged, and says so when the
+        shard is loaded again)."""
+        kept = {}
+        for p, stat in files.items():
+            if self._files.get(p) != stat:
+                with contextlib.suppress(OSError), open(p, "rb") as f:
+                    kept[p] = f.read()
+        self._close()
+        for p, data in kept.items():
+            with contextlib.suppress(OSError), open(p, "r+b") as f:
+                f.write(data)
+                f.truncate()
+
+    def opened(self, shard):
+        """Registers a shard just loaded (under the folder lock)."""
+        with self._state:
+            self._hold_open_lock()
+            self.shard, self._active = shard, 1
+            return shard
+
+    def done(self) -> None:
+        """The end of a session: the last one flushes the shard, then
+        closes it or lets it linger."""
+        with self._state:
+            self._active -= 1
+            if self._active:
+                return
+            try:
+                self.shard.flush()
+            except BaseException:
+                self._close()
+                raise
+            self.linger = default_linger()
+            if self.linger <= 0:
+                self._close()
+                return
+            self._files = _files_of(self.path)
+            self._idle_since = time.monotonic()
+            if self._closer is None or not self._closer.is_alive():
+                self._closer = threading.Thread(
+                    target=self._close_when_idle,
+                    name=f"prelabel-linger-{os.path.basename(self.lock.path)}",
+                    daemon=True,
+                )
+                self._closer.start()
+
+    def close_idle(self) -> bool:
+        """Closes the shard unless a session uses it; whether it is
+        closed."""
+        with self._state:
+            if self._active:
+                return False
+            self._close()
+            return True
+
+    def _close_when_idle(self) -> None:
+        while True:
+            time.sleep(0.05)
+            with self._state:
+                if self.shard is None:
+                    return
+                if self._active:
+                    continue
+                idle = time.monotonic() - self._idle_since
+                if idle >= self.linger or os.path.exists(self.wanted_path):
+                    self._close()
+                    return
+
+    def _close(self) -> None:
+        shard, self.shard = self.shard, None
+        try:
+            if shard is not None:
+                shard.close()
+        finally:
+            fd, self._open_fd = self._open_fd, None
+            if fd is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.wanted_path)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+
+    def _hold_open_lock(self) -> None:
+        fd = os.open(self.open_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            # free: evict_others made sure of it under the folder lock
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BaseException:
+            os.close(fd)
+            raise
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.wanted_path)  # left by a process that died
+        self._open_fd = fd
+
+    # ---- other processes -------------------------------------------------
+
+    def evict_others(self, deadline: float) -> None:
+        """Called when this process takes the folder lock: if another
+        process keeps the shard open while idle, asks it to close and waits
+        until it has (its closer answers within 0.05 s)."""
+        if self.shard is not None:
+            return  # this process is the one that has it open
+        fd = os.open(self.open_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            asked = False
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                    return
+                except BlockingIOError:
+                    pass
+                if not asked:
+                    with open(self.wanted_path, "w") as f:
+                        f.write(str(os.getpid()))
+                    asked = True
+                if time.monotonic() >= deadline:
+                    raise IndexBusyError(
+                        f"{self.lock.what} is kept open by another process "
+                        "that did not give it back when asked; end that "
+                        "process, or set PRELABEL_INDEX_LINGER=0 there"
+                    )
+                time.sleep(0.01)
+        finally:
+            os.close(fd)
+
+
+def _files_of(path: str) -> dict:
+    """``{file: (inode, size, time of change)}`` of every file of an index
+    folder: equal as long as nobody but this process's engine wrote it."""
+    out = {}
+    for root, _, files in os.walk(path):
+        for name in files:
+            p = os.path.join(root, name)
+            with contextlib.suppress(OSError):
+                st = os.stat(p)
+                out[p] = (st.st_ino, st.st_size, st.st_mtime_ns)
+    return out
 
 
 _HANDLES: dict[str, _Handle] = {}
 _HANDLES_LOCK = threading.Lock()
+
+
+@atexit.register
+def _close_lingering() -> None:
+    """Closes the shards left open for the next call: when the process ends
+    (the engine's own shutdown, not the garbage collector's), and before it
+    forks (a DataLoader worker must not inherit the engine's lock)."""
+    with _HANDLES_LOCK:
+        handles = list(_HANDLES.values())
+    for handle in handles:
+        with contextlib.suppress(Exception):
+            handle.close_idle()
+
+
+os.register_at_fork(before=_close_lingering)
 
 
 def _in_order(sample_ids, found: dict, dim: int):

@@ -3,10 +3,11 @@
 Qdrant Edge locks its write-ahead log: while one process holds a shard open,
 loading it in another fails. The App server, a notebook and a delegated
 worker are separate processes, so every use of an embedded index opens the
-shard for one operation only, under this lock, and closes it again. Loading
-a shard takes milliseconds, so the cost is small and nobody holds the index
-while idle. Waiters poll; after ``timeout`` seconds they get a clear error
-naming the process that holds it.
+shard under this lock, for one operation or one lease of a job. A process
+may keep an idle shard open after that (loading one costs seconds at a
+million points), but gives it back as soon as another process takes this
+lock and asks (``edge._Handle``). Waiters poll; after ``timeout`` seconds
+they get a clear error naming the process that holds it.
 """
 
 from __future__ import annotations
@@ -102,6 +103,9 @@ class FolderLock:
         self._thread_lock = threading.RLock()
         self._depth = 0
         self._fd: int | None = None
+        #: called with the deadline each time this process takes the lock
+        #: (not when it re-enters): see ``edge._Handle.evict_others``
+        self.on_acquire = None
 
     @property
     def held(self) -> bool:
@@ -118,9 +122,17 @@ class FolderLock:
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             fd = self._wait_for(deadline)
+        except BaseException:
+            self._thread_lock.release()
+            raise
+        try:
             os.ftruncate(fd, 0)
             os.write(fd, str(os.getpid()).encode())
+            if self.on_acquire is not None:
+                self.on_acquire(deadline)
         except BaseException:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
             self._thread_lock.release()
             raise
 
