@@ -309,7 +309,7 @@ def _swap(dataset, names: list[str]) -> None:
             {"$rename": {staged: name}, "$set": {"last_modified_at": now}},
         )
         if dataset.has_sample_field(staged):
-            dataset.delete_sample_field(staged)
+            _drop_moved_field(dataset, staged)
     put, remove = {}, []
     for name in names:
         entry = entries.get(name) or {}
@@ -320,6 +320,30 @@ def _swap(dataset, names: list[str]) -> None:
         remove.append((records.PENDING, name))
     records.update(dataset, put=put, remove=remove)
     fos.Sample._reload_docs(dataset._sample_collection_name)
+
+
+def _drop_moved_field(dataset, staged: str) -> None:
+    """Deletes the schema of a temporary field that no sample holds any
+    more (every value was just moved into place).
+
+    FiftyOne's ``delete_sample_field`` would also unset it on every sample
+    and stamp each one's ``last_modified_at``: 1.5 s at 70,000 samples,
+    and every sample, written or not, would look modified. The steps below
+    are the rest of what it does for a plain top-level field (fields of
+    label schemas or of grouped media take FiftyOne's own path).
+    """
+    if staged in (dataset.label_schemas or {}) or (
+        dataset.media_type == "group"
+    ):
+        dataset.delete_sample_field(staged)
+        return
+    doc_cls = dataset._sample_doc_cls
+    doc_cls._reload_fields()
+    doc_cls._delete_field_schema(staged)
+    dataset._doc.app_config._delete_paths([staged])
+    dataset._doc.save()
+    doc_cls._delete_indexes([staged])
+    dataset._reload()
 
 
 def _unset(dataset, staged: str) -> None:

@@ -188,3 +188,38 @@ def test_the_run_record_says_how_the_field_was_made(digits, case):
     if kwargs.get("mode") == "adapted":
         assert run["accept_score"] == out.accept_score
         assert out.brain_key == "inv_adapted"
+
+
+def _mtimes(view) -> dict:
+    ids, times = view.values(["id", "last_modified_at"])
+    return dict(zip(ids, times, strict=True))
+
+
+def test_samples_not_written_keep_their_modification_time(digits):
+    """Moving the staged field into place touches only the samples written
+    (and those whose old value goes): the others keep last_modified_at,
+    and the temporary field leaves nothing behind, in this process's
+    schema or in the database's."""
+    from fiftyone.core.odm import get_db_conn
+
+    targets = digits.match_tags("test")
+    others = digits.match_tags("train")
+    _run(digits, targets, pred_field="mtime")
+    before = _mtimes(others)
+    written = _mtimes(targets)
+    _run(digits, targets, pred_field="mtime", overwrite=True)
+    assert _mtimes(others) == before
+    after = _mtimes(targets)
+    assert all(after[sid] > written[sid] for sid in written)
+    assert not [f for f in digits.get_field_schema() if TMP_PREFIX in f]
+    doc = get_db_conn().datasets.find_one({"_id": digits._doc.id})
+    names = [f["name"] for f in doc["sample_fields"]]
+    assert "mtime" in names
+    assert not [n for n in names if n.startswith(TMP_PREFIX)]
+    assert not [k for k in digits.list_indexes() if TMP_PREFIX in str(k)]
+    reloaded = fo.load_dataset(digits.name)
+    reloaded.reload()
+    assert "mtime" in reloaded.get_field_schema()
+    assert reloaded.count_values("mtime.label") == digits.count_values(
+        "mtime.label"
+    )
