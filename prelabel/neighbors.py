@@ -13,7 +13,7 @@ query through :func:`stream`.
 
 from __future__ import annotations
 
-import uuid
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +26,12 @@ from prelabel.index.base import IndexFilter
 from prelabel.index.locking import Lease
 from prelabel.progress import Progress, ProgressArg
 from prelabel.units import Samples, units_of
+
+#: the payload key that marks the points of a reference given as a view
+REFSET = "refset"
+#: marking more points than this rebuilds the index's graph afterwards
+#: (below it the engine searches plainly anyway: its full-scan threshold)
+REINDEX_AFTER_MARKING = 10000
 
 
 def load_index(samples, index=None, brain_key=None, patches_field=None):
@@ -168,29 +174,42 @@ def reference_filter(
     its size.
 
     ``reference`` is ``None`` (every labeled sample), a tag or list of tags,
-    or a FiftyOne view of labeled samples. A view is marked once in the
-    payloads (a one-off write keyed by a fresh token) so that the queries
-    select it by filter.
+    or a FiftyOne view of labeled samples. A view is marked in the
+    payloads, with a token derived from its sample ids, so that the
+    queries select it by filter; the same view again finds its points
+    marked and writes nothing. The engine takes points whose payload
+    changed out of their indexed segment, so a large marking is followed
+    by a rebuild of the graph (otherwise every query would scan them).
     """
     index = results.index
     if reference is None or isinstance(reference, (str, list, tuple)):
         flt = IndexFilter.reference(reference)
-    else:
-        units = units or units_for(results)
-        ref_ids = units.labeled(reference, label_field)[0]
-        # only points can be marked: a sample added or embedded after the
-        # last sync is not in the index (and setting a payload on it fails)
-        present = [
-            sid
-            for start in range(0, len(ref_ids), 10000)
-            for sid, _ in index.iter_payloads(
-                [],
-                IndexFilter(sample_ids=tuple(ref_ids[start : start + 10000])),
-            )
-        ]
-        token = uuid.uuid4().hex[:12]
-        index.set_payload(present, {"refset": token})
-        flt = IndexFilter(labeled=True, match=(("refset", token),))
+        return flt, index.count(flt)
+    units = units or units_for(results)
+    ref_ids = units.labeled(reference, label_field)[0]
+    # the same view marks the same points with the same token: a second
+    # run finds them marked and writes nothing
+    token = hashlib.blake2b(
+        "\n".join(sorted(ref_ids)).encode(), digest_size=8
+    ).hexdigest()
+    flt = IndexFilter(labeled=True, match=((REFSET, token),))
+    # only points can be marked: a sample added or embedded after the
+    # last sync is not in the index (and setting a payload on it fails)
+    present = [
+        sid
+        for start in range(0, len(ref_ids), 10000)
+        for sid, _ in index.iter_payloads(
+            [], IndexFilter(sample_ids=tuple(ref_ids[start : start + 10000]))
+        )
+    ]
+    marked = index.count(IndexFilter(match=((REFSET, token),)))
+    if marked != len(present):
+        index.set_payload(present, {REFSET: token})
+        if len(present) > REINDEX_AFTER_MARKING:
+            # the engine moves every point whose payload changed out of
+            # its indexed segment: until the graph is built again, each
+            # query would scan them all
+            index.optimize()
     return flt, index.count(flt)
 
 

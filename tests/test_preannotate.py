@@ -651,6 +651,43 @@ def test_label_field_whose_type_changed_since_the_sync(tiny):
     assert not dataset.has_sample_field("prelabel")
 
 
+def test_the_same_reference_view_is_marked_once(digits, monkeypatch):
+    """Marking a view writes payloads, which takes the points out of the
+    engine's graph: a large marking rebuilds it, and the same view again
+    writes nothing (and votes the same)."""
+    from prelabel import neighbors
+
+    dataset, results = digits
+    index_type = type(results.index)
+    calls = {"set_payload": 0, "optimize": 0}
+    for name in calls:
+        real = getattr(index_type, name)
+
+        def counted(self, *args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(index_type, name, counted)
+    monkeypatch.setattr(neighbors, "REINDEX_AFTER_MARKING", 100)
+    targets = dataset.match_tags("test").limit(50)
+    ref = dataset.match_tags("train").skip(100).limit(300)
+    labels = []
+    for _ in range(2):
+        prelabel.preannotate(
+            targets,
+            index=results,
+            reference=ref,
+            pred_field="marked_once",
+            k=K,
+            overwrite=True,
+            progress=False,
+        )
+        labels.append(targets.values("marked_once.label"))
+    assert calls == {"set_payload": 1, "optimize": 1}
+    assert labels[0] == labels[1]
+    dataset.delete_sample_field("marked_once")
+
+
 def test_reference_view_with_samples_not_in_the_index(tiny):
     """A reference view may hold labeled samples the index does not have
     yet (no embedding, or embedded after the last sync): they cannot vote,
