@@ -141,8 +141,11 @@ def build(kind: str, n: int) -> dict:
     params = {"version": VERSION, "n": n, "dim": DIM}
     if fo.dataset_exists(name):
         dataset = fo.load_dataset(name)
-        if (dataset.info or {}).get("scale") == dict(params, complete=True):
-            return {"reused": True, "n": len(dataset)}
+        info = (dataset.info or {}).get("scale") or {}
+        if info.get("complete") and all(
+            info.get(k) == v for k, v in params.items()
+        ):
+            return {"reused": True, "n": len(dataset), "kept": info["kept"]}
     common.delete_dataset(name)
     gen = Generator(kind)
     # persistent: every stage is a process of its own
