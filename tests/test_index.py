@@ -218,6 +218,66 @@ def test_query_equals_exact_cosine_neighbors(index):
     assert one.sample_ids == [[ids[j] for j in truth[0]]]
 
 
+def test_search_widens_with_the_size_of_the_index():
+    class Models:
+        def QuantizationSearchParams(**kw):  # noqa: N802 - the engine's
+            return kw
+
+        def SearchParams(**kw):  # noqa: N802
+            return kw
+
+    index = EdgeIndex("/nonexistent")
+    small = index.search_params(Models, False, None, base.LARGE_INDEX)
+    assert small["hnsw_ef"] is None  # the engine's default, ef_construct
+    assert small["quantization"]["oversampling"] == base.RESCORE_OVERSAMPLING
+    big = index.search_params(Models, False, None, 1_000_000)
+    assert big["hnsw_ef"] == 1_000_000 // base.POINTS_PER_EF
+    assert big["quantization"]["oversampling"] == (
+        base.LARGE_INDEX_OVERSAMPLING
+    )
+
+    # never narrower than the graph was built with, nor than asked
+    def ef(exact, hnsw_ef, num_points=1_000_000):
+        return index.search_params(Models, exact, hnsw_ef, num_points)[
+            "hnsw_ef"
+        ]
+
+    index.hnsw_config = {"ef_construct": 900}
+    assert ef(False, None) == 900
+    assert ef(False, 32) == 32
+    assert ef(True, None) is None
+    index.oversampling = 3.0
+    rescoring = index.search_params(Models, False, None, 10)["quantization"]
+    assert rescoring["oversampling"] == 3.0
+    index.quantization = None
+    assert index.search_params(Models, False, None, 10) is None
+
+
+def test_a_large_index_is_queried_wider(index, monkeypatch):
+    """The engine gets the size of the index and takes the wider search."""
+    n, dim, k = 600, 16, 10
+    ids, vectors, _, _ = fill(index, n, dim, seed=5)
+    index.optimize()
+    seen = []
+    search_params = type(index).search_params
+
+    def spy(self, models, exact, hnsw_ef, num_points=0):
+        params = search_params(self, models, exact, hnsw_ef, num_points)
+        seen.append((num_points, params))
+        return params
+
+    monkeypatch.setattr(type(index), "search_params", spy)
+    monkeypatch.setattr(base, "LARGE_INDEX", 100)
+    monkeypatch.setattr(base, "POINTS_PER_EF", 2)
+    queries = vectors[:20]
+    res = index.query(queries, k)
+    assert seen and seen[0][0] == n and seen[0][1] is not None
+    sims = unit(queries) @ unit(vectors).T
+    truth = np.argsort(-sims, axis=1)[:, :k]
+    for i in range(20):
+        assert set(res.sample_ids[i]) == {ids[j] for j in truth[i]}
+
+
 def test_fewer_matches_than_k_are_nan_padded(index):
     ids, vectors, _, _ = fill(index, 20, 4)
     res = index.query(

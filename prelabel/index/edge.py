@@ -511,20 +511,22 @@ class EdgeIndex(VectorIndex):
     def query(self, vectors, k, filter=None, exact=False, hnsw_ef=None):
         qe = _edge()
         vectors = base.as_matrix(vectors, self.dim)
-        params = self.search_params(qe, exact, hnsw_ef)
         native = _to_filter(filter)
-        requests = [
-            qe.QueryRequest(
-                limit=int(k),
-                query=qe.Query.Nearest(v.tolist()),
-                filter=native,
-                params=params,
-                with_payload=[base.LABEL],
-                with_vector=False,
-            )
-            for v in vectors
-        ]
         with self.session() as shard, self._engine():
+            params = self.search_params(
+                qe, exact, hnsw_ef, shard.info().points_count
+            )
+            requests = [
+                qe.QueryRequest(
+                    limit=int(k),
+                    query=qe.Query.Nearest(v.tolist()),
+                    filter=native,
+                    params=params,
+                    with_payload=[base.LABEL],
+                    with_vector=False,
+                )
+                for v in vectors
+            ]
             results = shard.query_batch(qe.QueryBatchRequest(requests))
         sign = -1.0 if self.metric == "euclidean" else 1.0
         hits = [

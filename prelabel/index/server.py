@@ -326,6 +326,12 @@ class ServerIndex(VectorIndex):
                 exact=True,
             ).count
 
+    def _approx_count(self) -> int:
+        """The number of points as the server estimates it (no scan),
+        for the search width of a query."""
+        with self._call():
+            return self.client.count(self.collection_name, exact=False).count
+
     def label_counts(self, filter=None):
         if not self.exists():
             return {}
@@ -378,7 +384,7 @@ class ServerIndex(VectorIndex):
     def query(self, vectors, k, filter=None, exact=False, hnsw_ef=None):
         m = _models()
         vectors = base.as_matrix(vectors, self.dim)
-        params = self.search_params(m, exact, hnsw_ef)
+        params = self.search_params(m, exact, hnsw_ef, self._approx_count())
         native = _to_filter(filter)
         requests = [
             m.QueryRequest(
