@@ -441,8 +441,8 @@ class MistakesPanel(Panel):
         state = ctx.panel.state
         view = pdata.mistakes_view(ctx.dataset, source, self._filters(ctx))
         limit = int(state.limit or _page(ctx))
-        rows = pdata.list_rows(view, source, limit=limit)
-        summary = pdata.summarize(view, source)
+        shown = pdata.page(view, source, limit=limit)
+        rows, summary = shown.rows, shown.summary
         ctx.panel.set_data("rows", rows)
         ctx.panel.set_state(
             {
@@ -463,20 +463,16 @@ class MistakesPanel(Panel):
             return
         dataset = ctx.dataset
         eval_key = state.get("source.eval_key")
-        confusion = pdata.confusion_matrix(
-            dataset, source.pred_field, source.gt_field, eval_key
-        )
         normalize = bool(state.get("charts.normalize"))
         target = float(
             state.get("charts.target") or pdata.DEFAULT_TARGET_PRECISION
         )
         target = min(max(target, 0.5), 1.0)
-        curve = pdata.precision_coverage(
+        plots = pdata.charts(
             dataset, source.pred_field, source.gt_field, eval_key, target
         )
-        expected = pdata.run_expectation(
-            dataset, source.pred_field, source.gt_field, eval_key
-        )
+        confusion, curve = plots.confusion, plots.coverage
+        expected = plots.expectation
         ctx.panel.set_data("confusion", _heatmap(confusion, normalize))
         ctx.panel.set_data("coverage", _coverage_traces(curve, expected))
         ctx.panel.set_state(

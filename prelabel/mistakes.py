@@ -21,7 +21,15 @@ import fiftyone as fo
 import numpy as np
 from fiftyone import ViewField as F
 
-from prelabel import adapt, constants, neighbors, records, units, validation
+from prelabel import (
+    adapt,
+    constants,
+    label_indexes,
+    neighbors,
+    records,
+    units,
+    validation,
+)
 from prelabel.core.adapter import label_error_scores
 from prelabel.core.voting import own_label_scores, sort_classes, summarize
 from prelabel.core.voting import vote as vote_of
@@ -63,7 +71,8 @@ def high_confidence_mistakes(
         )
     pred, gt = F(f"{pred_field}.label"), F(f"{gt_field}.label")
     conf = F(f"{pred_field}.confidence")
-    view = samples.match(pred.exists() & gt.exists() & (pred != gt))
+    view = samples.match(label_indexes.present(pred_field, gt_field))
+    view = view.match(pred.exists() & gt.exists() & (pred != gt))
     if min_confidence:
         view = view.match(conf >= float(min_confidence))
     return view.sort_by(conf, reverse=True)
@@ -399,6 +408,7 @@ def _write(dataset, out, record, rows: Rows, bar, scored) -> None:
             out.num_scored += len(ids)
             out.num_disagree += disagree
             bar.update(len(ids))
+    label_indexes.ensure(dataset, score_fields=(out.score_field,))
 
 
 def _write_boxes(dataset, out, record, rows, bar, scored) -> None:
@@ -474,9 +484,9 @@ def suspicious_labels(
     if (record or {}).get("patches_field"):
         view = samples.to_patches(score_field)
         score = F(f"{score_field}.score")
+        if min_score:
+            view = view.match(score >= float(min_score))
     else:
-        view = samples.exists(score_field)
+        view = samples.match(label_indexes.scored(score_field, min_score))
         score = F(score_field)
-    if min_score:
-        view = view.match(score >= float(min_score))
     return view.sort_by(score, reverse=True)

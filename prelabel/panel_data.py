@@ -31,7 +31,7 @@ import fiftyone as fo
 import numpy as np
 from fiftyone import ViewField as F
 
-from prelabel import constants, records, validation
+from prelabel import constants, label_indexes, records, validation
 from prelabel.core.calibration import precision_curve
 from prelabel.core.voting import natural_key
 from prelabel.deprecation import moved
@@ -408,13 +408,46 @@ def mistakes_view(dataset, source: Source, filters: Filters | None = None):
     return view.sort_by([(source.score_path, -1), ("_id", 1)])
 
 
-def list_rows(view, source: Source, limit: int | None = 100) -> list[dict]:
-    """The table rows of the first ``limit`` samples (or boxes) of
-    ``view`` (a :func:`mistakes_view`): ``id``, ``filename``, ``truth``,
-    ``pred``, ``score`` and ``votes`` (``"7: 12, 1: 3"``)."""
-    if limit is not None:
-        view = view.limit(int(limit))
-    ids, paths, truth, pred, score, votes = view.values(
+@dataclass
+class Page:
+    """The first rows of a :func:`mistakes_view` and the counts of all.
+
+    Attributes:
+        rows: see :func:`list_rows`
+        summary: see :func:`summarize`
+    """
+
+    rows: list[dict]
+    summary: Summary
+
+
+def page(
+    view,
+    source: Source,
+    limit: int | None = 100,
+    high: float = DEFAULT_HIGH,
+) -> Page:
+    """The first ``limit`` rows of ``view`` (a :func:`mistakes_view`) and
+    the counts of all its rows, from one pass over the samples (their ids
+    and scores) and a lookup of the shown rows by id."""
+    ids, scores = view.values(["id", source.score_path])
+    known = np.asarray([s for s in scores if s is not None], dtype=float)
+    summary = Summary(
+        source.mode,
+        count=len(known),
+        high_count=int(np.count_nonzero(known > high)),
+        high=high,
+    )
+    shown = ids if limit is None else ids[: max(int(limit), 0)]
+    return Page(_rows_of(view._base_view, shown, source), summary)
+
+
+def _rows_of(rows, ids: list[str], source: Source) -> list[dict]:
+    """The table rows of the samples (or boxes) ``ids`` of ``rows``, in
+    that order."""
+    if not ids:
+        return []
+    found = rows.select(ids, ordered=True).values(
         [
             "id",
             "filepath",
@@ -433,32 +466,30 @@ def list_rows(view, source: Source, limit: int | None = 100) -> list[dict]:
             "score": None if s is None else round(float(s), 4),
             "votes": v or "",
         }
-        for sid, path, t, p, s, v in zip(
-            ids, paths, truth, pred, score, votes, strict=True
-        )
+        for sid, path, t, p, s, v in zip(*found, strict=True)
     ]
 
 
+def list_rows(view, source: Source, limit: int | None = 100) -> list[dict]:
+    """The table rows of the first ``limit`` samples (or boxes) of
+    ``view`` (a :func:`mistakes_view`): ``id``, ``filename``, ``truth``,
+    ``pred``, ``score`` and ``votes`` (``"7: 12, 1: 3"``)."""
+    return page(view, source, limit).rows
+
+
 def summarize(view, source: Source, high: float = DEFAULT_HIGH) -> Summary:
-    """Counts of ``view`` (a :func:`mistakes_view`) in one query."""
-    scores = np.asarray(
-        [s for s in view.values(source.score_path) if s is not None],
-        dtype=float,
-    )
-    return Summary(
-        source.mode,
-        count=len(scores),
-        high_count=int(np.count_nonzero(scores > high)),
-        high=high,
-    )
+    """Counts of ``view`` (a :func:`mistakes_view`)."""
+    return page(view, source, 0, high).summary
 
 
 def class_choices(dataset, source: Source) -> list[str]:
-    """Every label of the ground truth or the compared field, in natural
-    order (``"2"`` before ``"10"``), for the class filters."""
-    rows = source.rows(dataset)
-    labels = set(rows.distinct(source.gt_path))
-    labels |= set(rows.distinct(source.pred_path))
+    """Every label of the ground truth or the compared field among the
+    rows (the unfiltered :func:`mistakes_view`), in natural order (``"2"``
+    before ``"10"``): the classes the class filters can find."""
+    truth, pred = mistakes_view(dataset, source).aggregate(
+        [fo.Distinct(source.gt_path), fo.Distinct(source.pred_path)]
+    )
+    labels = set(truth) | set(pred)
     labels.discard(None)
     return sorted(labels, key=natural_key)
 
@@ -493,7 +524,7 @@ def evaluation_scope(
                 f"'{dataset.name}'; run kNN pre-annotate with an eval key"
             )
         return dataset.load_evaluation_view(eval_key)
-    return dataset.exists(gt_field).exists(pred_field)
+    return dataset.match(label_indexes.present(gt_field, pred_field))
 
 
 def _eval_classes(dataset, pred_field, eval_key) -> list[str]:
@@ -501,6 +532,64 @@ def _eval_classes(dataset, pred_field, eval_key) -> list[str]:
     if not classes and eval_key:
         classes = dataset.load_evaluation_results(eval_key).classes
     return [str(c) for c in (classes or [])]
+
+
+@dataclass
+class _Columns:
+    """The evaluated samples' labels, read once for every chart."""
+
+    truth: list
+    pred: list
+    conf: list
+    accepted: list
+
+
+def _scope_columns(dataset, pred_field, gt_field, eval_key) -> _Columns:
+    scope = evaluation_scope(dataset, pred_field, gt_field, eval_key)
+    return _Columns(
+        *scope.values(
+            [
+                f"{gt_field}.label",
+                f"{pred_field}.label",
+                f"{pred_field}.confidence",
+                f"{pred_field}.accepted",
+            ]
+        )
+    )
+
+
+@dataclass
+class Charts:
+    """What the panel plots of a pre-label field.
+
+    Attributes:
+        confusion: see :func:`confusion_matrix`
+        coverage: see :func:`precision_coverage`
+        expectation: see :func:`run_expectation`
+    """
+
+    confusion: Confusion
+    coverage: Coverage
+    expectation: Expectation | None
+
+
+def charts(
+    dataset,
+    pred_field: str,
+    gt_field: str,
+    eval_key: str | None = None,
+    target: float = DEFAULT_TARGET_PRECISION,
+) -> Charts:
+    """:func:`confusion_matrix`, :func:`precision_coverage` and
+    :func:`run_expectation` from one read of the evaluated samples."""
+    _check_target(target)
+    columns = _scope_columns(dataset, pred_field, gt_field, eval_key)
+    run = prelabel_runs(dataset).get(pred_field) or {}
+    return Charts(
+        _confusion(dataset, pred_field, eval_key, columns),
+        _coverage(columns, target),
+        _expectation(run, columns),
+    )
 
 
 def confusion_matrix(
@@ -515,9 +604,13 @@ def confusion_matrix(
     are the run's classes, then any other label seen, then ``"(none)"`` if
     a label is missing.
     """
-    scope = evaluation_scope(dataset, pred_field, gt_field, eval_key)
-    truth, pred = scope.values([f"{gt_field}.label", f"{pred_field}.label"])
-    truth = [MISSING if t is None else t for t in truth]
+    columns = _scope_columns(dataset, pred_field, gt_field, eval_key)
+    return _confusion(dataset, pred_field, eval_key, columns)
+
+
+def _confusion(dataset, pred_field, eval_key, columns) -> Confusion:
+    truth = [MISSING if t is None else t for t in columns.truth]
+    pred = [MISSING if p is None else p for p in columns.pred]
     pred = [MISSING if p is None else p for p in pred]
     classes = _eval_classes(dataset, pred_field, eval_key)
     seen = (set(truth) | set(pred)) - set(classes) - {MISSING}
@@ -570,16 +663,18 @@ def precision_coverage(
 
     Computed over the evaluated samples (see :func:`evaluation_scope`).
     """
+    _check_target(target)
+    columns = _scope_columns(dataset, pred_field, gt_field, eval_key)
+    return _coverage(columns, target)
+
+
+def _check_target(target: float) -> None:
     if not 0.0 < target <= 1.0:
         raise ValueError(f"target={target} must be in (0, 1]")
-    scope = evaluation_scope(dataset, pred_field, gt_field, eval_key)
-    truth, pred, conf = scope.values(
-        [
-            f"{gt_field}.label",
-            f"{pred_field}.label",
-            f"{pred_field}.confidence",
-        ]
-    )
+
+
+def _coverage(columns, target: float) -> Coverage:
+    truth, pred, conf = columns.truth, columns.pred, columns.conf
     keep = [
         i
         for i, (t, p, c) in enumerate(zip(truth, pred, conf, strict=True))
@@ -703,6 +798,15 @@ def run_expectation(
     None when that run stored no expectation (a plain vote: no
     calibration, no accept threshold)."""
     run = prelabel_runs(dataset).get(pred_field) or {}
+    if not run.get("expected_curve"):
+        return None
+    columns = None
+    if run.get("target_precision") is not None:
+        columns = _scope_columns(dataset, pred_field, gt_field, eval_key)
+    return _expectation(run, columns)
+
+
+def _expectation(run: dict, columns) -> Expectation | None:
     curve = run.get("expected_curve")
     if not curve:
         return None
@@ -722,17 +826,11 @@ def run_expectation(
     )
     if target is None:
         return out
-    scope = evaluation_scope(dataset, pred_field, gt_field, eval_key)
-    truth, pred, accepted = scope.values(
-        [
-            f"{gt_field}.label",
-            f"{pred_field}.label",
-            f"{pred_field}.accepted",
-        ]
-    )
     rows = [
         (t == p, bool(a))
-        for t, p, a in zip(truth, pred, accepted, strict=True)
+        for t, p, a in zip(
+            columns.truth, columns.pred, columns.accepted, strict=True
+        )
         if t is not None and p is not None
     ]
     out.num_measured = len(rows)

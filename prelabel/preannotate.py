@@ -29,6 +29,7 @@ import numpy as np
 from prelabel import (
     adapt,
     constants,
+    label_indexes,
     neighbors,
     records,
     scorers,
@@ -838,7 +839,9 @@ def _write(run: _Run, scorer, verdict: _Verdict, out) -> None:
         t3 = time.perf_counter()
         writes.wait()
         writer.close()
-    t_write += time.perf_counter() - t3  # the swap of the field
+    if run.units.patches_field is None:  # what the panel reads fast
+        label_indexes.ensure(dataset, (run.label_field, run.pred_field))
+    t_write += time.perf_counter() - t3  # the swap of the field, indexes
     run.units.tag_for_review(dataset, review_ids)
     out.num_review = len(review_ids)
     if verdict.threshold is not None:

@@ -16,6 +16,7 @@ from reviewed_digits import (
 )
 
 import prelabel
+from prelabel import label_indexes
 from prelabel import panel_data as pdata
 
 K = 15
@@ -642,3 +643,74 @@ def test_label_next_reads_the_newest_selection_or_the_one_named(picked):
     dataset.delete_sample_field("why_2")
     assert pdata.selection_fields(dataset) == ["label_next_reason"]
     assert pdata.label_next(dataset).ids == first.ids
+
+
+# ---- indexes ---------------------------------------------------------
+
+
+def _plan(view) -> str:
+    """MongoDB's explanation of ``view``'s pipeline, as text."""
+    coll = view._dataset._sample_collection
+    return str(
+        coll.database.command(
+            "aggregate", coll.name, pipeline=view._pipeline(), explain=True
+        )
+    )
+
+
+def test_the_panel_reads_its_rows_through_indexes(
+    dataset, pre_source, sus_source
+):
+    """The jobs index the fields the panel finds its rows by, and its
+    queries use them: at 500,000 samples it reads its rows, not every
+    sample (benchmarks/scale_fiftyone.py)."""
+    pred, gt = pre_source.pred_field, pre_source.gt_field
+    assert {
+        f"{pred}.id",
+        f"{gt}.id",
+        sus_source.score_field,
+    } <= set(dataset.list_indexes())
+    scope = pdata.evaluation_scope(dataset, pred, gt)
+    assert "IXSCAN" in _plan(scope)
+    for source in (pre_source, sus_source):
+        assert "IXSCAN" in _plan(pdata.mistakes_view(dataset, source))
+
+
+def test_without_the_indexes_the_rows_are_the_same(
+    dataset, pre_source, sus_source
+):
+    pred, gt = pre_source.pred_field, pre_source.gt_field
+    paths = [f"{pred}.id", f"{gt}.id", sus_source.score_field]
+    before = {
+        s.mode: pdata.page(pdata.mistakes_view(dataset, s), s, None)
+        for s in (pre_source, sus_source)
+    }
+    charts = pdata.charts(dataset, pred, gt)
+    for path in paths:
+        dataset.drop_index(path)
+    try:
+        for s in (pre_source, sus_source):
+            view = pdata.mistakes_view(dataset, s)
+            assert "IXSCAN" not in _plan(view)
+            assert pdata.page(view, s, None) == before[s.mode]
+        again = pdata.charts(dataset, pred, gt)
+        np.testing.assert_array_equal(
+            again.confusion.counts, charts.confusion.counts
+        )
+        assert again.coverage.text == charts.coverage.text
+    finally:
+        label_indexes.ensure(dataset, (pred, gt), (sus_source.score_field,))
+    assert set(paths) <= set(dataset.list_indexes())
+
+
+def test_an_index_that_cannot_be_made_is_only_a_warning(
+    dataset, monkeypatch, caplog
+):
+    def refuse(self, *args, **kwargs):
+        raise RuntimeError("too many indexes")
+
+    monkeypatch.setattr(fo.Dataset, "create_index", refuse)
+    with caplog.at_level("WARNING", logger="prelabel.label_indexes"):
+        label_indexes.ensure(dataset, ("not_indexed_yet",))
+    assert "not_indexed_yet.id" in caplog.text
+    assert "too many indexes" in caplog.text
