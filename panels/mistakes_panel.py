@@ -379,13 +379,12 @@ class MistakesPanel(Panel):
             {
                 "error": None,
                 "ready": True,
-                "classes": pdata.class_choices(dataset, source),
                 "limit": _page(ctx),
             }
         )
         if not state.get("bulk.accept_field"):
             ctx.panel.set_state("bulk.accept_field", _accept_default(source))
-        self._load_rows(ctx, source)
+        self._load_rows(ctx, source, classes=True)
         self._load_charts(ctx, source)
 
     def _resolve_source(self, ctx, mode, sources):
@@ -435,14 +434,22 @@ class MistakesPanel(Panel):
         ctx.panel.set_state({"source": chosen, "eval_keys": eval_keys})
         return source
 
-    def _load_rows(self, ctx, source):
+    def _load_rows(self, ctx, source, classes=False):
+        """The rows and their summary; with ``classes``, the class
+        filters' choices too (from the same read when no filter is on)."""
         if source is None:
             return
         state = ctx.panel.state
-        view = pdata.mistakes_view(ctx.dataset, source, self._filters(ctx))
+        filters = self._filters(ctx)
+        view = pdata.mistakes_view(ctx.dataset, source, filters)
         limit = int(state.limit or _page(ctx))
         shown = pdata.page(view, source, limit=limit)
         rows, summary = shown.rows, shown.summary
+        if classes:
+            choices = shown.classes
+            if filters != pdata.Filters():
+                choices = pdata.class_choices(ctx.dataset, source)
+            ctx.panel.set_state("classes", choices)
         ctx.panel.set_data("rows", rows)
         ctx.panel.set_state(
             {

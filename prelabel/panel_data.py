@@ -415,10 +415,13 @@ class Page:
     Attributes:
         rows: see :func:`list_rows`
         summary: see :func:`summarize`
+        classes: the labels (either side) among all the rows, in natural
+            order
     """
 
     rows: list[dict]
     summary: Summary
+    classes: list[str]
 
 
 def page(
@@ -427,10 +430,13 @@ def page(
     limit: int | None = 100,
     high: float = DEFAULT_HIGH,
 ) -> Page:
-    """The first ``limit`` rows of ``view`` (a :func:`mistakes_view`) and
-    the counts of all its rows, from one pass over the samples (their ids
-    and scores) and a lookup of the shown rows by id."""
-    ids, scores = view.values(["id", source.score_path])
+    """The first ``limit`` rows of ``view`` (a :func:`mistakes_view`), the
+    counts and the labels of all its rows, from one pass over the samples
+    (ids, scores, labels) and a lookup of the shown rows by id."""
+    ids, scores, truth, pred = view.values(
+        ["id", source.score_path, source.gt_path, source.pred_path]
+    )
+    labels = (set(truth) | set(pred)) - {None}
     known = np.asarray([s for s in scores if s is not None], dtype=float)
     summary = Summary(
         source.mode,
@@ -439,7 +445,11 @@ def page(
         high=high,
     )
     shown = ids if limit is None else ids[: max(int(limit), 0)]
-    return Page(_rows_of(view._base_view, shown, source), summary)
+    return Page(
+        _rows_of(view._base_view, shown, source),
+        summary,
+        sorted(labels, key=natural_key),
+    )
 
 
 def _rows_of(rows, ids: list[str], source: Source) -> list[dict]:
@@ -486,12 +496,7 @@ def class_choices(dataset, source: Source) -> list[str]:
     """Every label of the ground truth or the compared field among the
     rows (the unfiltered :func:`mistakes_view`), in natural order (``"2"``
     before ``"10"``): the classes the class filters can find."""
-    truth, pred = mistakes_view(dataset, source).aggregate(
-        [fo.Distinct(source.gt_path), fo.Distinct(source.pred_path)]
-    )
-    labels = set(truth) | set(pred)
-    labels.discard(None)
-    return sorted(labels, key=natural_key)
+    return page(mistakes_view(dataset, source), source, 0).classes
 
 
 def evidence_view(dataset, sample_id: str, source: Source):
