@@ -193,6 +193,10 @@ def reference_filter(
         "\n".join(sorted(ref_ids)).encode(), digest_size=8
     ).hexdigest()
     flt = IndexFilter(labeled=True, match=((REFSET, token),))
+    marked = index.count(IndexFilter(match=((REFSET, token),)))
+    if marked == len(ref_ids):
+        # only this id set was ever marked with this token: all marked
+        return flt, index.count(flt)
     # only points can be marked: a sample added or embedded after the
     # last sync is not in the index (and setting a payload on it fails)
     present = [
@@ -202,7 +206,6 @@ def reference_filter(
             [], IndexFilter(sample_ids=tuple(ref_ids[start : start + 10000]))
         )
     ]
-    marked = index.count(IndexFilter(match=((REFSET, token),)))
     if marked != len(present):
         index.set_payload(present, {REFSET: token})
         if len(present) > REINDEX_AFTER_MARKING:

@@ -668,9 +668,19 @@ def test_the_same_reference_view_is_marked_once(digits, monkeypatch):
             return _real(self, *args, **kwargs)
 
         monkeypatch.setattr(index_type, name, counted)
+    listings = []
+    real_iter = index_type.iter_payloads
+
+    def iter_payloads(self, keys, filter=None, *args, **kwargs):
+        if filter is not None and set(filter.sample_ids or ()) == ref_ids:
+            listings.append(1)  # which of the references are present
+        return real_iter(self, keys, filter, *args, **kwargs)
+
+    monkeypatch.setattr(index_type, "iter_payloads", iter_payloads)
     monkeypatch.setattr(neighbors, "REINDEX_AFTER_MARKING", 100)
     targets = dataset.match_tags("test").limit(50)
     ref = dataset.match_tags("train").skip(100).limit(300)
+    ref_ids = set(ref.values("id"))
     labels = []
     for _ in range(2):
         prelabel.preannotate(
@@ -684,6 +694,8 @@ def test_the_same_reference_view_is_marked_once(digits, monkeypatch):
         )
         labels.append(targets.values("marked_once.label"))
     assert calls == {"set_payload": 1, "optimize": 1}
+    # the second run counts the marked points instead of listing them
+    assert len(listings) == 1
     assert labels[0] == labels[1]
     dataset.delete_sample_field("marked_once")
 
