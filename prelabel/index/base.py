@@ -53,10 +53,11 @@ LARGE_INDEX_OVERSAMPLING = 4.0
 #: the engine's default). On noisy copies of the real MNIST features
 #: (256 principal components, a filter of references, k = 15), recall@15
 #: against exact search at the engine's defaults was 0.993 at 100,000
-#: points but 0.950 at 500,000 and 0.893 at 1,000,000; with ``ef`` 250
-#: and 4x oversampling it was about 0.989 at 500,000 (0.986 at ``ef``
-#: 200), with ``ef`` 500 about 0.987 at 1,000,000 (0.985 at 400), for
-#: 1.5-2.5x the query time (benchmarks/scale_fiftyone.py)
+#: points but 0.950 at 500,000 and 0.893 at 1,000,000; with 4x
+#: oversampling, ``ef`` 200 / 400 gave 0.986 / 0.994 at 500,000 and 400 /
+#: 600 gave 0.985 / 0.990 at 1,000,000. Through FiftyOne at 500,000
+#: samples (``ef`` 250): recall@15 0.991 instead of 0.955, a
+#: pre-annotation 10-35 % slower (BENCHMARKS.md, "Scale in FiftyOne")
 LARGE_INDEX = 200_000
 POINTS_PER_EF = 2_000
 
