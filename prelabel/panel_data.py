@@ -445,8 +445,10 @@ def page(
         high=high,
     )
     shown = ids if limit is None else ids[: max(int(limit), 0)]
+    # the shown rows by id, from the collection without the view's stages
+    rows = getattr(view, "_base_view", view)
     return Page(
-        _rows_of(view._base_view, shown, source),
+        _rows_of(rows, shown, source),
         summary,
         sorted(labels, key=natural_key),
     )

@@ -178,6 +178,12 @@ def test_prelabel_filters_and_summary(dataset, pre_source, filters):
     )
 
 
+def test_a_page_of_a_whole_dataset(dataset, pre_source):
+    """list_rows() of a dataset rather than a view: every sample."""
+    rows = pdata.list_rows(dataset, pre_source, limit=3)
+    assert [r["id"] for r in rows] == dataset.values("id")[:3]
+
+
 def test_class_choices_in_natural_order(dataset, pre_source):
     assert pdata.class_choices(dataset, pre_source) == [
         str(d) for d in range(10)
