@@ -313,6 +313,12 @@ def _training_data(samples, refs, embeddings_field, label_field, seed=0):
     )
 
 
+#: bumped when fitting changes what an adapter's cross-fitted scores mean
+#: (2: near-duplicate references share a fold), so that an adapter of an
+#: older recipe is learned again rather than reused
+RECIPE = 2
+
+
 def reference_digest(ids, labels) -> str:
     """A digest of a reference set: its sample ids and their labels."""
     h = hashlib.blake2b(digest_size=12)
@@ -341,6 +347,7 @@ def _save_adapter(dataset, adapter, data, out_field, reference) -> dict:
         "path": path,
         "reference": neighbors.describe_reference(reference),
         "reference_digest": reference_digest(data.ids, data.labels),
+        "recipe": RECIPE,
         "num_reference": len(data.ids),
         "classes": data.classes,
         "folds": adapter.num_heads,
@@ -425,7 +432,8 @@ def adapt_index(
     ``preannotate(..., mode="adapted")`` votes in, built ahead (for
     example to browse the adapted space with ``sort_by_similarity``).
 
-    Reused while the references (ids and labels) are the same, else
+    Reused while the references (ids and labels) and the recipe of the
+    fit (:data:`RECIPE`) are the same, else
     learned again (:func:`prelabel.adapt_embeddings`, which writes
     ``<embeddings_field>_adapted``) and synced (:func:`prelabel.sync_index`)
     under ``<brain_key>_adapted``. Only the references' labels are read.
@@ -461,6 +469,7 @@ def adapt_index(
     fresh = (
         record is not None
         and record.get("reference_digest") == digest
+        and record.get("recipe") == RECIPE
         and record.get("embeddings_field") == emb_field
     )
     if not fresh:

@@ -95,6 +95,13 @@ class PreannotationResult:
             for acceptance, chosen on the references: ``"adapted"``, or
             ``"adapted x frozen vote"`` (also the share of the vote of the
             neighbors in the frozen embeddings)
+        near_duplicate_similarity: the similarity above which the
+            references' neighbors were set aside when scoring them,
+            because the targets never get that close to theirs
+            (near-duplicates among the references, see
+            :mod:`prelabel.core.leakage`); ``inf`` when none were
+        num_reference_trimmed: scored references that had neighbors set
+            aside
     """
 
     pred_field: str
@@ -122,6 +129,8 @@ class PreannotationResult:
     propagation: dict | None = None
     accept_score: str | None = None
     num_accept_sample: int | None = None
+    near_duplicate_similarity: float | None = None
+    num_reference_trimmed: int | None = None
 
     @property
     def promise(self) -> str | None:
@@ -134,13 +143,24 @@ class PreannotationResult:
                 f"nothing accepted: the references do not show "
                 f"{self.target_precision:.1%} precision with 95 % confidence "
                 "at any confidence of the targets; label more samples or "
-                "lower the target"
+                f"lower the target{self._trimmed}"
             )
         low, high = self.precision_interval
         return (
             f"precision at least {self.target_precision:.1%} with 95 % "
             f"confidence (expected {self.expected_precision:.2%}, 95 % "
-            f"bounds {low:.2%} to {high:.2%})"
+            f"bounds {low:.2%} to {high:.2%}){self._trimmed}"
+        )
+
+    @property
+    def _trimmed(self) -> str:
+        if not self.num_reference_trimmed:
+            return ""
+        return (
+            f"; {self.num_reference_trimmed:,} references were scored "
+            "without their neighbors closer than "
+            f"{self.near_duplicate_similarity:.3f} (near-duplicates the "
+            "targets do not have)"
         )
 
 
@@ -606,7 +626,13 @@ def _verdict(run: _Run, scorer, frozen, out) -> _Verdict:
         verdict.extra = _record_extra(run, verdict, None, None)
         return verdict
     t0 = time.perf_counter()
-    refs = scorer.score_references(run.dataset)
+    sample = _target_sample(run, scorer)
+    top = [c.neighbors.sims[:, 0] for c in sample if len(c.probs)]
+    refs = scorer.score_references(
+        run.dataset, target_top=np.concatenate(top) if top else None
+    )
+    out.near_duplicate_similarity = refs.closer_than
+    out.num_reference_trimmed = refs.num_trimmed
     out.seconds["reference_scores"] = time.perf_counter() - t0
     if run.propagate:
         verdict.spreading, verdict.target_chunks = _spread(
@@ -624,6 +650,7 @@ def _verdict(run: _Run, scorer, frozen, out) -> _Verdict:
             run.k,
             run.vote,
             run.target_precision or constants.DEFAULT_TARGET_PRECISION,
+            [sid for c in sample for sid in c.neighbors.ids],
         )
         if out.accept_score != "adapted":
             verdict.frozen = frozen
@@ -634,7 +661,8 @@ def _verdict(run: _Run, scorer, frozen, out) -> _Verdict:
     verdict.cal = cal = calibration.calibrate(conf_ref, correct)
     if run.target_precision is not None:
         t1 = time.perf_counter()
-        target_conf, num_targets = _target_sample(run, scorer, verdict)
+        target_conf = _sample_confidence(run, sample, verdict)
+        num_targets = len(run.units.ids(run.targets))
         out.num_accept_sample = int(target_conf.size)
         cal.set_acceptance(
             calibration.target_accept_threshold(
@@ -662,21 +690,32 @@ def _verdict(run: _Run, scorer, frozen, out) -> _Verdict:
     return verdict
 
 
-def _target_sample(run: _Run, scorer, verdict: _Verdict):
-    """The raw confidences of a random sample of the targets (at most
-    ``constants.ACCEPT_SAMPLE``), as the writer will compute them (after
-    spreading, times the frozen vote's share): what the accept threshold
-    is chosen for. ``nan`` where a target would get no label. Returns
-    ``(confidences, number of targets)``."""
+def _target_sample(run: _Run, scorer) -> list:
+    """A random sample of the targets (at most ``constants.ACCEPT_SAMPLE``)
+    scored in chunks (their vectors dropped): how close the targets get to
+    their nearest reference, which the references' scores must not beat
+    (:mod:`prelabel.core.leakage`), and what the accept threshold is
+    chosen for (:func:`_sample_confidence`)."""
     ids = run.units.ids(run.targets)
     rng = np.random.default_rng(0)
     size = min(len(ids), constants.ACCEPT_SAMPLE)
     sample = [ids[i] for i in np.sort(rng.choice(len(ids), size, False))]
-    conf = []
+    chunks = []
     for chunk in scorer.stream(run.dataset, sample, run.batch_size):
+        chunk.neighbors.vectors = None
+        chunks.append(chunk)
+    return chunks
+
+
+def _sample_confidence(run: _Run, chunks, verdict: _Verdict) -> np.ndarray:
+    """The raw confidences of the sampled targets as the writer will
+    compute them (after spreading, times the frozen vote's share); ``nan``
+    where a target would get no label."""
+    conf = []
+    for chunk in chunks:
         scale = _prepare(run, chunk, verdict)
         conf.append(_accept_confidence(chunk, verdict, run, scale))
-    return (np.concatenate(conf) if conf else np.zeros(0)), len(ids)
+    return np.concatenate(conf) if conf else np.zeros(0)
 
 
 def _accept_confidence(chunk, verdict: _Verdict, run: _Run, scale):
@@ -778,6 +817,8 @@ def _record_extra(run, verdict, out, conf_ref, correct=None) -> dict:
         "expected_curve": calibration.curve_points(written, correct),
         "num_calibration": int(len(correct)),
         "num_accept_sample": out.num_accept_sample,
+        "near_duplicate_similarity": out.near_duplicate_similarity,
+        "num_reference_trimmed": out.num_reference_trimmed,
         "propagation": out.propagation,
         "accept_score": out.accept_score,
         "calibration_reference": neighbors.describe_reference(

@@ -25,13 +25,11 @@ import numpy as np
 
 from prelabel import neighbors
 from prelabel.core import adapter as core_adapter
-from prelabel.core import calibration
+from prelabel.core import calibration, leakage
 from prelabel.core import propagation as core_propagation
+from prelabel.core.calibration import MAX_CALIBRATION
 from prelabel.core.vectors import exact_neighbors, whitened_features
 from prelabel.core.voting import Votes, vote, winners
-
-#: references scored for calibration, at most (a random subset beyond)
-MAX_CALIBRATION = 20000
 
 #: references and targets that label spreading may hold in memory: it
 #: reads every embedding and builds an exact neighbor graph
@@ -66,12 +64,18 @@ class ReferenceScores:
         y: their labels, as class indices
         probs: float array (n, C) of their held-out distributions
         winners: the class each would be pre-labeled with
+        closer_than: the similarity above which their neighbors were set
+            aside as closer than the targets get (``inf``: none were; see
+            :mod:`prelabel.core.leakage`)
+        num_trimmed: the references that had neighbors set aside
     """
 
     ids: list[str]
     y: np.ndarray
     probs: np.ndarray
     winners: np.ndarray
+    closer_than: float = float("inf")
+    num_trimmed: int = 0
 
     @property
     def correct(self) -> np.ndarray:
@@ -128,37 +132,93 @@ class VoteScorer:
         ):
             yield self.score(nb)
 
-    def score_references(self, dataset, seed: int = 0) -> ReferenceScores:
-        """Every reference (a random subset of
-        :data:`MAX_CALIBRATION` beyond that) scored by its leave-one-out
-        vote."""
-        label_of = self._reference_labels(seed)
-        ids, probs, wins = [], [], []
-        for chunk in self.stream(dataset, list(label_of), 1000):
-            probs.append(chunk.probs)
-            wins.append(chunk.winners)
-            ids.extend(chunk.neighbors.ids)
-        C = len(self.classes)
-        return self._scores(
-            label_of,
-            ids,
-            np.vstack(probs) if probs else np.zeros((0, C)),
-            np.concatenate(wins) if wins else np.zeros(0, int),
-        )
+    def score_references(self, dataset, target_top=None) -> ReferenceScores:
+        """Every reference (a subset of :data:`MAX_CALIBRATION` beyond
+        that) scored by its leave-one-out vote.
 
-    def _reference_labels(self, seed) -> dict[str, str]:
+        Args:
+            dataset: the dataset of the points
+            target_top (None): the similarity of a sample of targets to
+                their nearest reference: neighbors of a reference closer
+                than the targets get are set aside
+                (:mod:`prelabel.core.leakage`)
+        """
+        label_of = self._reference_labels()
+        ids, labels, sims = self.held_out_neighbors(
+            dataset, list(label_of), wide=target_top is not None
+        )
+        votes, t, trimmed = self.held_out_votes(labels, sims, target_top)
+        scores = self._scores(
+            label_of, ids, votes.probs, winners(votes.probs, votes)
+        )
+        scores.closer_than, scores.num_trimmed = t, trimmed
+        return scores
+
+    def held_out_neighbors(self, dataset, ids, wide: bool = False):
+        """The nearest references of ``ids`` (never a point itself): ``k``,
+        or ``k`` + :data:`prelabel.core.leakage.EXTRA_NEIGHBORS` when
+        ``wide``, so that some can be set aside.
+
+        Returns:
+            ``(ids found, their neighbors' labels, similarities (n, m))``
+        """
+        m = self.k + (leakage.EXTRA_NEIGHBORS if wide else 0)
+        found, labels, sims = [], [], []
+        for nb in neighbors.stream(
+            self.results,
+            dataset,
+            ids,
+            self.field,
+            m,
+            self.flt,
+            1000,
+            units=self.units,
+        ):
+            found.extend(nb.ids)
+            labels.extend(nb.labels)
+            sims.append(nb.sims)
+        return found, labels, np.vstack(sims) if sims else np.zeros((0, m))
+
+    def held_out_votes(self, labels, sims, target_top=None):
+        """The vote of each row's ``k`` nearest neighbors no closer than
+        the targets get to theirs (all of them without ``target_top``).
+
+        Returns:
+            ``(Votes, the similarity above which neighbors were set
+            aside, how many rows had one set aside)``
+        """
+        t = float("inf")
+        if target_top is not None:
+            t = leakage.closeness_threshold(sims, target_top)
+        keep = leakage.keep_closest(sims, t, self.k)
+        order = np.argsort(~keep, axis=1, kind="stable")[:, : self.k]
+        kept = np.take_along_axis(keep, order, 1)
+        kept_sims = np.where(kept, np.take_along_axis(sims, order, 1), np.nan)
+        kept_labels = [
+            [row[j] for j, ok in zip(o, m, strict=True) if ok]
+            for row, o, m in zip(
+                labels, order.tolist(), kept.tolist(), strict=True
+            )
+        ]
+        votes = vote(
+            kept_labels, kept_sims, self.classes, self.k, self.vote_method
+        )
+        trimmed = int((np.nan_to_num(sims, nan=-np.inf) > t).any(1).sum())
+        return votes, t, trimmed
+
+    def _reference_labels(self) -> dict[str, str]:
+        """The scored references' labels by id (a subset of
+        :data:`MAX_CALIBRATION` chosen by their ids beyond that)."""
         lookup = set(self.classes)
         pairs = [
             (sid, lbl)
             for sid, lbl in neighbors.reference_labels(self.results, self.flt)
             if lbl in lookup
         ]
-        if len(pairs) > MAX_CALIBRATION:
-            pick = np.random.default_rng(seed).choice(
-                len(pairs), MAX_CALIBRATION, replace=False
-            )
-            pairs = [pairs[i] for i in sorted(pick)]
-        return dict(pairs)
+        rows = leakage.calibration_subset(
+            [p[0] for p in pairs], MAX_CALIBRATION
+        )
+        return dict(pairs[i] for i in rows)
 
     def _scores(self, label_of, ids, probs, wins) -> ReferenceScores:
         lookup = {c: i for i, c in enumerate(self.classes)}
@@ -193,43 +253,57 @@ class AdaptedScorer(VoteScorer):
         chunk.probs = 0.5 * chunk.votes.probs + 0.5 * head
         return chunk
 
-    def score_references(self, dataset, seed: int = 0) -> ReferenceScores:
+    def score_references(self, dataset, target_top=None) -> ReferenceScores:
         """Every reference scored by the head and the neighbors of the
-        cross-fitting fold that never saw its label."""
+        cross-fitting fold that never saw its label (near-duplicates set
+        aside as in :meth:`VoteScorer.score_references`)."""
         ad = self.adapter
-        label_of = self._reference_labels(seed)
+        label_of = self._reference_labels()
         ids, X = neighbors.read_vectors(
             dataset, list(label_of), ad.info.get("embeddings_field")
         )
         folds = ad.fold_of(ids)
         head = self._in_classes(core_adapter.cross_fitted_proba(ad, X, folds))
         head /= np.maximum(head.sum(axis=1, keepdims=True), 1e-12)
-        nb_idx, sims = core_adapter.cross_fitted_neighbors(
-            ad, X, folds, self.k
-        )
+        m = self.k
+        if target_top is not None:
+            m += leakage.EXTRA_NEIGHBORS
+        nb_idx, sims = core_adapter.cross_fitted_neighbors(ad, X, folds, m)
         ref_lbl = [label_of[s] for s in ids]
         nb_labels = [
-            [ref_lbl[j] for j in row if j >= 0] for row in nb_idx.tolist()
+            [ref_lbl[j] if j >= 0 else None for j in row]
+            for row in nb_idx.tolist()
         ]
-        votes = vote(nb_labels, sims, self.classes, self.k, self.vote_method)
+        votes, t, trimmed = self.held_out_votes(nb_labels, sims, target_top)
         probs = 0.5 * votes.probs + 0.5 * head
-        return self._scores(label_of, ids, probs, winners(probs, votes))
+        scores = self._scores(label_of, ids, probs, winners(probs, votes))
+        scores.closer_than, scores.num_trimmed = t, trimmed
+        return scores
 
 
-def frozen_share(frozen, dataset, ids, wins, classes, k, vote_method):
+def frozen_share(
+    frozen, dataset, ids, wins, classes, k, vote_method, target_top=None
+):
     """The share of the vote of each sample's ``k`` nearest references in
     the frozen embeddings (``frozen``: a :class:`VoteScorer` of that index)
-    that goes to the class ``wins`` gives it (never its own vote)."""
+    that goes to the class ``wins`` gives it (never its own vote; for
+    references, without the neighbors closer than ``target_top`` says
+    the targets get, as in :meth:`VoteScorer.score_references`)."""
+    scorer = VoteScorer(frozen.results, frozen.flt, classes, k, vote_method)
+    found, labels, sims = scorer.held_out_neighbors(
+        dataset, list(ids), wide=target_top is not None
+    )
+    votes, _, _ = scorer.held_out_votes(labels, sims, target_top)
     share = np.zeros(len(ids))
     row = {sid: i for i, sid in enumerate(ids)}
-    scorer = VoteScorer(frozen.results, frozen.flt, classes, k, vote_method)
-    for chunk in scorer.stream(dataset, list(ids), 1000):
-        at = np.array([row[s] for s in chunk.neighbors.ids], dtype=np.int64)
-        share[at] = chunk.votes.probs[np.arange(len(at)), wins[at]]
+    at = np.array([row[s] for s in found], dtype=np.int64)
+    share[at] = votes.probs[np.arange(len(at)), np.asarray(wins)[at]]
     return share
 
 
-def choose_accept_score(refs, frozen, dataset, classes, k, vote_method, tp):
+def choose_accept_score(
+    refs, frozen, dataset, classes, k, vote_method, tp, target_ids=()
+):
     """Which score ranks the adapted pre-labels for acceptance, chosen on
     the references.
 
@@ -242,12 +316,20 @@ def choose_accept_score(refs, frozen, dataset, classes, k, vote_method, tp):
     adapted label; the references (held out for both) pick the one that
     accepts the most of them at ``tp``. Labels never change.
 
+    ``target_ids`` (a sample of the targets) say how close the targets
+    get to their nearest reference in the frozen embeddings, so that the
+    references' frozen votes leave out their near-duplicates.
+
     Returns:
         ``(name, the references' scores under it)``
     """
     conf = refs.confidence
+    top = None
+    if len(target_ids):
+        _, _, sims = frozen.held_out_neighbors(dataset, list(target_ids))
+        top = sims[:, 0] if sims.size else None
     share = frozen_share(
-        frozen, dataset, refs.ids, refs.winners, classes, k, vote_method
+        frozen, dataset, refs.ids, refs.winners, classes, k, vote_method, top
     )
     candidates = {"adapted": conf, "adapted x frozen vote": conf * share}
     name = calibration.choose_score(candidates, refs.correct, tp)

@@ -21,7 +21,9 @@ particular dataset):
    0.1) on the references, each on the references outside one fold
    ("cross-fitting"). A reference is thus scored by a head that never saw
    its label, which gives honest scores for calibration and label-error
-   ranking.
+   ranking. References closer to each other than the other samples get to
+   them (near-duplicates, see :mod:`prelabel.core.leakage`) share a fold,
+   so that no head has seen a copy of a reference it scores.
 3. output: the K heads' normalized outputs side by side (scaled by
    1/sqrt(K)), so the cosine similarity of two adapted vectors is the mean
    of the K heads' cosine similarities: kNN on the adapted field is kNN of
@@ -43,9 +45,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from prelabel.core import leakage
+from prelabel.core.calibration import MAX_CALIBRATION
 from prelabel.core.vectors import (
     exact_neighbors,
     fit_features,
+    nearest_rows,
     normalize,
     signed_sqrt_l2,
     whitened_features,
@@ -54,19 +59,86 @@ from prelabel.core.voting import vote
 from prelabel.progress import Progress, ProgressArg
 
 
-def stratified_folds(y: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
+def stratified_folds(
+    y: np.ndarray,
+    folds: int,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
+) -> np.ndarray:
     """A fold index per sample: each class is spread evenly over the folds
-    (a class with fewer members than folds leaves some folds without it)."""
+    (a class with fewer members than folds leaves some folds without it).
+
+    Args:
+        y: class indices ``(n,)``
+        folds: the number of folds
+        seed (0): seeds the shuffles
+        groups (None): a group id per sample (near-duplicates): a group
+            is never split, each goes whole to the fold holding the fewest
+            of its classes, largest groups first
+    """
     y = np.asarray(y)
     rng = np.random.default_rng(seed)
     out = np.empty(len(y), dtype=np.int64)
-    offset = 0
-    for c in np.unique(y):
-        idx = np.flatnonzero(y == c)
-        idx = idx[rng.permutation(len(idx))]
-        out[idx] = (np.arange(len(idx)) + offset) % folds
-        offset += len(idx)
+    if groups is None:
+        offset = 0
+        for c in np.unique(y):
+            idx = np.flatnonzero(y == c)
+            idx = idx[rng.permutation(len(idx))]
+            out[idx] = (np.arange(len(idx)) + offset) % folds
+            offset += len(idx)
+        return out
+    _, g = np.unique(np.asarray(groups), return_inverse=True)
+    by_group = np.argsort(g, kind="stable")
+    starts = np.r_[0, np.cumsum(np.bincount(g))]
+    order = rng.permutation(len(starts) - 1)
+    order = order[np.argsort(-np.diff(starts)[order], kind="stable")]
+    _, yc = np.unique(y, return_inverse=True)
+    filled = np.zeros((yc.max() + 1 if len(y) else 0, folds))
+    for grp in order:
+        rows = by_group[starts[grp] : starts[grp + 1]]
+        counts = np.bincount(yc[rows], minlength=filled.shape[0])
+        load = counts @ filled + 1e-9 * filled.sum(axis=0)
+        f = int(np.argmin(load))
+        out[rows] = f
+        filled[:, f] += counts
     return out
+
+
+def reference_groups(
+    Z_ref: np.ndarray,
+    Z_other: np.ndarray | None,
+    reference_ids: Sequence[str] | None,
+    folds: int,
+    k: int = 15,
+) -> np.ndarray | None:
+    """Near-duplicate groups of the references that the cross-fitting
+    keeps in one fold (:mod:`prelabel.core.leakage`): the references
+    scored for calibration linked to their neighbors closer than the
+    other samples (``Z_other``, standing for the targets) get. None when
+    there is nothing to compare with or the references are no closer to
+    each other than the targets are to them.
+    """
+    if Z_other is None or not len(Z_other) or len(Z_ref) < 3:
+        return None
+    ids = (
+        list(reference_ids)
+        if reference_ids is not None and len(reference_ids) == len(Z_ref)
+        else [str(i) for i in range(len(Z_ref))]
+    )
+    rows = leakage.calibration_subset(ids, MAX_CALIBRATION)
+    idx, sims = nearest_rows(
+        Z_ref[rows], Z_ref, k + leakage.EXTRA_NEIGHBORS, self_rows=rows
+    )
+    pick = np.random.default_rng(0).choice(
+        len(Z_other), min(len(Z_other), leakage.TARGET_SAMPLE), False
+    )
+    _, top = nearest_rows(Z_other[np.sort(pick)], Z_ref, 1)
+    t = leakage.closeness_threshold(sims, top[:, 0])
+    if not np.isfinite(t):
+        return None
+    return leakage.duplicate_groups(
+        len(Z_ref), rows, idx, sims, t, max(1, len(Z_ref) // (2 * folds))
+    )
 
 
 @dataclass
@@ -367,7 +439,13 @@ def fit_adapter(
         mean=mean, basis=basis, heads=[], classes=classes, scale=16.0
     )
     Z = adapter.features(X_ref)
-    which = stratified_folds(y, folds, seed)
+    groups = reference_groups(
+        Z,
+        None if X_unlabeled is None else adapter.features(X_unlabeled),
+        reference_ids,
+        folds,
+    )
+    which = stratified_folds(y, folds, seed, groups)
     with Progress(
         progress, folds, "Learning adapted embeddings", unit="head"
     ) as bar:
@@ -396,6 +474,12 @@ def fit_adapter(
             "num_fit": int(len(X_fit)),
             "folds": int(folds),
             "feature_dim": int(basis.shape[1]),
+            # references that share a fold with near-duplicates
+            "near_duplicates": (
+                0
+                if groups is None
+                else int((np.bincount(groups)[groups] > 1).sum())
+            ),
             "dim": adapter.dim,
             "seconds": time.perf_counter() - t0,
         }

@@ -108,6 +108,10 @@ def coverage_at_precision(
     return float(coverage[ok.max()]) if ok.size else 0.0
 
 
+#: references scored for calibration, at most (a subset beyond, chosen by
+#: :func:`prelabel.core.leakage.calibration_subset`)
+MAX_CALIBRATION = 20000
+
 #: the confidence with which an accept threshold keeps the asked precision
 #: (a one-sided lower bound on the references' precision)
 CONFIDENCE_LEVEL = 0.95

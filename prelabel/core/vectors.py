@@ -108,3 +108,43 @@ def exact_neighbors(
         idx[a : a + block] = part
         sims[a : a + block] = np.take_along_axis(S, part, 1)
     return idx, sims
+
+
+def nearest_rows(
+    Q: np.ndarray,
+    R: np.ndarray,
+    k: int,
+    self_rows: np.ndarray | None = None,
+    block: int = 2048,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's ``k`` nearest rows of ``R`` by cosine similarity,
+    closest first.
+
+    Args:
+        Q: queries ``(q, d)``
+        R: rows searched ``(n, d)``
+        k: neighbors per query
+        self_rows (None): per query, its own row of ``R`` (never returned),
+            or ``-1``
+        block (2048): queries per matrix product
+
+    Returns:
+        ``(indices, similarities)`` ``(q, min(k, n))``
+    """
+    Qn = normalize(np.asarray(Q, dtype=np.float32))
+    Rn = normalize(np.asarray(R, dtype=np.float32))
+    k = int(min(k, len(Rn)))
+    idx = np.empty((len(Qn), k), dtype=np.int64)
+    sims = np.empty((len(Qn), k), dtype=np.float32)
+    for a in range(0, len(Qn), block):
+        S = Qn[a : a + block] @ Rn.T
+        if self_rows is not None:
+            own = np.asarray(self_rows[a : a + block])
+            rows = np.flatnonzero(own >= 0)
+            S[rows, own[rows]] = -np.inf
+        part = np.argpartition(-S, k - 1, axis=1)[:, :k]
+        s = np.take_along_axis(S, part, 1)
+        order = np.argsort(-s, axis=1, kind="stable")
+        idx[a : a + block] = np.take_along_axis(part, order, 1)
+        sims[a : a + block] = np.take_along_axis(s, order, 1)
+    return idx, sims

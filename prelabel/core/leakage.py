@@ -1,0 +1,190 @@
+"""References scored as the targets will be: without the near-duplicates
+that only references have.
+
+A reference's held-out score (its leave-one-out vote, or a cross-fitted
+score) is meant to stand for a target's. When the references hold
+near-duplicates of each other (video frames, bursts, augmented copies)
+that the targets do not have, a reference's nearest neighbors are its own
+copies, its score is easier than any target's, and a threshold chosen on
+the references accepts too much of the targets (0.969 measured precision
+for 0.99 asked, on references that are noisy copies of each other).
+
+The symptom is measurable without a label: the similarity of a
+reference to its nearest other reference is larger than that of a target
+to its nearest reference. :func:`closeness_threshold` finds the largest
+similarity ``t`` such that, once every reference's neighbors above ``t``
+are set aside, the references are no closer to their nearest neighbor
+than the targets are (a one-sided two-sample Kolmogorov-Smirnov bound);
+``inf`` when they never were. :func:`keep_closest` then picks each
+reference's voters among its neighbors at or below ``t``, and
+:func:`duplicate_groups` joins references closer than ``t`` into groups
+that cross-fitting keeps in one fold. Pure numpy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+
+#: the confidence with which the references must be shown closer to each
+#: other than the targets are to them before neighbors are set aside
+LEVEL = 0.95
+
+#: neighbors queried beyond ``k`` for each scored reference, so that a
+#: reference with near-duplicates still has ``k`` voters once they are
+#: set aside
+EXTRA_NEIGHBORS = 30
+
+#: targets (or other samples standing for them) whose nearest reference
+#: is compared, at most
+TARGET_SAMPLE = 2000
+
+
+def _nearest_kept(sims: np.ndarray, t: float) -> np.ndarray:
+    """Per row, the largest similarity at or below ``t`` (rows sorted
+    closest first, NaN-padded); ``-inf`` where none is."""
+    keep = np.nan_to_num(sims, nan=np.inf) <= t
+    first = keep.argmax(axis=1)
+    out = sims[np.arange(len(sims)), first].astype(np.float64)
+    return np.where(keep.any(axis=1), out, -np.inf)
+
+
+def _excess(ref_top: np.ndarray, target_top: np.ndarray) -> float:
+    """How much more often a reference's nearest neighbor is closer than a
+    given similarity than a target's is, at worst over similarities."""
+    R, T = np.sort(ref_top), np.sort(target_top)
+    at = np.r_[R, T]
+    above_r = 1.0 - np.searchsorted(R, at, "right") / R.size
+    above_t = 1.0 - np.searchsorted(T, at, "right") / T.size
+    return float((above_r - above_t).max())
+
+
+def closeness_threshold(
+    ref_sims: np.ndarray,
+    target_top: np.ndarray,
+    level: float = LEVEL,
+) -> float:
+    """The similarity above which a reference's neighbors are closer than
+    a target's neighbors get.
+
+    Args:
+        ref_sims: float array ``(n, m)``: each reference's similarities to
+            its nearest other references, closest first, NaN-padded
+        target_top: float array ``(t,)``: each target's (or a random
+            sample of targets') similarity to its nearest reference
+        level (0.95): the confidence of the test that sets neighbors aside
+
+    Returns:
+        ``inf`` when the references are not significantly closer to each
+        other than the targets are to them (nothing to set aside), else
+        the largest threshold after which they are not
+    """
+    sims = np.asarray(ref_sims, dtype=np.float64)
+    top = np.asarray(target_top, dtype=np.float64)
+    top = top[np.isfinite(top)]
+    if sims.ndim != 2 or not sims.size or not top.size:
+        return float("inf")
+    n, m = len(sims), top.size
+    slack = np.sqrt(-np.log(1.0 - level) / 2.0) * np.sqrt((n + m) / (n * m))
+    if _excess(_nearest_kept(sims, np.inf), top) <= slack:
+        return float("inf")
+    # the largest candidate that passes; setting more aside only lowers
+    # each reference's nearest kept similarity, so a bisection finds it
+    finite = sims[np.isfinite(sims)]
+    cands = np.unique(np.quantile(finite, np.linspace(0.0, 1.0, 513)))
+    lo, hi = -1, len(cands) - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if _excess(_nearest_kept(sims, cands[mid]), top) <= slack:
+            lo = mid
+        else:
+            hi = mid - 1
+    return float(cands[lo]) if lo >= 0 else float(cands[0])
+
+
+def keep_closest(sims: np.ndarray, t: float, k: int) -> np.ndarray:
+    """Which neighbors vote: per row (closest first, NaN-padded), the
+    first ``k`` at or below ``t``.
+
+    Returns:
+        a bool array of the shape of ``sims``
+    """
+    sims = np.asarray(sims, dtype=np.float64)
+    keep = np.nan_to_num(sims, nan=np.inf) <= t
+    return keep & (np.cumsum(keep, axis=1) <= k)
+
+
+def duplicate_groups(
+    n: int,
+    rows: np.ndarray,
+    idx: np.ndarray,
+    sims: np.ndarray,
+    t: float,
+    max_size: int,
+) -> np.ndarray:
+    """Groups of references linked by similarities above ``t``, the
+    closest pairs joined first, no group past ``max_size`` members (so a
+    chain of near-duplicates cannot swallow the reference set).
+
+    Args:
+        n: the number of references
+        rows: int array ``(q,)``: the references whose neighbors are given
+        idx: int array ``(q, m)``: their nearest other references (rows
+            of the ``n``), ``-1``-padded
+        sims: their similarities, closest first, NaN-padded
+        t: the threshold of :func:`closeness_threshold`
+        max_size: the largest group
+
+    Returns:
+        an int array ``(n,)``: a group id per reference (its own row when
+        it joined none)
+    """
+    parent = np.arange(n)
+    size = np.ones(n, dtype=np.int64)
+    if not np.isfinite(t):
+        return parent
+
+    def root(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    idx = np.asarray(idx)
+    s = np.nan_to_num(np.asarray(sims, dtype=np.float64), nan=-np.inf)
+    qs, cols = np.nonzero((s > t) & (idx >= 0))
+    for e in np.argsort(-s[qs, cols], kind="stable"):
+        a, b = root(int(rows[qs[e]])), root(int(idx[qs[e], cols[e]]))
+        if a != b and size[a] + size[b] <= max_size:
+            if size[a] < size[b]:
+                a, b = b, a
+            parent[b] = a
+            size[a] += size[b]
+    return np.array([root(a) for a in range(n)], dtype=np.int64)
+
+
+def calibration_subset(ids: Sequence[str], limit: int) -> np.ndarray:
+    """Which of ``ids`` are scored for calibration when there are more
+    than ``limit``: the rows of the ``limit`` ids of smallest digest. The
+    choice depends on the ids alone, not on their order, so the adapter
+    (which keeps the near-duplicates of these references out of the
+    heads that score them) and the scorer pick the same ones.
+
+    Returns:
+        sorted row indices into ``ids``
+    """
+    if len(ids) <= limit:
+        return np.arange(len(ids))
+    keys = np.array(
+        [
+            int.from_bytes(
+                hashlib.blake2b(str(s).encode(), digest_size=8).digest(),
+                "big",
+            )
+            for s in ids
+        ],
+        dtype=np.uint64,
+    )
+    return np.sort(np.argsort(keys, kind="stable")[:limit])

@@ -1,0 +1,180 @@
+"""References with near-duplicates of each other (copies the targets do
+not have) are scored as the targets will be: their closer-than-targets
+neighbors set aside, their copies kept in one cross-fitting fold. On real
+digits (sklearn's 8x8 scans): noisy copies of the same scan among the
+references, targets from other scans."""
+
+import uuid
+
+import fiftyone as fo
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+import prelabel
+from prelabel.core import adapter as core_adapter
+from prelabel.core import leakage
+from prelabel.core.vectors import nearest_rows
+
+COPIES = 4
+
+
+def _copies(X, copies, seed, rel=0.25):
+    """``copies`` noisy copies of each row (noise norm ``rel`` times the
+    row's norm), grouped by source."""
+    rng = np.random.default_rng(seed)
+    X = np.repeat(np.asarray(X, dtype=np.float32), copies, axis=0)
+    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    noise = rng.standard_normal(X.shape).astype(np.float32)
+    return X + rel * norms * noise / np.sqrt(X.shape[1])
+
+
+def _split(seed=0, num_ref_src=300, num_targets=500):
+    d = load_digits()
+    order = np.random.default_rng(seed).permutation(len(d.data))
+    ref_src = order[:num_ref_src]
+    tgt = order[num_ref_src : num_ref_src + num_targets]
+    return d, ref_src, tgt
+
+
+def _sims(R, T, k=15 + leakage.EXTRA_NEIGHBORS):
+    idx, sims = nearest_rows(R, R, k, self_rows=np.arange(len(R)))
+    _, top = nearest_rows(T, R, 1)
+    return idx, sims, top[:, 0]
+
+
+def test_references_of_the_targets_kind_have_nothing_set_aside():
+    d, ref_src, tgt = _split()
+    _, sims, top = _sims(d.data[ref_src], d.data[tgt])
+    assert leakage.closeness_threshold(sims, top) == np.inf
+    keep = leakage.keep_closest(sims, np.inf, 15)
+    assert keep[:, :15].all() and not keep[:, 15:].any()
+
+
+def test_copies_among_the_references_are_set_aside_and_grouped():
+    d, ref_src, tgt = _split()
+    R = _copies(d.data[ref_src], COPIES, seed=1)
+    idx, sims, top = _sims(R, _copies(d.data[tgt], 1, seed=2))
+    t = leakage.closeness_threshold(sims, top)
+    assert np.isfinite(t)
+    source = np.arange(len(R)) // COPIES
+    # what the threshold sets aside is mostly copies of the same scan,
+    # and after it the references are no closer than the targets
+    above = sims > t
+    same = source[idx] == source[:, None]
+    assert same[above].mean() > 0.8
+    assert (same & above).sum() > 0.7 * (same[:, : COPIES - 1]).sum()
+    nearest = leakage._nearest_kept(sims, t)
+    assert np.median(nearest) <= np.median(top) + 0.01
+    keep = leakage.keep_closest(sims, t, 15)
+    assert (keep.sum(axis=1) <= 15).all()
+    assert not (keep & above).any()
+
+    groups = leakage.duplicate_groups(
+        len(R), np.arange(len(R)), idx, sims, t, 40
+    )
+    assert np.bincount(groups).max() <= 40
+    # copies of one scan share a group far more often than chance
+    together = np.mean(
+        [len(set(groups[source == s])) == 1 for s in range(len(ref_src))]
+    )
+    assert together > 0.6
+
+
+def test_grouped_folds_never_split_a_group_and_spread_the_classes():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 400)
+    groups = np.repeat(np.arange(100), 4)
+    y = y[groups]  # a group holds one class, as copies do
+    folds = core_adapter.stratified_folds(y, 5, seed=0, groups=groups)
+    for g in range(100):
+        assert len(set(folds[groups == g])) == 1
+    for c in range(4):
+        counts = np.bincount(folds[y == c], minlength=5)
+        assert counts.max() - counts.min() <= 8
+
+
+def test_the_adapter_keeps_copies_in_one_fold():
+    d, ref_src, tgt = _split(num_ref_src=200)
+    R = _copies(d.data[ref_src], COPIES, seed=1)
+    y = [str(v) for v in np.repeat(d.target[ref_src], COPIES)]
+    X_other = _copies(d.data[tgt], 1, seed=2)
+    ad = core_adapter.fit_adapter(
+        R, y, X_unlabeled=X_other, folds=5, epochs=2, min_steps=20
+    )
+    assert ad.info["near_duplicates"] > len(R) // 2
+    source = np.arange(len(R)) // COPIES
+    split = np.mean(
+        [len(set(ad.folds[source == s])) > 1 for s in range(len(ref_src))]
+    )
+    assert split < 0.3  # independent folds would split nearly every one
+    plain = core_adapter.fit_adapter(R, y, folds=5, epochs=2, min_steps=20)
+    assert plain.info["near_duplicates"] == 0
+
+
+def test_calibration_subset_depends_on_the_ids_not_their_order():
+    ids = [uuid.uuid4().hex for _ in range(500)]
+    rows = leakage.calibration_subset(ids, 100)
+    chosen = {ids[i] for i in rows}
+    shuffled = list(reversed(ids))
+    again = {shuffled[i] for i in leakage.calibration_subset(shuffled, 100)}
+    assert len(chosen) == 100 and chosen == again
+    assert list(leakage.calibration_subset(ids, 1000)) == list(range(500))
+
+
+def _dataset(copies):
+    """References: ``copies`` noisy copies of each of 300 scans; targets:
+    500 other scans, each once."""
+    d, ref_src, tgt = _split()
+    R = _copies(d.data[ref_src], copies, seed=1)
+    T = _copies(d.data[tgt], 1, seed=2)
+    rows = [
+        (v, c, "train")
+        for v, c in zip(R, np.repeat(d.target[ref_src], copies), strict=True)
+    ]
+    rows += [(v, c, "test") for v, c in zip(T, d.target[tgt], strict=True)]
+    dataset = fo.Dataset(f"prelabel-leak-{uuid.uuid4().hex[:8]}")
+    dataset.add_samples(
+        [
+            fo.Sample(
+                filepath=f"/nonexistent/leak/{i:05d}.png",
+                embeddings=v,
+                ground_truth=fo.Classification(label=str(lbl)),
+                tags=[tag],
+            )
+            for i, (v, lbl, tag) in enumerate(rows)
+        ],
+        progress=False,
+    )
+    prelabel.sync_index(dataset, progress=False)
+    return dataset
+
+
+@pytest.fixture(params=[1, COPIES], ids=["no copies", "copies"])
+def references(request):
+    dataset = _dataset(request.param)
+    yield request.param, dataset
+    dataset.delete()
+
+
+def test_references_are_scored_like_the_targets(references):
+    copies, dataset = references
+    out = prelabel.preannotate(
+        dataset.match_tags("test"),
+        reference="train",
+        pred_field="pre",
+        target_precision=0.9,
+        eval_key="ev",
+        progress=False,
+    )
+    if copies == 1:  # as before: nothing set aside
+        assert out.near_duplicate_similarity == np.inf
+        assert out.num_reference_trimmed == 0
+        assert "near-duplicates" not in out.promise
+    else:
+        assert np.isfinite(out.near_duplicate_similarity)
+        assert out.num_reference_trimmed > 0.5 * out.num_reference_scored
+        assert "near-duplicates" in out.promise
+    # a scan voted on by its own copies is right more often (0.98 here,
+    # the targets 0.96); with its copies set aside, as often as a target
+    assert abs(out.reference_accuracy - out.accuracy) < 0.012
