@@ -390,13 +390,23 @@ def propagate(
     found, X = neighbors.read_vectors(root, all_ids, field, units)
     Xo = np.empty_like(X)
     Xo[np.array([row[s] for s in found])] = X
-    idx, sims = exact_neighbors(whitened_features(Xo), k=10)
+    W = whitened_features(Xo)
+    idx, sims = exact_neighbors(W, k=10)
     S = core_propagation.graph_operator(idx, sims)
     prior = np.zeros((len(all_ids), len(classes)))
-    prior[[row[s] for s in target_ids]] = priors
+    target_rows = [row[s] for s in target_ids]
+    prior[target_rows] = priors
     ref_rows = np.array([row[s] for s in refs.ids], dtype=np.int64)
     choice = core_propagation.choose(
-        S, ref_rows, refs.y, len(classes), prior, refs.probs
+        S,
+        ref_rows,
+        refs.y,
+        len(classes),
+        prior,
+        refs.probs,
+        groups=leakage.groups(
+            W[ref_rows], W[target_rows], core_propagation.HIDDEN_FOLDS
+        ),
     )
     if not choice.helps:
         return Spreading(choice, None)

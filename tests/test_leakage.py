@@ -157,16 +157,20 @@ def references(request):
     dataset.delete()
 
 
-def test_references_are_scored_like_the_targets(references):
+@pytest.mark.parametrize("propagate", [False, True])
+def test_references_are_scored_like_the_targets(references, propagate):
     copies, dataset = references
     out = prelabel.preannotate(
         dataset.match_tags("test"),
         reference="train",
         pred_field="pre",
         target_precision=0.9,
+        propagate=propagate,
         eval_key="ev",
         progress=False,
     )
+    if propagate:  # spreading's hidden folds keep copies together
+        assert out.propagation is not None
     if copies == 1:  # as before: nothing set aside
         assert out.near_duplicate_similarity == np.inf
         assert out.num_reference_trimmed == 0

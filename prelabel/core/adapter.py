@@ -50,7 +50,6 @@ from prelabel.core.calibration import MAX_CALIBRATION
 from prelabel.core.vectors import (
     exact_neighbors,
     fit_features,
-    nearest_rows,
     normalize,
     signed_sqrt_l2,
     whitened_features,
@@ -109,16 +108,13 @@ def reference_groups(
     Z_other: np.ndarray | None,
     reference_ids: Sequence[str] | None,
     folds: int,
-    k: int = 15,
 ) -> np.ndarray | None:
     """Near-duplicate groups of the references that the cross-fitting
-    keeps in one fold (:mod:`prelabel.core.leakage`): the references
-    scored for calibration linked to their neighbors closer than the
-    other samples (``Z_other``, standing for the targets) get. None when
-    there is nothing to compare with or the references are no closer to
-    each other than the targets are to them.
-    """
-    if Z_other is None or not len(Z_other) or len(Z_ref) < 3:
+    keeps in one fold: those scored for calibration (the subset of
+    :func:`prelabel.core.leakage.calibration_subset`) linked to their
+    neighbors closer than the other samples (``Z_other``, standing for
+    the targets) get (:func:`prelabel.core.leakage.groups`)."""
+    if Z_other is None:
         return None
     ids = (
         list(reference_ids)
@@ -126,19 +122,7 @@ def reference_groups(
         else [str(i) for i in range(len(Z_ref))]
     )
     rows = leakage.calibration_subset(ids, MAX_CALIBRATION)
-    idx, sims = nearest_rows(
-        Z_ref[rows], Z_ref, k + leakage.EXTRA_NEIGHBORS, self_rows=rows
-    )
-    pick = np.random.default_rng(0).choice(
-        len(Z_other), min(len(Z_other), leakage.TARGET_SAMPLE), False
-    )
-    _, top = nearest_rows(Z_other[np.sort(pick)], Z_ref, 1)
-    t = leakage.closeness_threshold(sims, top[:, 0])
-    if not np.isfinite(t):
-        return None
-    return leakage.duplicate_groups(
-        len(Z_ref), rows, idx, sims, t, max(1, len(Z_ref) // (2 * folds))
-    )
+    return leakage.groups(Z_ref, Z_other, folds, rows)
 
 
 @dataclass

@@ -28,6 +28,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from prelabel.core.vectors import nearest_rows
+
 #: the confidence with which the references must be shown closer to each
 #: other than the targets are to them before neighbors are set aside
 LEVEL = 0.95
@@ -163,6 +165,50 @@ def duplicate_groups(
             parent[b] = a
             size[a] += size[b]
     return np.array([root(a) for a in range(n)], dtype=np.int64)
+
+
+def groups(
+    Z_ref: np.ndarray,
+    Z_other: np.ndarray,
+    folds: int,
+    rows: np.ndarray | None = None,
+    k: int = 15,
+) -> np.ndarray | None:
+    """Near-duplicate groups of references for cross-fitting with
+    ``folds`` folds: the references of ``rows`` (default all) linked to
+    their neighbors closer than :func:`closeness_threshold` says the
+    other samples ``Z_other`` (standing for the targets; a random
+    :data:`TARGET_SAMPLE` of them) get, groups of at most a tenth of a
+    fold.
+
+    Args:
+        Z_ref: the references' vectors ``(n, d)``
+        Z_other: other samples' vectors, in the same space
+        folds: the folds the groups are kept whole in
+        rows (None): the references to link (those whose held-out scores
+            are used)
+        k (15): the neighbors that will vote
+
+    Returns:
+        a group id per reference (:func:`duplicate_groups`), or None when
+        the references are no closer to each other than the others are
+        to them (or there is nothing to compare)
+    """
+    if Z_other is None or not len(Z_other) or len(Z_ref) < 3:
+        return None
+    rows = np.arange(len(Z_ref)) if rows is None else np.asarray(rows)
+    idx, sims = nearest_rows(
+        Z_ref[rows], Z_ref, k + EXTRA_NEIGHBORS, self_rows=rows
+    )
+    pick = np.random.default_rng(0).choice(
+        len(Z_other), min(len(Z_other), TARGET_SAMPLE), False
+    )
+    _, top = nearest_rows(Z_other[np.sort(pick)], Z_ref, 1)
+    t = closeness_threshold(sims, top[:, 0])
+    if not np.isfinite(t):
+        return None
+    cap = max(1, len(Z_ref) // (2 * folds))
+    return duplicate_groups(len(Z_ref), rows, idx, sims, t, cap)
 
 
 def calibration_subset(ids: Sequence[str], limit: int) -> np.ndarray:

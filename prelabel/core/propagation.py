@@ -127,6 +127,10 @@ def candidates(alphas=ALPHAS) -> list[tuple[float, bool]]:
     return [(0.0, True)] + [(float(a), False) for a in alphas if a > 0]
 
 
+#: the folds of references hidden in turn when spreading is measured
+HIDDEN_FOLDS = 10
+
+
 def choose(
     S,
     ref_rows: np.ndarray,
@@ -135,8 +139,9 @@ def choose(
     prior: np.ndarray | None,
     ref_prior: np.ndarray | None,
     alphas=ALPHAS,
-    folds: int = 10,
+    folds: int = HIDDEN_FOLDS,
     seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> PropagationChoice:
     """Measures spreading on the references: for each fold, its labels are
     hidden (its rows get ``ref_prior``, their scores computed without
@@ -155,6 +160,9 @@ def choose(
         folds (10), seed (0): the hidden folds (many, so that the
             references still labeled are nearly all of them, as for the
             targets; spreading is cheap)
+        groups (None): a group id per reference (near-duplicates, see
+            :func:`prelabel.core.leakage.groups`): a group is hidden
+            whole, so no reference is scored by its own copies' labels
 
     Returns:
         a :class:`PropagationChoice`: the candidate with the best held-out
@@ -162,7 +170,9 @@ def choose(
     """
     ref_rows = np.asarray(ref_rows)
     ref_labels = np.asarray(ref_labels)
-    which = stratified_folds(ref_labels, min(folds, len(ref_rows)), seed)
+    which = stratified_folds(
+        ref_labels, min(folds, len(ref_rows)), seed, groups
+    )
     n = S.shape[0]
     base = np.zeros((n, num_classes)) if prior is None else prior
     have_prior = prior is not None or ref_prior is not None
