@@ -182,3 +182,21 @@ def test_references_are_scored_like_the_targets(references, propagate):
     # a scan voted on by its own copies is right more often (0.98 here,
     # the targets 0.96); with its copies set aside, as often as a target
     assert abs(out.reference_accuracy - out.accuracy) < 0.012
+
+
+def test_nearest_rows_in_blocks_of_bounded_memory(monkeypatch):
+    from prelabel.core import vectors
+
+    rng = np.random.default_rng(0)
+    Q, R = rng.random((50, 8)), rng.random((300, 8))
+    own = np.full(50, -1)
+    own[:10] = np.arange(10)
+    whole = nearest_rows(Q, R, 5, self_rows=own)
+    monkeypatch.setattr(vectors, "MAX_BLOCK_CELLS", 1000)  # 3 rows a block
+    blocked = nearest_rows(Q, R, 5, self_rows=own)
+    assert (whole[0] == blocked[0]).all()
+    Qn = Q / np.linalg.norm(Q, axis=1, keepdims=True)
+    Rn = R / np.linalg.norm(R, axis=1, keepdims=True)
+    S = Qn @ Rn.T
+    S[np.arange(10), np.arange(10)] = -np.inf
+    assert (np.argsort(-S, axis=1)[:, :5] == whole[0]).all()

@@ -87,6 +87,16 @@ def whitened_features(
     return normalize((A - mean) @ W).astype(np.float32)
 
 
+#: similarities computed at once, at most (a block of queries times the
+#: rows searched: 256 MB of float32)
+MAX_BLOCK_CELLS = 64_000_000
+
+
+def _rows_per_block(block: int, n: int) -> int:
+    """Queries per matrix product: ``block``, fewer against many rows."""
+    return max(1, min(block, MAX_BLOCK_CELLS // max(n, 1)))
+
+
 def exact_neighbors(
     V: np.ndarray, k: int = 10, block: int = 2048
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -98,6 +108,7 @@ def exact_neighbors(
     V = normalize(np.asarray(V, dtype=np.float32))
     n = len(V)
     k = int(min(k, n - 1))
+    block = _rows_per_block(block, n)
     idx = np.empty((n, k), dtype=np.int64)
     sims = np.empty((n, k), dtype=np.float32)
     for a in range(0, n, block):
@@ -126,7 +137,9 @@ def nearest_rows(
         k: neighbors per query
         self_rows (None): per query, its own row of ``R`` (never returned),
             or ``-1``
-        block (2048): queries per matrix product
+        block (2048): queries per matrix product (fewer when ``R`` is so
+            large that their similarities would pass
+            :data:`MAX_BLOCK_CELLS`)
 
     Returns:
         ``(indices, similarities)`` ``(q, min(k, n))``
@@ -134,6 +147,7 @@ def nearest_rows(
     Qn = normalize(np.asarray(Q, dtype=np.float32))
     Rn = normalize(np.asarray(R, dtype=np.float32))
     k = int(min(k, len(Rn)))
+    block = _rows_per_block(block, len(Rn))
     idx = np.empty((len(Qn), k), dtype=np.int64)
     sims = np.empty((len(Qn), k), dtype=np.float32)
     for a in range(0, len(Qn), block):
