@@ -570,13 +570,23 @@ def _scorers(run: _Run):
     frozen = None
     if run.mode == "adapted":
         frozen = (results, flt)
-        results = adapt.adapt_index(
-            run.root,
-            results,
-            run.reference,
-            run.label_field,
-            run.progress,
-        )
+        try:
+            results = adapt.adapt_index(
+                run.root,
+                results,
+                run.reference,
+                run.label_field,
+                run.progress,
+            )
+        except ValueError as e:
+            if "out_field=" not in str(e):
+                raise
+            raise ValueError(
+                f"mode='adapted' writes its embeddings to a field named "
+                f"after the index's; {e}. From preannotate: delete or "
+                "rename that field, or call prelabel.adapt_index(dataset, "
+                "..., overwrite=True) once first"
+            ) from e
         flt, _ = neighbors.reference_filter(
             results, run.reference, run.label_field
         )

@@ -223,6 +223,31 @@ def test_preannotate_adapted_mode_in_one_call(digits_ds):
     dataset.untag_samples("needs_review")
 
 
+def test_one_click_refuses_an_adapted_field_it_did_not_write(arrays):
+    X, y = arrays
+    dataset = _dataset(X[:200], y[:200], num_train=100)
+    try:
+        prelabel.sync_index(
+            dataset, embeddings_field="embeddings", progress=False
+        )
+        # a person's vectors under the name the adapted field takes
+        dataset.set_values("embeddings_adapted", [np.ones(4)] * 200)
+        with pytest.raises(ValueError, match="adapt_index") as err:
+            prelabel.preannotate(
+                dataset.match_tags("test"),
+                reference="train",
+                mode="adapted",
+                pred_field="pre",
+                overwrite=True,
+                progress=False,
+            )
+        assert "embeddings_adapted" in str(err.value)
+        assert not dataset.has_sample_field("pre")
+        assert (dataset.values("embeddings_adapted")[0] == 1).all()
+    finally:
+        dataset.delete()
+
+
 def test_accept_score_is_chosen_on_the_references(digits_ds, monkeypatch):
     """In adapted mode the references pick what ranks pre-labels for
     acceptance; forced to the product, the written raw confidence is the
