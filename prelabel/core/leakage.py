@@ -32,7 +32,7 @@ from prelabel.core.vectors import nearest_rows
 
 #: the confidence with which the references must be shown closer to each
 #: other than the targets are to them before neighbors are set aside
-LEVEL = 0.95
+LEVEL = 0.99
 
 #: neighbors queried beyond ``k`` for each scored reference, so that a
 #: reference with near-duplicates still has ``k`` voters once they are
@@ -76,7 +76,7 @@ def closeness_threshold(
             its nearest other references, closest first, NaN-padded
         target_top: float array ``(t,)``: each target's (or a random
             sample of targets') similarity to its nearest reference
-        level (0.95): the confidence of the test that sets neighbors aside
+        level (0.99): the confidence of the test that sets neighbors aside
 
     Returns:
         ``inf`` when the references are not significantly closer to each
