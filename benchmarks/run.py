@@ -53,6 +53,11 @@ BENCHMARKS = [
     ),
     ("boxes", "boxes", "box pre-labels against image pre-labels"),
     (
+        "duplicate-references",
+        "duplicate_references",
+        "the accept promise on references with near-duplicates, 60k",
+    ),
+    (
         "labeling-loop",
         "labeling_loop",
         "the labeling loop: work share per strategy, MNIST and Fashion-MNIST",
