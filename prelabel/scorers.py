@@ -190,14 +190,11 @@ class VoteScorer:
         t = float("inf")
         if target_top is not None:
             t = leakage.closeness_threshold(sims, target_top)
-        keep = leakage.keep_closest(sims, t, self.k)
-        order = np.argsort(~keep, axis=1, kind="stable")[:, : self.k]
-        kept = np.take_along_axis(keep, order, 1)
-        kept_sims = np.where(kept, np.take_along_axis(sims, order, 1), np.nan)
+        cols, kept, kept_sims = leakage.closest_kept(sims, t, self.k)
         kept_labels = [
-            [row[j] for j, ok in zip(o, m, strict=True) if ok]
-            for row, o, m in zip(
-                labels, order.tolist(), kept.tolist(), strict=True
+            [row[j] for j, ok in zip(c, m, strict=True) if ok]
+            for row, c, m in zip(
+                labels, cols.tolist(), kept.tolist(), strict=True
             )
         ]
         votes = vote(

@@ -34,6 +34,7 @@ import numpy as np
 
 from prelabel import constants, neighbors, records, validation
 from prelabel.core import forecast as core_forecast
+from prelabel.core import leakage
 from prelabel.core import selection as core
 from prelabel.fields import check_output_field, staged_fields
 from prelabel.index.base import IndexFilter
@@ -827,5 +828,33 @@ def forecast_labeling(
         accepted = pre.match(fo.ViewField(f"{pred_field}.accepted"))
         accepted_now = len(accepted) / len(pre)
     return core_forecast.forecast(
-        X, y, more, curve, num_cal, accepted_now, target, k=k, seed=seed
+        X,
+        y,
+        more,
+        curve,
+        num_cal,
+        accepted_now,
+        target,
+        k=k,
+        seed=seed,
+        closer_than=_closer_than(dataset, pre, results, X, k, seed),
     )
+
+
+def _closer_than(dataset, targets, results, X, k, seed) -> float:
+    """How close the references may be to each other before the learning
+    curve sets a neighbor aside: :func:`prelabel.core.leakage.
+    closeness_threshold` against a random sample of the unlabeled
+    samples (``inf`` when there are none)."""
+    ids = targets.values("id")
+    if not ids:
+        return float("inf")
+    rng = np.random.default_rng(seed)
+    size = min(len(ids), leakage.TARGET_SAMPLE)
+    pick = [ids[i] for i in np.sort(rng.choice(len(ids), size, False))]
+    _, T = neighbors.read_vectors(
+        dataset, pick, results.config.embeddings_field
+    )
+    if not len(T):
+        return float("inf")
+    return leakage.reference_neighbors(X, T, k=k)[2]

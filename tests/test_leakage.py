@@ -200,3 +200,29 @@ def test_nearest_rows_in_blocks_of_bounded_memory(monkeypatch):
     S = Qn @ Rn.T
     S[np.arange(10), np.arange(10)] = -np.inf
     assert (np.argsort(-S, axis=1)[:, :5] == whole[0]).all()
+
+
+def test_the_forecast_learning_curve_sets_copies_aside():
+    """With copies among the references the error falls with their
+    number faster than it will for the targets (a larger subset holds
+    more of each scan's copies): the forecast would promise too much."""
+    from prelabel.core import forecast
+
+    d, ref_src, tgt = _split(num_ref_src=300, num_targets=1400)
+    R = _copies(d.data[ref_src], COPIES, seed=1)
+    y = np.repeat(d.target[ref_src], COPIES).astype(str)
+    t = leakage.reference_neighbors(R, _copies(d.data[tgt], 1, seed=2))[2]
+    assert np.isfinite(t)
+
+    def slope(V, labels, closer_than=np.inf):
+        curves = forecast.learning_curve(
+            V, labels, 15, closer_than=closer_than
+        )
+        return forecast.fit_slope([p for c in curves for p in c])
+
+    # the truth: as many distinct scans, no copies
+    rows = np.r_[ref_src, tgt[:900]]
+    truth = slope(d.data[rows], d.target[rows].astype(str))
+    fair, leaky = slope(R, y, t), slope(R, y)
+    assert abs(fair - truth) < 0.15
+    assert leaky < fair - 0.2

@@ -31,8 +31,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from prelabel.core import leakage
 from prelabel.core.calibration import target_accept_threshold
-from prelabel.core.vectors import exact_neighbors
+from prelabel.core.vectors import nearest_rows
 from prelabel.core.voting import vote
 
 #: subset sizes, as shares of the references
@@ -78,13 +79,26 @@ class Forecast:
         )
 
 
-def error_rate(V: np.ndarray, y: np.ndarray, k: int) -> float:
+def error_rate(
+    V: np.ndarray, y: np.ndarray, k: int, closer_than: float = np.inf
+) -> float:
     """The share of references whose leave-one-out vote of their ``k``
-    nearest others is wrong."""
-    idx, sims = exact_neighbors(V, k=min(k, len(V) - 1))
-    labels = [[y[j] for j in row] for row in idx.tolist()]
+    nearest others is wrong (neighbors more similar than ``closer_than``
+    set aside: near-duplicates the targets do not have, see
+    :mod:`prelabel.core.leakage`)."""
+    k = min(k, len(V) - 1)
+    wide = k + (leakage.EXTRA_NEIGHBORS if np.isfinite(closer_than) else 0)
+    idx, sims = nearest_rows(
+        V, V, min(wide, len(V) - 1), self_rows=np.arange(len(V))
+    )
+    cols, kept, kept_sims = leakage.closest_kept(sims, closer_than, k)
+    voters = np.take_along_axis(idx, cols, 1)
+    labels = [
+        [y[j] for j, ok in zip(row, m, strict=True) if ok]
+        for row, m in zip(voters.tolist(), kept.tolist(), strict=True)
+    ]
     classes = sorted(set(y.tolist()))
-    votes = vote(labels, sims, classes, k, "majority")
+    votes = vote(labels, kept_sims, classes, k, "majority")
     wrong = [p != t for p, t in zip(votes.labels, y.tolist(), strict=True)]
     return float(np.mean(wrong))
 
@@ -96,9 +110,11 @@ def learning_curve(
     repeats: int = 5,
     shares=SHARES,
     seed: int = 0,
+    closer_than: float = np.inf,
 ) -> list[list[tuple[int, float]]]:
     """Per repeat, ``(size, error rate)`` of random subsets of the
-    references (each size at least ``2 * k``)."""
+    references (each size at least ``2 * k``; neighbors above
+    ``closer_than`` set aside, as in :func:`error_rate`)."""
     rng = np.random.default_rng(seed)
     y = np.asarray(y)
     n = len(y)
@@ -108,7 +124,7 @@ def learning_curve(
         points = []
         for m in sizes:
             rows = rng.choice(n, m, replace=False)
-            points.append((m, error_rate(V[rows], y[rows], k)))
+            points.append((m, error_rate(V[rows], y[rows], k, closer_than)))
         out.append(points)
     return out
 
@@ -188,6 +204,7 @@ def forecast(
     repeats: int = 5,
     draws: int = 100,
     seed: int = 0,
+    closer_than: float = np.inf,
 ) -> Forecast:
     """The expected accepted share after labeling ``more`` samples.
 
@@ -213,12 +230,19 @@ def forecast(
         repeats (5): learning curves drawn, for the slope's spread
         draws (100): the interval's draws
         seed (0): the seed of subsets and draws
+        closer_than (inf): the learning curve's votes set aside
+            neighbors more similar than this (near-duplicates among the
+            references that the targets do not have: with them, the
+            error falls with the number of references faster than it
+            will for the targets)
 
     Returns:
         a :class:`Forecast`
     """
     n = len(y)
-    curves = learning_curve(V, y, k, repeats, seed=seed)
+    curves = learning_curve(
+        V, y, k, repeats, seed=seed, closer_than=closer_than
+    )
     pooled = [p for c in curves for p in c]
     slope = fit_slope(pooled) if pooled else 0.0
     rng = np.random.default_rng(seed + 1)

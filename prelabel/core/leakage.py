@@ -118,6 +118,61 @@ def keep_closest(sims: np.ndarray, t: float, k: int) -> np.ndarray:
     return keep & (np.cumsum(keep, axis=1) <= k)
 
 
+def closest_kept(
+    sims: np.ndarray, t: float, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The voters of :func:`keep_closest` moved to the front of each row.
+
+    Returns:
+        ``(columns (n, k), kept (n, k) bool, their similarities (n, k)
+        NaN where not kept)``: column ``j`` of row ``i`` is voter
+        ``cols[i, j]`` of the input when ``kept[i, j]``
+    """
+    sims = np.asarray(sims, dtype=np.float64)
+    keep = keep_closest(sims, t, k)
+    cols = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+    kept = np.take_along_axis(keep, cols, 1)
+    return (
+        cols,
+        kept,
+        np.where(kept, np.take_along_axis(sims, cols, 1), np.nan),
+    )
+
+
+def reference_neighbors(
+    Z_ref: np.ndarray,
+    Z_other: np.ndarray | None,
+    rows: np.ndarray | None = None,
+    k: int = 15,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """The references' nearest other references (``k`` +
+    :data:`EXTRA_NEIGHBORS`, exact) and the threshold of
+    :func:`closeness_threshold` against the other samples ``Z_other``
+    (standing for the targets; a random :data:`TARGET_SAMPLE` of them).
+
+    Args:
+        Z_ref: the references' vectors ``(n, d)``
+        Z_other: other samples' vectors in the same space, or None
+        rows (None): the references whose neighbors are wanted (all)
+        k (15): the neighbors that will vote
+
+    Returns:
+        ``(indices, similarities, threshold)``: rows of ``Z_ref`` closest
+        first, and ``inf`` when nothing is to be set aside
+    """
+    rows = np.arange(len(Z_ref)) if rows is None else np.asarray(rows)
+    idx, sims = nearest_rows(
+        Z_ref[rows], Z_ref, k + EXTRA_NEIGHBORS, self_rows=rows
+    )
+    if Z_other is None or not len(Z_other) or len(Z_ref) < 3:
+        return idx, sims, float("inf")
+    pick = np.random.default_rng(0).choice(
+        len(Z_other), min(len(Z_other), TARGET_SAMPLE), False
+    )
+    _, top = nearest_rows(Z_other[np.sort(pick)], Z_ref, 1)
+    return idx, sims, closeness_threshold(sims, top[:, 0])
+
+
 def duplicate_groups(
     n: int,
     rows: np.ndarray,
@@ -197,14 +252,7 @@ def groups(
     if Z_other is None or not len(Z_other) or len(Z_ref) < 3:
         return None
     rows = np.arange(len(Z_ref)) if rows is None else np.asarray(rows)
-    idx, sims = nearest_rows(
-        Z_ref[rows], Z_ref, k + EXTRA_NEIGHBORS, self_rows=rows
-    )
-    pick = np.random.default_rng(0).choice(
-        len(Z_other), min(len(Z_other), TARGET_SAMPLE), False
-    )
-    _, top = nearest_rows(Z_other[np.sort(pick)], Z_ref, 1)
-    t = closeness_threshold(sims, top[:, 0])
+    idx, sims, t = reference_neighbors(Z_ref, Z_other, rows, k)
     if not np.isfinite(t):
         return None
     cap = max(1, len(Z_ref) // (2 * folds))
