@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from prelabel import constants, neighbors, records, validation
+from prelabel.core import leakage
 from prelabel.core.adapter import Adapter, cross_fitted_proba, fit_adapter
+from prelabel.core.calibration import MAX_CALIBRATION
 from prelabel.core.voting import sort_classes
 from prelabel.deprecation import moved
 from prelabel.fields import check_output_field, staged_fields
@@ -162,6 +164,7 @@ def adapt_embeddings(
     batch_size: int = 10000,
     progress: ProgressArg = True,
     overwrite: bool = False,
+    near_duplicates: dict[str, int] | None = None,
     **fit_kwargs,
 ) -> AdaptationResult:
     """Learns embeddings adapted to the labels of ``reference`` and writes
@@ -195,6 +198,11 @@ def adapt_embeddings(
         progress (True): a bar, nothing, or ``progress(fraction, label)``
         overwrite (False): allow ``out_field`` to replace a field that
             prelabel did not write
+        near_duplicates (None): reference sample id -> group of
+            near-duplicates that cross-fitting keeps in one fold (see
+            :mod:`prelabel.core.leakage`; :func:`adapt_index` finds them
+            through the index); default found by exact search over the
+            references' features
         **fit_kwargs: other :func:`fit_adapter` parameters
 
     Returns:
@@ -227,6 +235,7 @@ def adapt_embeddings(
             folds=folds,
             seed=seed,
             progress=sub(progress, 0.0, span),
+            groups=_group_array(data.ids, near_duplicates),
             **fit_kwargs,
         )
         t2 = time.perf_counter()
@@ -317,6 +326,87 @@ def _training_data(samples, refs, embeddings_field, label_field, seed=0):
 #: (2: near-duplicate references share a fold), so that an adapter of an
 #: older recipe is learned again rather than reused
 RECIPE = 2
+
+
+def _group_array(ids, near_duplicates) -> np.ndarray | None:
+    """The groups of ``near_duplicates`` in the order of ``ids`` (a
+    reference of no group is a group of its own)."""
+    if near_duplicates is None:
+        return None
+    return np.array(
+        [near_duplicates.get(s, -1 - i) for i, s in enumerate(ids)],
+        dtype=np.int64,
+    )
+
+
+def near_duplicate_groups(
+    dataset,
+    results,
+    flt,
+    ref_ids: list[str],
+    k: int = constants.DEFAULT_K,
+    folds: int = 5,
+) -> dict[str, int]:
+    """The near-duplicate groups of the references that an adapter's
+    cross-fitting keeps whole, found through the index: the references
+    scored for calibration
+    (:func:`prelabel.core.leakage.calibration_subset`) are linked to
+    their neighbors closer than a random sample of the other embedded
+    samples (standing for the targets) gets to theirs.
+
+    Args:
+        dataset: the dataset of the index
+        results: the index's similarity results
+        flt: the payload filter of the references
+        ref_ids: the references' sample ids
+        k (15): the neighbors that will vote
+        folds (5): the adapter's folds (a group holds at most a tenth of
+            one)
+
+    Returns:
+        sample id -> group id; empty when the references are no closer
+        to each other than the other samples are to them
+    """
+    field = results.config.embeddings_field
+    rows = leakage.calibration_subset(ref_ids, MAX_CALIBRATION)
+    wide = k + leakage.EXTRA_NEIGHBORS
+    ids, nb_ids, sims = [], [], []
+    for nb in neighbors.stream(
+        results, dataset, [ref_ids[i] for i in rows], field, wide, flt
+    ):
+        ids.extend(nb.ids)
+        nb_ids.extend(nb.neighbor_ids)
+        sims.append(nb.sims)
+    wanted = set(ref_ids)
+    others = [s for s in dataset.exists(field).values("id") if s not in wanted]
+    if not ids or not others:
+        return {}
+    pick = np.random.default_rng(0).choice(
+        len(others), min(len(others), leakage.TARGET_SAMPLE), False
+    )
+    top = [
+        nb.sims[:, 0]
+        for nb in neighbors.stream(
+            results, dataset, [others[i] for i in np.sort(pick)], field, 1, flt
+        )
+    ]
+    S = np.vstack(sims)
+    t = leakage.closeness_threshold(S, np.concatenate(top))
+    if not np.isfinite(t):
+        return {}
+    row = {sid: i for i, sid in enumerate(ref_ids)}
+    idx = np.full(S.shape, -1, dtype=np.int64)
+    for i, found in enumerate(nb_ids):
+        idx[i, : len(found)] = [row.get(s, -1) for s in found]
+    groups = leakage.duplicate_groups(
+        len(ref_ids),
+        np.array([row[s] for s in ids], dtype=np.int64),
+        idx,
+        S,
+        t,
+        max(1, len(ref_ids) // (2 * folds)),
+    )
+    return dict(zip(ref_ids, groups.tolist(), strict=True))
 
 
 def reference_digest(ids, labels) -> str:
@@ -473,6 +563,7 @@ def adapt_index(
         and record.get("embeddings_field") == emb_field
     )
     if not fresh:
+        flt, _ = neighbors.reference_filter(results, reference, label_field)
         adapt_embeddings(
             dataset,
             reference=refs,
@@ -481,6 +572,9 @@ def adapt_index(
             out_field=out_field,
             progress=progress,
             overwrite=overwrite,
+            near_duplicates=near_duplicate_groups(
+                dataset, results, flt, ref_ids
+            ),
         )
     return sync_index(
         dataset,

@@ -226,3 +226,45 @@ def test_the_forecast_learning_curve_sets_copies_aside():
     fair, leaky = slope(R, y, t), slope(R, y)
     assert abs(fair - truth) < 0.15
     assert leaky < fair - 0.2
+
+
+@pytest.fixture
+def copies_dataset():
+    dataset = _dataset(COPIES)
+    yield dataset
+    dataset.delete()
+
+
+def test_one_click_finds_the_copies_through_the_index(
+    copies_dataset, monkeypatch
+):
+    from prelabel import adapt
+
+    def exact(*args, **kwargs):
+        raise AssertionError("the index has the neighbors")
+
+    monkeypatch.setattr(core_adapter, "reference_groups", exact)
+    dataset = copies_dataset
+    out = prelabel.preannotate(
+        dataset.match_tags("test"),
+        reference="train",
+        pred_field="pre",
+        mode="adapted",
+        target_precision=0.9,
+        eval_key="ev",
+        progress=False,
+    )
+    adapter = adapt.load_adapter(dataset, "embeddings_adapted")
+    ref_ids = dataset.match_tags("train").values("id")  # copies in a row
+    assert adapter.info["near_duplicates"] > len(ref_ids) // 2
+    folds = adapter.fold_of(ref_ids)
+    split = np.mean(
+        [
+            len(set(folds[i : i + COPIES])) > 1
+            for i in range(0, len(ref_ids), COPIES)
+        ]
+    )
+    assert split < 0.5  # folds blind to copies split 99 % of the scans
+    # held out without their copies, the references are no easier than
+    # the targets
+    assert out.reference_accuracy <= out.accuracy + 0.012

@@ -375,6 +375,7 @@ def fit_adapter(
     out_dim: int = 64,
     seed: int = 0,
     progress: ProgressArg = None,
+    groups: np.ndarray | None = None,
     **train_kwargs,
 ) -> Adapter:
     """Learns an :class:`Adapter` from labeled references.
@@ -392,6 +393,10 @@ def fit_adapter(
         hidden (512), out_dim (64): the head's sizes
         seed (0): seeds the folds and the training
         progress (None): a bar, nothing, or ``progress(fraction, label)``
+        groups (None): a group id per reference: near-duplicates that
+            share a fold (see :mod:`prelabel.core.leakage`); default
+            found by exact search (:func:`reference_groups`) when
+            ``X_unlabeled`` is given
         **train_kwargs: other :func:`train_head` parameters
 
     Returns:
@@ -423,12 +428,13 @@ def fit_adapter(
         mean=mean, basis=basis, heads=[], classes=classes, scale=16.0
     )
     Z = adapter.features(X_ref)
-    groups = reference_groups(
-        Z,
-        None if X_unlabeled is None else adapter.features(X_unlabeled),
-        reference_ids,
-        folds,
-    )
+    if groups is None:
+        groups = reference_groups(
+            Z,
+            None if X_unlabeled is None else adapter.features(X_unlabeled),
+            reference_ids,
+            folds,
+        )
     which = stratified_folds(y, folds, seed, groups)
     with Progress(
         progress, folds, "Learning adapted embeddings", unit="head"
@@ -459,16 +465,20 @@ def fit_adapter(
             "folds": int(folds),
             "feature_dim": int(basis.shape[1]),
             # references that share a fold with near-duplicates
-            "near_duplicates": (
-                0
-                if groups is None
-                else int((np.bincount(groups)[groups] > 1).sum())
-            ),
+            "near_duplicates": _grouped(groups),
             "dim": adapter.dim,
             "seconds": time.perf_counter() - t0,
         }
     )
     return adapter
+
+
+def _grouped(groups: np.ndarray | None) -> int:
+    """How many references share their group with another."""
+    if groups is None:
+        return 0
+    _, inv, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    return int((counts[inv] > 1).sum())
 
 
 def cross_fitted_proba(
