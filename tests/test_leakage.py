@@ -268,3 +268,12 @@ def test_one_click_finds_the_copies_through_the_index(
     # held out without their copies, the references are no easier than
     # the targets
     assert out.reference_accuracy <= out.accuracy + 0.012
+
+
+def test_groups_of_one_give_the_folds_of_no_groups():
+    y = np.random.default_rng(0).integers(0, 4, 300)
+    plain = core_adapter.stratified_folds(y, 5, seed=3)
+    single = core_adapter.stratified_folds(
+        y, 5, seed=3, groups=-1 - np.arange(300)
+    )
+    assert (plain == single).all()

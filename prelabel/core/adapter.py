@@ -73,12 +73,14 @@ def stratified_folds(
         seed (0): seeds the shuffles
         groups (None): a group id per sample (near-duplicates): a group
             is never split, each goes whole to the fold holding the fewest
-            of its classes, largest groups first
+            of its classes, largest groups first (all groups of one: the
+            folds of no groups)
     """
     y = np.asarray(y)
     rng = np.random.default_rng(seed)
     out = np.empty(len(y), dtype=np.int64)
-    if groups is None:
+    if groups is None or len(np.unique(groups)) == len(groups):
+        # no group of two: the folds of plain stratification
         offset = 0
         for c in np.unique(y):
             idx = np.flatnonzero(y == c)
