@@ -96,10 +96,12 @@ class PreannotationResult:
             ``"adapted x frozen vote"`` (also the share of the vote of the
             neighbors in the frozen embeddings)
         near_duplicate_similarity: the similarity above which the
-            references' neighbors were set aside when scoring them,
-            because the targets never get that close to theirs
-            (near-duplicates among the references, see
-            :mod:`prelabel.core.leakage`); ``inf`` when none were
+            references' neighbors were set aside when scoring them (their
+            vote; in ``mode="adapted"`` their vote in the frozen
+            embeddings, the adapter keeping copies in one fold), because
+            the targets never get that close to theirs (near-duplicates
+            among the references, see :mod:`prelabel.core.leakage`);
+            ``inf`` when none were
         num_reference_trimmed: scored references that had neighbors set
             aside
     """
@@ -641,8 +643,6 @@ def _verdict(run: _Run, scorer, frozen, out) -> _Verdict:
     refs = scorer.score_references(
         run.dataset, target_top=np.concatenate(top) if top else None
     )
-    out.near_duplicate_similarity = refs.closer_than
-    out.num_reference_trimmed = refs.num_trimmed
     out.seconds["reference_scores"] = time.perf_counter() - t0
     if run.propagate:
         verdict.spreading, verdict.target_chunks = _spread(
@@ -665,6 +665,8 @@ def _verdict(run: _Run, scorer, frozen, out) -> _Verdict:
         if out.accept_score != "adapted":
             verdict.frozen = frozen
         out.seconds["accept_score"] = time.perf_counter() - t1
+    out.near_duplicate_similarity = refs.closer_than
+    out.num_reference_trimmed = refs.num_trimmed
     fair = _calibration_rows(run, refs.ids)
     correct = refs.correct[fair]
     conf_ref = conf_ref[fair]

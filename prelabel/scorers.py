@@ -252,8 +252,11 @@ class AdaptedScorer(VoteScorer):
 
     def score_references(self, dataset, target_top=None) -> ReferenceScores:
         """Every reference scored by the head and the neighbors of the
-        cross-fitting fold that never saw its label (near-duplicates set
-        aside as in :meth:`VoteScorer.score_references`)."""
+        cross-fitting fold that never saw its label. Near-duplicates are
+        kept out by the adapter's folds (a reference's copies share its
+        fold), not by a threshold here: a held-out reference is embedded
+        by one head, a target by all of them, so their similarities are
+        not comparable (``target_top`` is not used)."""
         ad = self.adapter
         label_of = self._reference_labels()
         ids, X = neighbors.read_vectors(
@@ -262,20 +265,17 @@ class AdaptedScorer(VoteScorer):
         folds = ad.fold_of(ids)
         head = self._in_classes(core_adapter.cross_fitted_proba(ad, X, folds))
         head /= np.maximum(head.sum(axis=1, keepdims=True), 1e-12)
-        m = self.k
-        if target_top is not None:
-            m += leakage.EXTRA_NEIGHBORS
-        nb_idx, sims = core_adapter.cross_fitted_neighbors(ad, X, folds, m)
+        nb_idx, sims = core_adapter.cross_fitted_neighbors(
+            ad, X, folds, self.k
+        )
         ref_lbl = [label_of[s] for s in ids]
         nb_labels = [
             [ref_lbl[j] if j >= 0 else None for j in row]
             for row in nb_idx.tolist()
         ]
-        votes, t, trimmed = self.held_out_votes(nb_labels, sims, target_top)
+        votes, _, _ = self.held_out_votes(nb_labels, sims)
         probs = 0.5 * votes.probs + 0.5 * head
-        scores = self._scores(label_of, ids, probs, winners(probs, votes))
-        scores.closer_than, scores.num_trimmed = t, trimmed
-        return scores
+        return self._scores(label_of, ids, probs, winners(probs, votes))
 
 
 def frozen_share(
@@ -286,16 +286,26 @@ def frozen_share(
     that goes to the class ``wins`` gives it (never its own vote; for
     references, without the neighbors closer than ``target_top`` says
     the targets get, as in :meth:`VoteScorer.score_references`)."""
+    return _frozen_share(
+        frozen, dataset, ids, wins, classes, k, vote_method, target_top
+    )[0]
+
+
+def _frozen_share(
+    frozen, dataset, ids, wins, classes, k, vote_method, target_top
+):
+    """:func:`frozen_share`, and the threshold and count of
+    :meth:`VoteScorer.held_out_votes`."""
     scorer = VoteScorer(frozen.results, frozen.flt, classes, k, vote_method)
     found, labels, sims = scorer.held_out_neighbors(
         dataset, list(ids), wide=target_top is not None
     )
-    votes, _, _ = scorer.held_out_votes(labels, sims, target_top)
+    votes, t, trimmed = scorer.held_out_votes(labels, sims, target_top)
     share = np.zeros(len(ids))
     row = {sid: i for i, sid in enumerate(ids)}
     at = np.array([row[s] for s in found], dtype=np.int64)
     share[at] = votes.probs[np.arange(len(at)), np.asarray(wins)[at]]
-    return share
+    return share, t, trimmed
 
 
 def choose_accept_score(
@@ -318,14 +328,15 @@ def choose_accept_score(
     references' frozen votes leave out their near-duplicates.
 
     Returns:
-        ``(name, the references' scores under it)``
+        ``(name, the references' scores under it)``; ``refs.closer_than``
+        and ``refs.num_trimmed`` say what the frozen votes set aside
     """
     conf = refs.confidence
     top = None
     if len(target_ids):
         _, _, sims = frozen.held_out_neighbors(dataset, list(target_ids))
         top = sims[:, 0] if sims.size else None
-    share = frozen_share(
+    share, refs.closer_than, refs.num_trimmed = _frozen_share(
         frozen, dataset, refs.ids, refs.winners, classes, k, vote_method, top
     )
     candidates = {"adapted": conf, "adapted x frozen vote": conf * share}
