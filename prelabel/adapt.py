@@ -381,31 +381,26 @@ def near_duplicate_groups(
     others = [s for s in dataset.exists(field).values("id") if s not in wanted]
     if not ids or not others:
         return {}
-    pick = np.random.default_rng(0).choice(
-        len(others), min(len(others), leakage.TARGET_SAMPLE), False
-    )
+    pick = [others[i] for i in leakage.sample_rows(len(others))]
     top = [
         nb.sims[:, 0]
-        for nb in neighbors.stream(
-            results, dataset, [others[i] for i in np.sort(pick)], field, 1, flt
-        )
+        for nb in neighbors.stream(results, dataset, pick, field, 1, flt)
     ]
     S = np.vstack(sims)
-    t = leakage.closeness_threshold(S, np.concatenate(top))
-    if not np.isfinite(t):
-        return {}
     row = {sid: i for i, sid in enumerate(ref_ids)}
     idx = np.full(S.shape, -1, dtype=np.int64)
     for i, found in enumerate(nb_ids):
         idx[i, : len(found)] = [row.get(s, -1) for s in found]
-    groups = leakage.duplicate_groups(
+    groups = leakage.fold_groups(
         len(ref_ids),
         np.array([row[s] for s in ids], dtype=np.int64),
         idx,
         S,
-        t,
-        max(1, len(ref_ids) // (2 * folds)),
+        leakage.closeness_threshold(S, np.concatenate(top)),
+        folds,
     )
+    if groups is None:
+        return {}
     return dict(zip(ref_ids, groups.tolist(), strict=True))
 
 

@@ -36,7 +36,7 @@ from prelabel import (
     units,
     validation,
 )
-from prelabel.core import calibration
+from prelabel.core import calibration, leakage
 from prelabel.core.voting import logits, winners
 from prelabel.deprecation import moved
 from prelabel.fields import check_output_field, staged_fields
@@ -638,7 +638,7 @@ def _verdict(run: _Run, scorer, frozen, out) -> _Verdict:
         verdict.extra = _record_extra(run, verdict, None, None)
         return verdict
     t0 = time.perf_counter()
-    sample = _target_sample(run, scorer)
+    sample, num_targets = _target_sample(run, scorer)
     top = [c.neighbors.sims[:, 0] for c in sample if len(c.probs)]
     refs = scorer.score_references(
         run.dataset, target_top=np.concatenate(top) if top else None
@@ -674,7 +674,6 @@ def _verdict(run: _Run, scorer, frozen, out) -> _Verdict:
     if run.target_precision is not None:
         t1 = time.perf_counter()
         target_conf = _sample_confidence(run, sample, verdict)
-        num_targets = len(run.units.ids(run.targets))
         out.num_accept_sample = int(target_conf.size)
         cal.set_acceptance(
             calibration.target_accept_threshold(
@@ -702,21 +701,22 @@ def _verdict(run: _Run, scorer, frozen, out) -> _Verdict:
     return verdict
 
 
-def _target_sample(run: _Run, scorer) -> list:
+def _target_sample(run: _Run, scorer) -> tuple[list, int]:
     """A random sample of the targets (at most ``constants.ACCEPT_SAMPLE``)
     scored in chunks (their vectors dropped): how close the targets get to
     their nearest reference, which the references' scores must not beat
     (:mod:`prelabel.core.leakage`), and what the accept threshold is
-    chosen for (:func:`_sample_confidence`)."""
+    chosen for (:func:`_sample_confidence`). Returns ``(chunks, number
+    of targets)``."""
     ids = run.units.ids(run.targets)
-    rng = np.random.default_rng(0)
-    size = min(len(ids), constants.ACCEPT_SAMPLE)
-    sample = [ids[i] for i in np.sort(rng.choice(len(ids), size, False))]
+    rows = leakage.sample_rows(len(ids), constants.ACCEPT_SAMPLE)
     chunks = []
-    for chunk in scorer.stream(run.dataset, sample, run.batch_size):
+    for chunk in scorer.stream(
+        run.dataset, [ids[i] for i in rows], run.batch_size
+    ):
         chunk.neighbors.vectors = None
         chunks.append(chunk)
-    return chunks
+    return chunks, len(ids)
 
 
 def _sample_confidence(run: _Run, chunks, verdict: _Verdict) -> np.ndarray:

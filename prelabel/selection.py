@@ -849,9 +849,7 @@ def _closer_than(dataset, targets, results, X, k, seed) -> float:
     ids = targets.values("id")
     if not ids:
         return float("inf")
-    rng = np.random.default_rng(seed)
-    size = min(len(ids), leakage.TARGET_SAMPLE)
-    pick = [ids[i] for i in np.sort(rng.choice(len(ids), size, False))]
+    pick = [ids[i] for i in leakage.sample_rows(len(ids), seed=seed)]
     _, T = neighbors.read_vectors(
         dataset, pick, results.config.embeddings_field
     )

@@ -44,6 +44,15 @@ EXTRA_NEIGHBORS = 30
 TARGET_SAMPLE = 2000
 
 
+def sample_rows(
+    n: int, size: int = TARGET_SAMPLE, seed: int = 0
+) -> np.ndarray:
+    """A seeded random sample of at most ``size`` of ``n`` rows, sorted:
+    the targets (or the samples standing for them) that are compared."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, min(n, size), replace=False))
+
+
 def _nearest_kept(sims: np.ndarray, t: float) -> np.ndarray:
     """Per row, the largest similarity at or below ``t`` (rows sorted
     closest first, NaN-padded); ``-inf`` where none is."""
@@ -166,10 +175,7 @@ def reference_neighbors(
     )
     if Z_other is None or not len(Z_other) or len(Z_ref) < 3:
         return idx, sims, float("inf")
-    pick = np.random.default_rng(0).choice(
-        len(Z_other), min(len(Z_other), TARGET_SAMPLE), False
-    )
-    _, top = nearest_rows(Z_other[np.sort(pick)], Z_ref, 1)
+    _, top = nearest_rows(Z_other[sample_rows(len(Z_other))], Z_ref, 1)
     return idx, sims, closeness_threshold(sims, top[:, 0])
 
 
@@ -253,10 +259,24 @@ def groups(
         return None
     rows = np.arange(len(Z_ref)) if rows is None else np.asarray(rows)
     idx, sims, t = reference_neighbors(Z_ref, Z_other, rows, k)
+    return fold_groups(len(Z_ref), rows, idx, sims, t, folds)
+
+
+def fold_groups(
+    n: int,
+    rows: np.ndarray,
+    idx: np.ndarray,
+    sims: np.ndarray,
+    t: float,
+    folds: int,
+) -> np.ndarray | None:
+    """:func:`duplicate_groups` for cross-fitting with ``folds`` folds
+    (a group holds at most a tenth of a fold); None when ``t`` sets
+    nothing aside."""
     if not np.isfinite(t):
         return None
-    cap = max(1, len(Z_ref) // (2 * folds))
-    return duplicate_groups(len(Z_ref), rows, idx, sims, t, cap)
+    cap = max(1, n // (2 * folds))
+    return duplicate_groups(n, rows, idx, sims, t, cap)
 
 
 def calibration_subset(ids: Sequence[str], limit: int) -> np.ndarray:
