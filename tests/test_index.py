@@ -692,6 +692,62 @@ def test_edge_lock_across_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr.read()
 
 
+def test_lease_is_given_back_only_when_someone_waits(tmp_path, monkeypatch):
+    """A long job's lease keeps the shard while nobody else wants it (no
+    flush, no pause, no reopening at each lease), and gives it back at
+    its next tick once another process waits: the waiter gets it in well
+    under its lock timeout."""
+    from prelabel.index.locking import Lease
+
+    monkeypatch.setenv("PRELABEL_INDEX_LINGER", "0")
+    path = str(tmp_path / "index")
+    index = EdgeIndex(path)
+    fill(index, 10, 4)
+    loads = _count_loads(monkeypatch)
+    env = {
+        **os.environ,
+        "PRELABEL_LOCK_TIMEOUT": "20",
+        "FIFTYONE_DO_NOT_TRACK": "true",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, path],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        with Lease(index, hold=0.1, pause=0.3, overhead=0.0) as lease:
+            for _ in range(10):  # past its hold, alone
+                time.sleep(0.05)
+                lease.tick()
+                assert index.count() == 10
+            assert len(loads) == 1
+            proc.stdin.write("count\n")
+            proc.stdin.flush()
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                ready, _, _ = select.select([proc.stdout], [], [], 0.05)
+                if ready:
+                    break
+                lease.tick()
+            assert ready, "the waiting process never got the index"
+            seconds, answer = proc.stdout.readline().rstrip().split(" ", 1)
+            assert answer == "ok 10"
+            assert float(seconds) < 5
+            assert index.count() == 10
+        assert len(loads) == 2  # reopened once, after the child's turn
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0, proc.stderr.read()
+
+
 def test_fork_closes_a_lingering_shard(tmp_path, monkeypatch):
     """A forked child (a DataLoader worker) must not inherit an idle open
     shard and its locks: the shard is closed before the fork, and both
@@ -799,7 +855,8 @@ def test_label_counts_match_the_payloads(index):
 def test_nested_leases_share_one_opening(tmp_path, monkeypatch):
     """A job's steps each take a lease; inside an outer lease (same thread,
     same index) they open nothing, and their ticks give the index back
-    through the outer lease; a scroll of many pages opens the shard once."""
+    through the outer lease, once someone waits for it; a scroll of many
+    pages opens the shard once."""
     from prelabel.index.locking import Lease
 
     monkeypatch.setenv("PRELABEL_INDEX_LINGER", "0")  # count openings
@@ -811,6 +868,9 @@ def test_nested_leases_share_one_opening(tmp_path, monkeypatch):
     with Lease(index, hold=0.0, pause=0.0, overhead=0.0) as outer:
         with Lease(index) as inner:
             assert index.count() == 50
+            inner.tick()  # nobody waits: the outer lease keeps it
+            assert len(loads) == 2
+            index.lock._signal_waiting()  # as a waiting process does
             inner.tick()  # the outer lease's turn: it gives back, reopens
             assert index.count() == 50
         assert outer._cm is not None and index._lock.held

@@ -107,7 +107,7 @@ def to_sample_id(point_id) -> str:
 
 def vector_digest(vector: np.ndarray) -> str:
     """A short digest of a vector's float32 bytes."""
-    data = np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+    data = np.ascontiguousarray(vector, dtype=np.float32)
     return hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
@@ -126,17 +126,43 @@ def make_payload(
     """The payload stored with a sample's point whose vector (as given,
     before any normalization) is ``vector`` (an empty label is no
     label)."""
-    label = label or None
-    tags = sorted(tags or ())
-    vector = np.asarray(vector, dtype=np.float32)
-    return {
-        SAMPLE_ID: sample_id,
-        LABEL: label,
-        TAGS: tags,
-        VECTOR_DIGEST: vector_digest(vector),
-        PAYLOAD_DIGEST: payload_digest(label, tags),
-        NORM: float(np.linalg.norm(vector)),
-    }
+    matrix = np.asarray(vector, dtype=np.float32)[None, :]
+    return make_payloads([sample_id], [label], [tags], matrix)[0]
+
+
+def make_payloads(
+    sample_ids: Sequence[str],
+    labels: Sequence[str | None],
+    tags: Sequence[Sequence[str]],
+    vectors: np.ndarray,
+) -> list[dict]:
+    """:func:`make_payload` of many points at once: ``vectors`` is their
+    float32 ``(n, dim)`` matrix (the norms are computed in one pass, each
+    distinct label and tags digested once)."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1).tolist()
+    digests: dict[tuple, str] = {}
+    out = []
+    for sid, label, tag_list, vector, norm in zip(
+        sample_ids, labels, tags, vectors, norms, strict=True
+    ):
+        label = label or None
+        tag_list = sorted(tag_list or ())
+        key = (label, tuple(tag_list))
+        pdigest = digests.get(key)
+        if pdigest is None:
+            pdigest = digests[key] = payload_digest(label, tag_list)
+        out.append(
+            {
+                SAMPLE_ID: sid,
+                LABEL: label,
+                TAGS: tag_list,
+                VECTOR_DIGEST: vector_digest(vector),
+                PAYLOAD_DIGEST: pdigest,
+                NORM: norm,
+            }
+        )
+    return out
 
 
 @dataclass(frozen=True)

@@ -175,6 +175,12 @@ class EdgeIndex(VectorIndex):
         return self.path
 
     @property
+    def lock(self):
+        """The :class:`prelabel.index.locking.FolderLock` every use of the
+        shard takes (a lease asks it whether anyone waits)."""
+        return self._lock
+
+    @property
     def dim(self) -> int | None:
         meta = self.meta
         return meta["dim"] if meta else None

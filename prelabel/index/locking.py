@@ -102,6 +102,11 @@ class FolderLock:
         self.what = what or path
         self._thread_lock = threading.RLock()
         self._depth = 0
+        #: threads of this process blocked in :meth:`acquire`
+        self._waiting = 0
+        self._counting = threading.Lock()
+        #: touched by other processes while they wait for the lock
+        self.waiting_path = path + ".waiting"
         self._fd: int | None = None
         #: called with the deadline each time this process takes the lock
         #: (not when it re-enters): see ``edge._Handle.evict_others``
@@ -113,8 +118,13 @@ class FolderLock:
 
     def acquire(self) -> None:
         deadline = time.monotonic() + self.timeout
-        if not self._thread_lock.acquire(timeout=self.timeout):
-            raise self._busy_error()
+        if not self._thread_lock.acquire(blocking=False):
+            self._count_waiting(1)
+            try:
+                if not self._thread_lock.acquire(timeout=self.timeout):
+                    raise self._busy_error()
+            finally:
+                self._count_waiting(-1)
         if self._depth > 0:
             self._depth += 1
             return
@@ -156,6 +166,7 @@ class FolderLock:
                             raise
                         if time.monotonic() >= deadline:
                             raise self._busy_error() from None
+                        self._signal_waiting()
                         time.sleep(delay)
                         delay = min(delay * 2, 0.1)
                 try:
@@ -168,6 +179,35 @@ class FolderLock:
             if same:
                 return fd
             os.close(fd)
+
+    def _count_waiting(self, step: int) -> None:
+        with self._counting:
+            self._waiting += step
+
+    def _signal_waiting(self) -> None:
+        """Tells the holder that a process waits (the file's time
+        changes)."""
+        try:
+            fd = os.open(self.waiting_path, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                os.utime(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # the holder then keeps it until its job ends
+
+    def contention_mark(self):
+        """A token for :meth:`contended_since`, taken when the lock was
+        taken."""
+        try:
+            return os.stat(self.waiting_path).st_mtime_ns
+        except OSError:
+            return None
+
+    def contended_since(self, mark) -> bool:
+        """Whether another thread or process has waited for the lock since
+        ``mark`` (:meth:`contention_mark`) was taken."""
+        return self._waiting > 0 or self.contention_mark() != mark
 
     def release(self) -> None:
         if self._depth <= 0:
@@ -223,6 +263,10 @@ class Lease:
     lasts ``overhead`` times what the last reopening cost (within
     ``hold`` and ``max_hold``, well under the waiters' lock timeout), so
     that reopening a big shard takes about ``1 / overhead`` of the job.
+    It is given back only when someone waits (another thread of this
+    process, or a process that touched the lock's ``.waiting`` file since
+    the lease began): alone, a job holds the index to its end, with no
+    flush and no pause at every lease.
 
     Leases nest: one taken in the same thread while another holds the
     same index leaves the opening and the giving back to the outer one, so
@@ -239,6 +283,8 @@ class Lease:
     ):
         self._index = index
         self._session = getattr(index, "session", None)
+        self._lock = getattr(index, "lock", None)
+        self._mark = None
         self._hold, self._pause, self._overhead = hold, pause, overhead
         self._max_hold = max_hold
         self._cm = None
@@ -254,6 +300,8 @@ class Lease:
             self._cm = self._session()
             self._cm.__enter__()
             self._since = time.monotonic()
+            if self._lock is not None:
+                self._mark = self._lock.contention_mark()
             cost = self._since - t0 + self._pause
             self._lease = min(
                 max(self._hold, self._overhead * cost), self._max_hold
@@ -271,10 +319,18 @@ class Lease:
         if (
             self._cm is not None
             and time.monotonic() - self._since > self._lease
+            and self._wanted()
         ):
             self._close()
             time.sleep(self._pause)
             self._open()
+
+    def _wanted(self) -> bool:
+        """Whether another thread or process waits for the index (always,
+        for an index that cannot tell)."""
+        if self._lock is None:
+            return True
+        return self._lock.contended_since(self._mark)
 
     def __enter__(self):
         if self._session is None:

@@ -129,10 +129,12 @@ def payloads_for(dataset, ids, vectors, label_field) -> list[dict]:
             strict=True,
         )
     }
-    return [
-        base.make_payload(sid, meta[sid][0], meta[sid][1], vec)
-        for sid, vec in zip(ids, vectors, strict=True)
-    ]
+    return base.make_payloads(
+        ids,
+        [meta[sid][0] for sid in ids],
+        [meta[sid][1] for sid in ids],
+        np.asarray(vectors, dtype=np.float32).reshape(len(ids), -1),
+    )
 
 
 def patch_payloads(
@@ -159,10 +161,12 @@ def patch_payloads(
             f"{len(missing)} label_ids (eg {missing[0]}) are not labels of "
             f"patches_field={patches_field!r} of the given samples"
         )
-    return [
-        base.make_payload(sid, meta[lid][0], meta[lid][1], vec)
-        for sid, lid, vec in zip(sample_ids, label_ids, vectors, strict=True)
-    ]
+    return base.make_payloads(
+        sample_ids,
+        [meta[lid][0] for lid in label_ids],
+        [meta[lid][1] for lid in label_ids],
+        np.asarray(vectors, dtype=np.float32).reshape(len(label_ids), -1),
+    )
 
 
 def check_index_dim(index: VectorIndex, dim: int, embeddings_field: str):
@@ -175,24 +179,28 @@ def check_index_dim(index: VectorIndex, dim: int, embeddings_field: str):
         )
 
 
-def check_vector(vec, sid: str, embeddings_field: str, dim: int):
-    """A sample's embedding as float32, or a sentence naming the sample
-    and the field when it cannot be indexed."""
-    vec = np.asarray(vec, dtype=np.float32)
-    if vec.ndim != 1 or vec.shape[0] != dim:
+def check_vectors(vecs, sids, embeddings_field: str, dim: int):
+    """The samples' embeddings as one float32 ``(n, dim)`` matrix, or a
+    sentence naming the first sample and the field whose embedding cannot
+    be indexed."""
+    for vec, sid in zip(vecs, sids, strict=True):
+        shape = np.shape(vec)
+        if shape != (dim,):
+            raise ValueError(
+                f"sample {sid} has a {int(np.prod(shape))}-d embedding in "
+                f"embeddings_field={embeddings_field!r} where the others "
+                f"are {dim}-d; recompute it with compute_embeddings"
+            )
+    matrix = np.array(vecs, dtype=np.float32).reshape(len(vecs), dim)
+    bad = np.flatnonzero(~np.isfinite(matrix).all(axis=1))
+    if len(bad):
         raise ValueError(
-            f"sample {sid} has a {vec.size}-d embedding in "
-            f"embeddings_field={embeddings_field!r} where the others are "
-            f"{dim}-d; recompute it with compute_embeddings"
-        )
-    if not np.all(np.isfinite(vec)):
-        raise ValueError(
-            f"sample {sid} has NaN or infinite values in "
+            f"sample {sids[bad[0]]} has NaN or infinite values in "
             f"embeddings_field={embeddings_field!r}; recompute its embedding "
             "(compute_embeddings(..., skip_existing=False) on it) or "
             "exclude it from the sync"
         )
-    return vec
+    return matrix
 
 
 def embedding_dim(
@@ -292,22 +300,29 @@ def _plan_chunk(
     """What a chunk sends; ``checked(sid)`` says whether a point left in
     place has its stored vector read back."""
     chunk = _Chunk()
-    for sid, vec, label, tag_list, parent in zip(*values, strict=True):
-        if vec is None:
-            stats.skipped += 1
-            if sid in current:
-                chunk.stale.append(sid)  # lost its embedding
+    rows = []
+    for row in zip(*values, strict=True):
+        if row[1] is not None:
+            rows.append(row)
             continue
-        vec = check_vector(vec, sid, embeddings_field, dim)
-        payload = base.make_payload(parent, label, tag_list, vec)
-        vd = payload[base.VECTOR_DIGEST]
+        stats.skipped += 1
+        if row[0] in current:
+            chunk.stale.append(row[0])  # lost its embedding
+    if not rows:
+        return chunk
+    sids, vecs, labels, tags, parents = zip(*rows, strict=True)
+    matrix = check_vectors(vecs, sids, embeddings_field, dim)
+    payloads = base.make_payloads(parents, labels, tags, matrix)
+    for sid, vec, payload, parent in zip(
+        sids, matrix, payloads, parents, strict=True
+    ):
         old = current.get(sid)
         if old is not None:
             old = _summary(parent, old)
         if old is None:
             stats.added += 1
             chunk.upsert(sid, vec, payload)
-        elif old[0] != vd:
+        elif old[0] != payload[base.VECTOR_DIGEST]:
             stats.updated_vectors += 1
             chunk.upsert(sid, vec, payload)
         elif not old[2]:
@@ -315,7 +330,7 @@ def _plan_chunk(
             chunk.upsert(sid, vec, payload)
         elif old[1] != payload[base.PAYLOAD_DIGEST]:
             stats.updated_payloads += 1
-            key = (label, tuple(payload[base.TAGS]))
+            key = (payload[base.LABEL], tuple(payload[base.TAGS]))
             chunk.meta_changes.setdefault(key, []).append(sid)
             if checked(sid):
                 chunk.keep(sid, vec, payload, unchanged=False)
