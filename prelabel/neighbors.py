@@ -13,6 +13,7 @@ query through :func:`stream`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from prelabel import constants, validation
 from prelabel.core.voting import sort_classes
 from prelabel.index.base import IndexFilter
 from prelabel.index.locking import Lease
+from prelabel.prefetch import prefetch
 from prelabel.progress import Progress, ProgressArg
 from prelabel.units import Samples, units_of
 
@@ -272,6 +274,12 @@ def query(
     """The ``k`` nearest references of the given points (one batched
     query; each point's own is dropped)."""
     found, vectors = read_vectors(dataset, ids, field, units)
+    return search(results, found, vectors, k, flt)
+
+
+def search(results, found, vectors, k: int, flt) -> Neighbors:
+    """The ``k`` nearest references of points ``found`` whose vectors are
+    ``vectors`` (each point's own is dropped)."""
     res = results.index.query(vectors, k + 1, flt)
     nb_ids, nb_labels = [], []
     sims = np.full((len(found), k), np.nan, dtype=np.float32)
@@ -296,15 +304,24 @@ def stream(
     units: Samples | None = None,
 ) -> Iterator[Neighbors]:
     """:func:`query` over ``ids`` in chunks of ``batch_size``: the one
-    loop that reads vectors and queries the index. An embedded index stays
-    open across chunks, given back to other processes every few seconds
-    (see :class:`prelabel.index.locking.Lease`)."""
+    loop that reads vectors and queries the index. The next chunk's
+    vectors are read from the database while a chunk is queried. An
+    embedded index stays open across chunks, given back to other
+    processes when they wait (see
+    :class:`prelabel.index.locking.Lease`)."""
+    chunks = [
+        ids[start : start + batch_size]
+        for start in range(0, len(ids), batch_size)
+    ]
+    reads = prefetch(
+        lambda: (read_vectors(dataset, c, field, units) for c in chunks)
+    )
     with (
         Progress(progress, len(ids), label) as bar,
         Lease(results.index) as lease,
+        contextlib.closing(reads),
     ):
-        for start in range(0, len(ids), batch_size):
+        for chunk, (found, vectors) in zip(chunks, reads, strict=True):
             lease.tick()
-            chunk = ids[start : start + batch_size]
-            yield query(results, dataset, chunk, field, k, flt, units)
+            yield search(results, found, vectors, k, flt)
             bar.update(len(chunk))
