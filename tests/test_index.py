@@ -226,6 +226,19 @@ def test_search_widens_with_the_size_of_the_index():
         def SearchParams(**kw):  # noqa: N802
             return kw
 
+    from types import SimpleNamespace as Info
+
+    from prelabel.index.edge import _segment_points
+
+    # a search runs in each segment: its width follows the largest part
+    assert _segment_points(Info(segments_count=5, points_count=10**6)) == (
+        250_000  # four built parts and the appendable segment
+    )
+    assert _segment_points(Info(segments_count=2, points_count=10**6)) == (
+        10**6
+    )
+    assert _segment_points(Info(segments_count=1, points_count=7)) == 7
+
     index = EdgeIndex("/nonexistent")
     small = index.search_params(Models, False, None, base.LARGE_INDEX)
     assert small["hnsw_ef"] is None  # the engine's default, ef_construct

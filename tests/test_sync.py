@@ -429,6 +429,67 @@ def _check_complete(index, ds, vectors):
     assert [row[0] for row in res.labels] == labels[:20]
 
 
+def test_big_sync_builds_its_graph_in_parts(tmp_path, monkeypatch):
+    """A sync writing more than ``PART_POINTS`` points builds the graph of
+    each part as it goes and closes the shard after each (its pages
+    handed back), so the index holds several built segments of at most a
+    part each; every point is there and the nearest neighbors are the
+    exact ones."""
+    monkeypatch.setattr(base, "PART_POINTS", 1000)
+    monkeypatch.setenv("PRELABEL_INDEX_LINGER", "60")  # closes by itself
+    # a part of 1,000 x 4,096 floats (16 MB) is over the engine's
+    # indexing threshold (10 MB): smaller segments are never built
+    n = 3500
+    ds, vectors = _big_dataset(n, 4096)
+    try:
+        index = EdgeIndex(str(tmp_path / "index"))
+        builds, closes = [], []
+        real_optimize, real_close = EdgeIndex.optimize, EdgeIndex.close
+        monkeypatch.setattr(
+            EdgeIndex,
+            "optimize",
+            lambda self: builds.append(self.count()) or real_optimize(self),
+        )
+        monkeypatch.setattr(
+            EdgeIndex,
+            "close",
+            lambda self: closes.append(1) or real_close(self),
+        )
+        stats = sync_points(
+            index, ds, "embeddings", "ground_truth", batch_size=500
+        )
+        assert stats_of(stats) == counts(added=n)
+        assert builds == [1000, 2000, 3000, n]  # three parts, the rest
+        assert len(closes) == 3
+        with index.session() as shard:
+            info = shard.info()
+        assert info.points_count == n
+        # three parts built and kept apart (not merged into one), the
+        # rest (under the threshold) in the appendable segment
+        assert info.indexed_vectors_count >= 3000
+        assert info.segments_count >= 4
+        _check_complete(index, ds, vectors)
+        # every part is searched: points of each find themselves first,
+        # and their neighbors are the exact ones (int8 scores reorder
+        # near-ties of random 4,096-d vectors: recall, not order)
+        unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        ids, paths = ds.values(["id", "filepath"])
+        row_id = {
+            int(os.path.basename(p)[:-4]): s
+            for s, p in zip(ids, paths, strict=True)
+        }
+        rows = np.arange(0, n, 70)
+        exact = np.argsort(-(unit[rows] @ unit.T), axis=1)[:, :10]
+        res = index.query(vectors[rows], 10)
+        hits = 0
+        for r, want, found in zip(rows, exact, res.sample_ids, strict=True):
+            assert found[0] == row_id[r]
+            hits += len({row_id[w] for w in want} & set(found))
+        assert hits / (10 * len(rows)) >= 0.9
+    finally:
+        ds.delete()
+
+
 @pytest.mark.slow
 def test_sync_killed_half_way_is_finished_by_the_next(tmp_path):
     """A ``sync_index`` of 20k points SIGKILLed in another process, mid-way

@@ -61,6 +61,14 @@ LARGE_INDEX_OVERSAMPLING = 4.0
 LARGE_INDEX = 200_000
 POINTS_PER_EF = 2_000
 
+#: a sync builds the graph of every this many points it writes (then
+#: hands the shard's pages back), and a new embedded index keeps its
+#: segments under this many points: at 1,000,000 x 512 one graph built
+#: at the end peaked at 10.5 GB RSS; four of 250,000 at 5.1 GB, built in
+#: 112 s instead of 146, recall@15 0.9999 (0.997), 143-155 queries/s
+#: instead of 172 (benchmarks/scale.py)
+PART_POINTS = 250_000
+
 #: the HNSW settings of a new index, under those a caller gives (Qdrant's
 #: own). ``ef_construct`` 64 built a 60,000-point int8 graph in 3/4 of the
 #: time, but at 1,000,000 points it saved nothing and dropped recall@15

@@ -356,6 +356,10 @@ class EdgeIndex(VectorIndex):
             kwargs["quantization_config"] = qe.ScalarQuantizationConfig(
                 type=qe.ScalarType.Int8, quantile=0.99
             )
+        # merged segments stay under PART_POINTS float32 vectors (in KB)
+        kwargs["optimizers"] = qe.EdgeOptimizersConfig(
+            max_segment_size=base.PART_POINTS * int(dim) * 4 // 1024
+        )
         return qe.EdgeConfig(
             vectors=qe.EdgeVectorParams(size=int(dim), distance=distance),
             **kwargs,
@@ -452,6 +456,12 @@ class EdgeIndex(VectorIndex):
         with self.session() as shard, self._engine():
             shard.optimize()
 
+    def close(self) -> None:
+        """Closes the shard now unless a session uses it (instead of
+        letting it linger): its files are unmapped, so the pages a graph
+        build touched no longer count in this process's memory."""
+        self._handle.close_idle()
+
     # ---- reading -------------------------------------------------------
 
     def count(self, filter: IndexFilter | None = None) -> int:
@@ -520,7 +530,7 @@ class EdgeIndex(VectorIndex):
         native = _to_filter(filter)
         with self.session() as shard, self._engine():
             params = self.search_params(
-                qe, exact, hnsw_ef, shard.info().points_count
+                qe, exact, hnsw_ef, _segment_points(shard.info())
             )
             requests = [
                 qe.QueryRequest(
@@ -767,6 +777,14 @@ def _close_lingering() -> None:
 
 
 os.register_at_fork(before=_close_lingering)
+
+
+def _segment_points(info) -> int:
+    """About how many points the largest segment of a shard holds (a
+    search runs in each segment: its width follows a segment's size).
+    Every segment but the appendable one holds a built part."""
+    parts = max(1, info.segments_count - 1)
+    return -(-info.points_count // parts)
 
 
 def _in_order(sample_ids, found: dict, dim: int):

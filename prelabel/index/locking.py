@@ -325,6 +325,17 @@ class Lease:
             time.sleep(self._pause)
             self._open()
 
+    def reopen(self) -> None:
+        """Closes the index for real (``index.close()``: an embedded shard
+        unmaps its files rather than lingering) and opens it again."""
+        if self._outer is not None:
+            self._outer.reopen()
+            return
+        if self._cm is not None:
+            self._close()
+            self._index.close()
+            self._open()
+
     def _wanted(self) -> bool:
         """Whether another thread or process waits for the index (always,
         for an index that cannot tell)."""
