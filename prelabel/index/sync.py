@@ -412,13 +412,38 @@ def _apply_chunk(index, chunk: _Chunk) -> None:
         )
 
 
-def _optimize(index, stats: SyncStats) -> None:
+def _optimize(index, seconds: dict) -> None:
     """Builds the graph of what was written (its seconds counted)."""
     t0 = time.perf_counter()
     index.optimize()
-    stats.seconds["optimize"] = stats.seconds.get("optimize", 0.0) + (
+    seconds["optimize"] = seconds.get("optimize", 0.0) + (
         time.perf_counter() - t0
     )
+
+
+class GraphParts:
+    """Builds the graph of every :data:`prelabel.index.base.PART_POINTS`
+    points a job writes, then closes and reopens the index (its pages
+    handed back): a big job's memory is that of one part's build, not of
+    one graph over every point.
+
+    Args:
+        index: the index written to
+        lease: the :class:`prelabel.index.locking.Lease` the job holds
+        seconds: where the builds' seconds are added (key ``optimize``)
+    """
+
+    def __init__(self, index: VectorIndex, lease: Lease, seconds: dict):
+        self.index, self.lease, self.seconds = index, lease, seconds
+        self.unbuilt = 0
+
+    def wrote(self, num_points: int) -> None:
+        """Counts points written; builds their part once it is full."""
+        self.unbuilt += num_points
+        if self.unbuilt >= base.PART_POINTS:
+            _optimize(self.index, self.seconds)
+            self.lease.reopen()
+            self.unbuilt = 0
 
 
 def sync_points(
@@ -490,7 +515,7 @@ def sync_points(
         contextlib.closing(reads),
     ):
         points = _PointStream(index)
-        unbuilt = 0  # points written since a graph was last built
+        parts = GraphParts(index, lease, stats.seconds)
         for ids, values in zip(chunks, reads, strict=True):
             lease.tick()
             current, stale = points.until(ids[-1], set(ids))
@@ -500,14 +525,7 @@ def sync_points(
             _verify_chunk(index, chunk, stats, metric)
             _apply_chunk(index, chunk)
             _delete(index, stale + chunk.stale, stats)
-            unbuilt += len(chunk.up_ids)
-            if unbuilt >= base.PART_POINTS:
-                # a part's graph now, and its pages handed back: a big
-                # sync's memory is that of one part's build, not of one
-                # graph over every point
-                _optimize(index, stats)
-                lease.reopen()
-                unbuilt = 0
+            parts.wrote(len(chunk.up_ids))
             bar.update(len(ids))
         _delete(index, points.rest(), stats)
     stats.seconds["write"] = (
@@ -534,7 +552,7 @@ def sync_points(
         stats.unchanged -= again.repaired
     stats.seconds.setdefault("optimize", 0.0)
     if stats.added or stats.updated_vectors or stats.deleted or stats.repaired:
-        _optimize(index, stats)
+        _optimize(index, stats.seconds)
     stats.seconds["total"] = time.perf_counter() - t0
     logger.info("Synced %s: %s", index.name, stats)
     return stats
