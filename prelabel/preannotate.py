@@ -262,7 +262,9 @@ def check_preannotate(
         (own if keep_open is None else keep_open).enter_context(
             Lease(results.index)
         )
-        check_index(targets, results, sample_size=64).raise_if_damaged()
+        check_index(
+            targets, results, sample_size=64, count=False
+        ).raise_if_damaged()
         config = results.config
         if config.label_field != label_field:
             raise ValueError(

@@ -584,12 +584,18 @@ def test_edge_hnsw_graph_recall(tmp_path, quantization):
     index.create(dim)
     index.upsert(ids, vectors, [{base.SAMPLE_ID: s} for s in ids])
     index.optimize()
-    kinds = set()
+    kinds, storage = set(), set()
     segments = tmp_path / "index" / "shard" / "segments"
     for seg in segments.iterdir():
         config = json.loads((seg / "segment.json").read_text())["config"]
-        kinds |= {v["index"]["type"] for v in config["vector_data"].values()}
+        for v in config["vector_data"].values():
+            kinds.add(v["index"]["type"])
+            if v["index"]["type"] == "hnsw":
+                storage.add(v["storage_type"])
     assert "hnsw" in kinds
+    # int8: the float32 vectors, read only to rescore, stay mapped from
+    # disk instead of loaded whole at every open
+    assert storage == ({"Mmap"} if quantization else {"InRamMmap"})
     assert index.quantization == quantization
     edge = json.loads(
         (tmp_path / "index" / "shard" / "edge_config.json").read_text()

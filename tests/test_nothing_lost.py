@@ -371,6 +371,43 @@ def test_random_bytes_in_the_vector_file_are_found_and_repaired(
     assert _labels(digits, "after") == _labels(digits, "before")
 
 
+def test_the_check_before_a_job_skips_the_count_but_not_the_damage(digits):
+    """A job's quick check (``count=False``) never scans the dataset to
+    count its embedded samples; the full check does, and says the index
+    is stale."""
+    prelabel.sync_index(digits, brain_key="k", progress=False)
+    digits.take(5, seed=0).set_field("embeddings", None).save()
+
+    full = prelabel.check_index(digits, "k")
+    assert full.ok and full.num_embedded == 295 and full.num_points == 300
+    assert any("300 points for 295 embedded" in s for s in full.stale)
+    quick = prelabel.check_index(digits, "k", sample_size=64, count=False)
+    assert quick.ok and quick.num_embedded is None
+    assert quick.num_points == 300 and quick.num_checked == 295
+    assert not any("embedded samples" in s for s in quick.stale)
+
+
+def test_points_to_check_are_drawn_without_sorting_the_dataset(digits):
+    from prelabel.units import Samples, take
+
+    picked = take(digits, 20)
+    assert [type(s).__name__ for s in picked._stages] == ["Select"]
+    ids = picked.values("id")
+    assert len(set(ids)) == 20 and set(ids) <= set(digits.values("id"))
+    # a view, or a seed, keeps FiftyOne's reproducible take
+    view = digits.match_tags("test")
+    assert type(take(view, 5)._stages[-1]).__name__ == "Take"
+    assert take(digits, 5, seed=1).values("id") == digits.take(
+        5, seed=1
+    ).values("id")
+
+    # a dataset mostly without vectors: the sample comes from those it has
+    digits.match_tags("train").set_field("embeddings", None).save()
+    digits.match_tags("test").limit(140).set_field("embeddings", None).save()
+    rows = Samples().sample_vectors(digits, "embeddings", 64)
+    assert len(rows) == 10 and all(v is not None for _, _, v in rows)
+
+
 def _garble(path):
     with open(path, "r+b") as f:
         f.write(b"\x00garbled\xff" * 8)

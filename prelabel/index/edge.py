@@ -352,16 +352,22 @@ class EdgeIndex(VectorIndex):
                 **base.hnsw_settings(self.hnsw_config)
             )
         }
+        memory = None  # the engine's default: loaded whole at each open
         if self.quantization == "int8":
             kwargs["quantization_config"] = qe.ScalarQuantizationConfig(
                 type=qe.ScalarType.Int8, quantile=0.99
             )
+            # the search walks the int8 copy (in RAM); the float32 vectors
+            # only rescore its top candidates: mapped page by page as read
+            memory = qe.Memory.Cold
         # merged segments stay under PART_POINTS float32 vectors (in KB)
         kwargs["optimizers"] = qe.EdgeOptimizersConfig(
             max_segment_size=base.PART_POINTS * int(dim) * 4 // 1024
         )
         return qe.EdgeConfig(
-            vectors=qe.EdgeVectorParams(size=int(dim), distance=distance),
+            vectors=qe.EdgeVectorParams(
+                size=int(dim), distance=distance, memory=memory
+            ),
             **kwargs,
         )
 
