@@ -584,10 +584,11 @@ def test_edge_hnsw_graph_recall(tmp_path, quantization):
     index.create(dim)
     index.upsert(ids, vectors, [{base.SAMPLE_ID: s} for s in ids])
     index.optimize()
-    kinds, storage = set(), set()
+    kinds, storage, payloads = set(), set(), set()
     segments = tmp_path / "index" / "shard" / "segments"
     for seg in segments.iterdir():
         config = json.loads((seg / "segment.json").read_text())["config"]
+        payloads.add(config["payload_storage_type"]["type"])
         for v in config["vector_data"].values():
             kinds.add(v["index"]["type"])
             if v["index"]["type"] == "hnsw":
@@ -596,6 +597,8 @@ def test_edge_hnsw_graph_recall(tmp_path, quantization):
     # int8: the float32 vectors, read only to rescore, stay mapped from
     # disk instead of loaded whole at every open
     assert storage == ({"Mmap"} if quantization else {"InRamMmap"})
+    # every answer carries its points' labels: payloads loaded at opening
+    assert payloads == {"in_ram_mmap"}
     assert index.quantization == quantization
     edge = json.loads(
         (tmp_path / "index" / "shard" / "edge_config.json").read_text()

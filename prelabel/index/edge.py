@@ -368,6 +368,8 @@ class EdgeIndex(VectorIndex):
             vectors=qe.EdgeVectorParams(
                 size=int(dim), distance=distance, memory=memory
             ),
+            # every answer carries its points' labels: loaded at opening
+            payload_memory=qe.Memory.Cached,
             **kwargs,
         )
 
