@@ -584,21 +584,12 @@ def test_edge_hnsw_graph_recall(tmp_path, quantization):
     index.create(dim)
     index.upsert(ids, vectors, [{base.SAMPLE_ID: s} for s in ids])
     index.optimize()
-    kinds, storage, payloads = set(), set(), set()
-    segments = tmp_path / "index" / "shard" / "segments"
-    for seg in segments.iterdir():
-        config = json.loads((seg / "segment.json").read_text())["config"]
-        payloads.add(config["payload_storage_type"]["type"])
-        for v in config["vector_data"].values():
-            kinds.add(v["index"]["type"])
-            if v["index"]["type"] == "hnsw":
-                storage.add(v["storage_type"])
-    assert "hnsw" in kinds
-    # int8: the float32 vectors, read only to rescore, stay mapped from
-    # disk instead of loaded whole at every open
-    assert storage == ({"Mmap"} if quantization else {"InRamMmap"})
-    # every answer carries its points' labels: payloads loaded at opening
-    assert payloads == {"in_ram_mmap"}
+    # a graph was built; int8: the float32 vectors, read only to rescore,
+    # stay mapped from disk; every answer carries labels: payloads in RAM
+    vectors_storage = "Mmap" if quantization else "InRamMmap"
+    assert _segment_storage(tmp_path / "index") == {
+        (vectors_storage, "in_ram_mmap")
+    }
     assert index.quantization == quantization
     edge = json.loads(
         (tmp_path / "index" / "shard" / "edge_config.json").read_text()
@@ -625,6 +616,55 @@ def test_edge_hnsw_graph_recall(tmp_path, quantization):
             np.testing.assert_allclose(res.scores[i], sims[i, cols], atol=1e-4)
     res = index.query(queries, k, exact=True)
     assert res.sample_ids == [[ids[j] for j in row] for row in truth]
+
+
+def _segment_storage(path) -> set[tuple[str, str]]:
+    """``(vector storage, payload storage)`` of the graph segments."""
+    found = set()
+    for seg in (path / "shard" / "segments").iterdir():
+        config = json.loads((seg / "segment.json").read_text())["config"]
+        for v in config["vector_data"].values():
+            if v["index"]["type"] == "hnsw":
+                payload = config["payload_storage_type"]["type"]
+                found.add((v["storage_type"], payload))
+    return found
+
+
+def test_an_index_created_before_keeps_its_memory_settings(
+    tmp_path, monkeypatch
+):
+    """An index made with the engine's memory defaults (float32 vectors
+    loaded at opening, payloads mapped), as indexes were before int8
+    ones mapped their vectors and loaded their payloads, still opens,
+    takes new points and answers; its new segments keep its settings."""
+    import types
+
+    import qdrant_edge
+
+    rng = np.random.default_rng(3)
+    n, dim = 3000, 1024
+    centers = rng.normal(size=(20, dim))
+    vectors = centers[rng.integers(0, 20, 2 * n)]
+    vectors = vectors + 0.8 * rng.normal(size=vectors.shape)
+    ids = [sid(i) for i in range(2 * n)]
+    path = tmp_path / "index"
+    defaults = types.SimpleNamespace(Cold=None, Cached=None)
+    with monkeypatch.context() as m:  # None: the engine's own defaults
+        m.setattr(qdrant_edge, "Memory", defaults)
+        old = EdgeIndex(str(path))
+        old.create(dim)
+    old.upsert(ids[:n], vectors[:n], [{base.SAMPLE_ID: s} for s in ids[:n]])
+    old.optimize()
+    old.close()
+    assert _segment_storage(path) == {("InRamMmap", "mmap")}
+
+    index = EdgeIndex(str(path))
+    index.upsert(ids[n:], vectors[n:], [{base.SAMPLE_ID: s} for s in ids[n:]])
+    index.optimize()
+    assert index.count() == 2 * n
+    res = index.query(vectors[:20], 5)
+    assert [row[0] for row in res.sample_ids] == ids[:20]
+    assert _segment_storage(path) == {("InRamMmap", "mmap")}
 
 
 _CHILD = textwrap.dedent("""
