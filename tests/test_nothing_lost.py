@@ -408,6 +408,46 @@ def test_points_to_check_are_drawn_without_sorting_the_dataset(digits):
     assert len(rows) == 10 and all(v is not None for _, _, v in rows)
 
 
+@pytest.mark.parametrize(
+    "ftype, kwargs, make",
+    [
+        (fo.FloatField, {}, float),
+        (
+            fo.EmbeddedDocumentField,
+            {"embedded_doc_type": fo.Classification},
+            lambda i: fo.Classification(label=str(i % 10)),
+        ),
+        (
+            fo.EmbeddedDocumentField,
+            {"embedded_doc_type": fo.Detections},
+            lambda i: fo.Detections(detections=[fo.Detection(label="a")]),
+        ),
+    ],
+)
+def test_a_replaced_field_holds_only_what_the_last_job_wrote(
+    digits, ftype, kwargs, make
+):
+    """A job's field replaces the old one whole: a sample it did not write
+    loses its old value (labels with ids are found through the
+    ``<field>.id`` index a job creates, other values by reading every
+    sample)."""
+    from prelabel import label_indexes
+    from prelabel.fields import staged_fields
+
+    ids = digits.values("id")
+    if ftype is fo.EmbeddedDocumentField:
+        label_indexes.ensure(digits, ["out"])
+    for written in (ids, ids[:10]):
+        with staged_fields(digits, {"out": (ftype, kwargs)}) as stage:
+            values = {i: make(n) for n, i in enumerate(written)}
+            digits.set_values(stage["out"], values, key_field="id")
+    coll = digits._sample_collection
+    assert coll.count_documents({"out": {"$exists": True}}) == 10
+    got = dict(zip(*digits.values(["id", "out"]), strict=True))
+    assert [i for i in ids if got[i] is not None] == ids[:10]
+    _no_leftovers(digits)
+
+
 def _garble(path):
     with open(path, "r+b") as f:
         f.write(b"\x00garbled\xff" * 8)
