@@ -353,7 +353,8 @@ def _check_targets_embedded(targets, results, points) -> None:
             f"{results.index.dim}-d vectors; recompute embeddings with the "
             "index's model or sync a new brain key"
         )
-    missing = points.count_missing(targets, emb_field)
+    embedded, total = points.coverage(targets, emb_field)
+    missing = total - embedded
     if missing:
         raise ValueError(
             f"{missing} targets have no {path!r}; run compute_embeddings "

@@ -91,16 +91,16 @@ class Samples:
         """How many points of ``samples`` have a vector in ``field``."""
         return samples.count(self.counted(samples, field))
 
-    def count_missing(self, samples, field: str) -> int:
-        """How many points of ``samples`` have no ``field`` (both counts
-        in one pass over the collection)."""
+    def coverage(self, samples, field: str) -> tuple[int, int]:
+        """``(points with a vector in field, points)`` of ``samples``,
+        both counted in one pass over the collection."""
         total, embedded = samples.aggregate(
             [
                 fo.Count(self.counted(samples, None)),
                 fo.Count(self.counted(samples, field)),
             ]
         )
-        return total - embedded
+        return embedded, total
 
     def tag_for_review(self, dataset, ids: Sequence[str]) -> None:
         """Tags the given points for review, once their result field is
@@ -302,10 +302,7 @@ def embedding_coverage(
     points = units_of(patches_field)
     if not samples.has_field(points.path(samples, embeddings_field)):
         return 0, points.count(samples)
-    return (
-        points.count_embedded(samples, embeddings_field),
-        points.count(samples),
-    )
+    return points.coverage(samples, embeddings_field)
 
 
 def check_patches_field(samples, patches_field: str) -> None:
