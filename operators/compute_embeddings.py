@@ -38,6 +38,7 @@ def _params(ctx):
         "image_size": p.get("image_size"),
         "overwrite": bool(p.get("overwrite", False)),
         "patches_field": p.get("patches_field") or None,
+        "num_runs": p.get("num_runs") or 1,
     }
 
 
@@ -156,7 +157,27 @@ class ComputeEmbeddings(foo.Operator):
             description="Processes that decode images; 0 decodes in-process",
         )
 
+        inputs.int(
+            "num_runs",
+            min=1,
+            default=1,
+            required=False,
+            label="Delegated runs",
+            description=(
+                "Split the images missing a vector into this many "
+                "delegated runs, so that as many workers (`fiftyone "
+                "delegated launch`, on this machine or others) embed them "
+                "at once; 1 is one job"
+            ),
+        )
+
         p = _params(ctx)
+        if p["num_runs"] > 1 and not p["skip_existing"]:
+            c.show_error(
+                inputs,
+                f"num_runs={p['num_runs']}: a recompute replaces the field "
+                f"in one job; turn 'skip existing' on or use 1 delegated run",
+            )
         ok, _ = c.run_check(inputs, check_model_name, p["model"])
         ok = ok and c.run_check(inputs, check_image_collection, target)[0]
         if p["patches_field"]:
@@ -191,11 +212,28 @@ class ComputeEmbeddings(foo.Operator):
             inputs, view=types.View(label="Compute embeddings")
         )
 
+    def resolve_delegation(self, ctx):
+        # a split only queues its runs: it runs at once, never in the queue
+        if _params(ctx)["num_runs"] > 1:
+            return False
+        return None
+
+    def resolve_run_name(self, ctx):
+        part = ctx.params.get("slice")
+        if part:
+            return f"{NAME} ({part['index']} of {part['count']})"
+        return NAME
+
     def execute(self, ctx):
-        from prelabel import compute_embeddings
+        from prelabel import IdRange, compute_embeddings
 
         p = _params(ctx)
         target = ctx.target_view(require_flat=True)
+        part = ctx.params.get("slice")
+        if part is None and p["num_runs"] > 1:
+            return _queue_runs(self, ctx, target, p)
+        if part is not None:
+            target = IdRange.from_dict(part).of(target)
         num = compute_embeddings(
             target,
             model=p["model"],
@@ -209,7 +247,8 @@ class ComputeEmbeddings(foo.Operator):
             overwrite=p["overwrite"],
             patches_field=p["patches_field"],
         )
-        c.remember(ctx, NAME, {**p, "overwrite": False})
+        if part is None:
+            c.remember(ctx, NAME, {**p, "overwrite": False})
         c.show_in_app(ctx)
         from prelabel import embedding_coverage
 
@@ -217,6 +256,7 @@ class ComputeEmbeddings(foo.Operator):
             target, p["embeddings_field"], p["patches_field"]
         )
         return {
+            **({"run": f"{part['index']} of {part['count']}"} if part else {}),
             "embedded": int(num),
             "failed": num.num_failed,
             "num_targets": total,
@@ -230,6 +270,10 @@ class ComputeEmbeddings(foo.Operator):
             ctx,
             "Embeddings computed",
             [
+                ("queued_runs", "Delegated runs queued"),
+                ("to_embed", "Images to embed, split between them"),
+                ("next_step", "Next"),
+                ("run", "Run"),
                 ("embedded", "Samples embedded in this run"),
                 ("failed", "Unreadable images (tagged embedding_failed)"),
                 ("with_embeddings", "Targets with a vector now"),
@@ -251,6 +295,7 @@ class ComputeEmbeddings(foo.Operator):
         skip_failures=True,
         overwrite=False,
         patches_field=None,
+        num_runs=1,
         delegate=False,
     ):
         """Computes embeddings of ``sample_collection``.
@@ -270,6 +315,9 @@ class ComputeEmbeddings(foo.Operator):
                 not write (every sample of the field is then recomputed)
             patches_field (None): embed the crops of the boxes of this
                 Detections field, into an attribute of each box
+            num_runs (1): split the samples missing a vector into this
+                many delegated runs, queued at once, for as many workers
+                (the result lists their ids); only with ``skip_existing``
             delegate (False): queue a delegated operation instead
 
         Returns:
@@ -285,8 +333,54 @@ class ComputeEmbeddings(foo.Operator):
             skip_failures=skip_failures,
             overwrite=overwrite,
             patches_field=patches_field,
+            num_runs=num_runs,
         )
         return c.execute(self, sample_collection, params, delegate=delegate)
+
+
+def _queue_runs(operator, ctx, target, p):
+    """Prepares the field and queues one delegated run per slice of the
+    samples missing a vector, through FiftyOne's own queue: each worker
+    that claims one embeds its slice in place."""
+    import fiftyone.operators as foo
+
+    from prelabel import plan_embedding_runs
+
+    runs = plan_embedding_runs(
+        target,
+        p["num_runs"],
+        model=p["model"],
+        embeddings_field=p["embeddings_field"],
+        image_size=p["image_size"],
+        overwrite=p["overwrite"],
+        patches_field=p["patches_field"],
+    )
+    ids = []
+    for i, run in enumerate(runs, start=1):
+        part = {**run.to_dict(), "index": i, "count": len(runs)}
+        queued = foo.execute_operator(
+            operator.uri,
+            ctx=dict(
+                view=target.view(),
+                delegation_target=ctx.delegation_target,
+            ),
+            params={**p, "num_runs": 1, "skip_existing": True, "slice": part},
+            request_delegation=True,
+        )
+        ids.append(str(queued.result["id"]))
+    c.remember(ctx, NAME, {**p, "overwrite": False})
+    return {
+        "queued_runs": len(ids),
+        "run_ids": ids,
+        "to_embed": sum(run.size for run in runs),
+        "embeddings_field": p["embeddings_field"],
+        "model": p["model"],
+        "next_step": (
+            "Each worker takes one run: `fiftyone delegated launch`"
+            if ids
+            else "Every target already has a vector"
+        ),
+    }
 
 
 def _describe_field(inputs, target, field):

@@ -41,6 +41,7 @@ from prelabel.neighbors import load_index
 from prelabel.orphans import delete_orphans
 from prelabel.preannotate import evaluate, preannotate
 from prelabel.selection import forecast_labeling, select_for_labeling
+from prelabel.slicing import IdRange
 from prelabel.units import embedding_coverage
 
 _register_backend()
@@ -51,6 +52,7 @@ _LAZY = {
     "compute_embeddings": "prelabel.embeddings",
     "list_models": "prelabel.models",
     "load_mnist_dataset": "prelabel.datasets",
+    "plan_embedding_runs": "prelabel.embeddings",
 }
 
 
@@ -64,6 +66,7 @@ def __getattr__(name):
 
 __all__ = [
     "BACKEND_NAME",
+    "IdRange",
     "PLUGIN_NAME",
     "adapt_embeddings",
     "adapt_index",
@@ -79,6 +82,7 @@ __all__ = [
     "find_label_mistakes",
     "forecast_labeling",
     "high_confidence_mistakes",
+    "plan_embedding_runs",
     "preannotate",
     "recover",
     "select_for_labeling",

@@ -40,6 +40,7 @@ from prelabel.models import (
     resolve_device,
 )
 from prelabel.progress import Progress, ProgressArg
+from prelabel.slicing import IdRange, split_by_id
 from prelabel.validation import RESERVED_FIELDS, check_identifier
 
 logger = logging.getLogger(__name__)
@@ -345,6 +346,97 @@ def compute_embeddings(
     return _counted(len(ids), failures, emb_model, embeddings_field)
 
 
+def plan_embedding_runs(
+    samples: foc.SampleCollection,
+    num_runs: int,
+    model: str | EmbeddingModel = DEFAULT_MODEL,
+    embeddings_field: str = DEFAULT_EMBEDDINGS_FIELD,
+    image_size: int | None = None,
+    weights: str | None = None,
+    overwrite: bool = False,
+    patches_field: str | None = None,
+) -> list[IdRange]:
+    """Splits the embedding of ``samples`` between ``num_runs`` processes
+    that run at once: FiftyOne delegated workers, on one machine or many.
+
+    The field (or box attribute) is created and recorded as ``model``'s
+    here, so the runs never race to create it, and the samples that still
+    lack a vector are split into slices of sample ids that do not overlap.
+    Each slice is then embedded by its own process with::
+
+        compute_embeddings(
+            run.of(samples), model, embeddings_field, skip_existing=True
+        )
+
+    which writes its samples in place, as a resumed run does. A run that
+    dies leaves its slice partly written and every other slice whole;
+    rerun it, or plan again, and only what is missing is embedded. The
+    ``compute_embeddings`` operator does all of this with ``num_runs``.
+
+    Args:
+        samples: a FiftyOne dataset or view of images
+        num_runs: how many processes will embed at once (at least 1)
+        model ("efficientnet_lite0"): the model every run will use
+        embeddings_field ("embeddings"): the vector field to write
+        image_size (None): the model's input size; its default if None
+        weights (None): a local checkpoint, as in
+            :func:`compute_embeddings`
+        overwrite (False): as in :func:`compute_embeddings`
+        patches_field (None): split the boxes of this ``Detections``
+            field instead (by the sample that holds them)
+
+    Returns:
+        at most ``num_runs`` :class:`prelabel.slicing.IdRange` of nearly
+        equal size, in id order; empty when every sample has a vector
+
+    Raises:
+        ValueError: bad input, or a field that can only be replaced whole
+            (a ``VectorField`` prelabel did not write), which one run must
+            do: ``compute_embeddings(..., overwrite=True)``
+    """
+    if (
+        isinstance(num_runs, bool)
+        or not isinstance(num_runs, int)
+        or num_runs < 1
+    ):
+        raise ValueError(
+            f"num_runs={num_runs!r} must be a whole number of at least 1, "
+            f"e.g. num_runs=4 to split the work between four workers"
+        )
+    check_image_collection(samples)
+    dataset = samples._dataset
+    if patches_field is not None:
+        check_identifier(embeddings_field, "embeddings_field")
+        units.check_patches_field(samples, patches_field)
+        emb_model = _ready_model(model, image_size, weights, "cpu")
+        boxes = units.Patches(patches_field)
+        rows = _box_rows(samples, boxes, embeddings_field, emb_model, True)
+        ids = sorted({r[1] for r in rows})
+        if ids:
+            _declare_field(
+                dataset,
+                boxes.path(samples, embeddings_field),
+                emb_model,
+                boxes.record_name(embeddings_field),
+            )
+        return split_by_id(ids, num_runs)
+    check_embeddings_output(dataset, embeddings_field)
+    emb_model = _ready_model(model, image_size, weights, "cpu")
+    plan = _plan(samples, embeddings_field, emb_model, True, overwrite)
+    if plan.staged:
+        raise ValueError(
+            f"embeddings_field={embeddings_field!r} holds vectors "
+            f"prelabel did not write; replacing them is one write of the "
+            f"whole field, which runs split between workers cannot share. "
+            f"Choose another embeddings_field, or run it as one job "
+            f"(num_runs=1) with overwrite=True"
+        )
+    ids = plan.todo.values("id")
+    if ids:
+        _declare_field(dataset, embeddings_field, emb_model)
+    return split_by_id(ids, num_runs)
+
+
 def _loader(paths, model, batch_size, num_workers, boxes=None) -> DataLoader:
     """Batches of the images (or of the crops of ``boxes``) decoded in
     ``num_workers`` processes, pinned for a GPU."""
@@ -504,17 +596,60 @@ def _run_direct(
     job: Callable[[str], dict],
 ) -> dict:
     """Writes the vectors into the field itself (new, or same model)."""
-    field = dataset.get_field(field_name)
-    if field is None:
-        dataset.add_sample_field(field_name, fo.VectorField, info=model.info)
-    elif dict(field.info or {}) != model.info:
-        field.info = model.info
-        field.save()
-    # recorded now, so that the field of a killed run is known as ours
-    records.put(dataset, records.EMBEDDINGS, field_name, model.info)
+    _declare_field(dataset, field_name, model)
     failures = job(field_name)
     records.put(dataset, records.EMBEDDINGS, field_name, model.info)
     return failures
+
+
+def _declare_field(
+    dataset: fo.Dataset,
+    path: str,
+    model: EmbeddingModel,
+    record_name: str | None = None,
+) -> None:
+    """Creates the vector field (or box attribute) ``path`` written in
+    place, and records it as ``model``'s before any vector is written, so
+    that the field of a killed run is known as ours."""
+    field = dataset.get_field(path)
+    if field is None:
+        dataset.add_sample_field(path, fo.VectorField, info=model.info)
+    elif dict(field.info or {}) != model.info:
+        field.info = model.info
+        field.save()
+    records.put(dataset, records.EMBEDDINGS, record_name or path, model.info)
+
+
+def _box_rows(
+    samples, boxes: units.Patches, attr: str, model, skip_existing: bool
+) -> list[tuple]:
+    """The boxes of ``samples`` to embed into ``attr`` (those without a
+    vector, with ``skip_existing``), after refusing an attribute that
+    holds another model's vectors or values prelabel did not write."""
+    dataset = samples._dataset
+    path = boxes.path(samples, attr)
+    fields.recover(dataset)
+    existing = dataset.get_field(path)
+    if existing is not None:
+        name = boxes.record_name(attr)
+        recorded = records.get(dataset, records.EMBEDDINGS, name) or {}
+        if not isinstance(existing, fo.VectorField) or not _same_source(
+            recorded, model.info
+        ):
+            what = (
+                f"vectors of {_describe(recorded)}"
+                if recorded
+                else "values prelabel did not write"
+            )
+            raise ValueError(
+                f"embeddings_field={attr!r}: the boxes' {path!r} holds "
+                f"{what}; choose another embeddings_field for "
+                f"{_describe(model.info)} (nothing was written)"
+            )
+    rows = boxes.rows(samples, [attr])
+    if skip_existing:
+        rows = [r for r in rows if r[3] is None]
+    return rows
 
 
 def _run_staged(
@@ -585,27 +720,7 @@ def _embed_boxes(
     the attribute ``attr`` of each box, in place."""
     dataset = samples._dataset
     path = boxes.path(samples, attr)
-    name = boxes.record_name(attr)
-    fields.recover(dataset)
-    existing = dataset.get_field(path)
-    if existing is not None:
-        recorded = records.get(dataset, records.EMBEDDINGS, name) or {}
-        if not isinstance(existing, fo.VectorField) or not _same_source(
-            recorded, model.info
-        ):
-            what = (
-                f"vectors of {_describe(recorded)}"
-                if recorded
-                else "values prelabel did not write"
-            )
-            raise ValueError(
-                f"embeddings_field={attr!r}: the boxes' {path!r} holds "
-                f"{what}; choose another embeddings_field for "
-                f"{_describe(model.info)} (nothing was written)"
-            )
-    rows = boxes.rows(samples, [attr])
-    if skip_existing:
-        rows = [r for r in rows if r[3] is None]
+    rows = _box_rows(samples, boxes, attr, model, skip_existing)
     if not rows:
         logger.info("All boxes already have %s", path)
         return EmbeddingCount(0)
@@ -613,9 +728,7 @@ def _embed_boxes(
     paths = [filepath[r[1]] for r in rows]
     if not skip_failures:
         _check_files_exist(sorted(set(paths)))
-    if existing is None:
-        dataset.add_sample_field(path, fo.VectorField, info=model.info)
-    records.put(dataset, records.EMBEDDINGS, name, model.info)
+    _declare_field(dataset, path, model, boxes.record_name(attr))
     boxes = np.array(
         [r[2] if r[2] else [np.nan] * 4 for r in rows], dtype=np.float64
     )
@@ -770,17 +883,18 @@ def _check_compatible(
         recorded, model.info
     ):
         raise ValueError(
-            f"{field_name!r} holds embeddings from {_describe(recorded)}, "
-            f"not {_describe(model.info)}; pass skip_existing=False to "
-            f"recompute them all or choose another embeddings_field."
+            f"embeddings_field={field_name!r} holds embeddings from "
+            f"{_describe(recorded)}, not {_describe(model.info)}; pass "
+            f"skip_existing=False to recompute them all (in one job) or "
+            f"choose another embeddings_field."
         )
     sample = dataset.exists(field_name).limit(1).values(field_name)
     if sample and len(sample[0]) != model.dim:
         raise ValueError(
-            f"{field_name!r} holds {len(sample[0])}-d vectors but "
-            f"{model.name} makes {model.dim}-d ones; pass "
-            f"skip_existing=False to recompute them all or choose another "
-            f"embeddings_field."
+            f"embeddings_field={field_name!r} holds {len(sample[0])}-d "
+            f"vectors but {model.name} makes {model.dim}-d ones; pass "
+            f"skip_existing=False to recompute them all (in one job) or "
+            f"choose another embeddings_field."
         )
 
 

@@ -9,9 +9,11 @@ Progress is observed where FiftyOne sends it: an immediate run's
 delegated run's goes to ``DelegatedOperationService.set_progress``.
 """
 
+import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 
 import fiftyone as fo
@@ -19,6 +21,7 @@ import fiftyone.brain as fob
 import fiftyone.operators as foo
 import fiftyone.plugins as fop
 import pytest
+from bson import ObjectId
 from conftest import make_digits_dataset
 from fiftyone.operators.delegated import DelegatedOperationService
 from fiftyone.operators.executor import (
@@ -312,6 +315,106 @@ def test_compute_embeddings_form(small_dataset):
         "compute_embeddings", small_dataset, embeddings_field="ground_truth"
     )
     assert "not a VectorField" in errors(props)["embeddings_field"]
+
+
+#: a FiftyOne delegated worker that takes one queued run of a dataset (as
+#: ``fiftyone delegated launch`` does, claiming it through FiftyOne's
+#: queue so that two workers never run the same one) and reports it
+WORKER = """
+import json, os, sys
+from fiftyone.operators.delegated import DelegatedOperationService
+from fiftyone.operators.executor import ExecutionRunState
+
+service = DelegatedOperationService()
+for op in service.list_operations(
+    dataset_name=sys.argv[1], run_state=ExecutionRunState.QUEUED
+):
+    result = service.execute_operation(op)
+    if result is not None:
+        print(json.dumps({"id": str(op.id), "error": result.error}))
+        break
+"""
+
+
+def test_compute_embeddings_split_between_two_workers(
+    small_dataset, plugins_dir
+):
+    done = small_dataset.limit(20)
+    run("compute_embeddings", done, **PIXELS)
+    before = done.values("embeddings")
+
+    # the split itself runs at once, even when asked to be delegated
+    queued = run(
+        "compute_embeddings",
+        small_dataset,
+        request_delegation=True,
+        num_runs=2,
+        **PIXELS,
+    )
+
+    assert not queued.delegated
+    assert queued.result["queued_runs"] == 2
+    assert queued.result["to_embed"] == 100
+    run_ids = queued.result["run_ids"]
+    service = DelegatedOperationService()
+    docs = [service.get(ObjectId(i)) for i in run_ids]
+    assert [d.run_state for d in docs] == [ExecutionRunState.QUEUED] * 2
+    assert [d.label for d in docs] == [
+        "compute_embeddings (1 of 2)",
+        "compute_embeddings (2 of 2)",
+    ]
+    assert len(small_dataset.exists("embeddings")) == 20
+
+    env = dict(os.environ, FIFTYONE_PLUGINS_DIR=plugins_dir)
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, small_dataset.name],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    reports = []
+    for worker in workers:
+        out, err = worker.communicate(timeout=600)
+        assert worker.returncode == 0, err
+        reports.append(json.loads(out.strip().splitlines()[-1]))
+
+    # each worker ran one run, and each run ran once
+    assert sorted(r["id"] for r in reports) == sorted(run_ids)
+    assert [r["error"] for r in reports] == [None, None]
+    results = [service.get(ObjectId(i)).result.result for i in run_ids]
+    assert [r["run"] for r in results] == ["1 of 2", "2 of 2"]
+    assert [r["embedded"] for r in results] == [50, 50]
+    small_dataset.reload()
+    vectors = small_dataset.values("embeddings")
+    assert all(v is not None and len(v) == 144 for v in vectors)
+    assert all(
+        (a == b).all()
+        for a, b in zip(before, done.values("embeddings"), strict=True)
+    )
+
+    # nothing left: nothing queued
+    again = run("compute_embeddings", small_dataset, num_runs=2, **PIXELS)
+    assert again.result["queued_runs"] == 0
+    assert again.result["next_step"] == "Every target already has a vector"
+
+
+def test_a_split_run_does_not_recompute(small_dataset):
+    props = form(
+        "compute_embeddings",
+        small_dataset,
+        num_runs=2,
+        skip_existing=False,
+        **PIXELS,
+    )
+    assert "in one job" in errors(props)["num_runs"]
+    op = foo.get_operator(uri("compute_embeddings"))
+    with pytest.raises(ValueError, match="num_runs=2"):
+        op(small_dataset, skip_existing=False, num_runs=2, **PIXELS)
+    assert not small_dataset.has_field("embeddings")
 
 
 # ---- sync_index ----------------------------------------------------------

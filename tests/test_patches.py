@@ -128,6 +128,44 @@ def test_box_embeddings_of_another_model_are_refused(fresh):
     )
 
 
+def test_box_embeddings_split_between_runs(fresh):
+    path = f"{BOXES}.detections.split"
+    opts = dict(model="pixels", image_size=12, progress=False, num_workers=0)
+    first = fresh.limit(10)
+    prelabel.compute_embeddings(
+        first, patches_field=BOXES, embeddings_field="split", **opts
+    )
+    del opts["progress"], opts["num_workers"]
+
+    runs = prelabel.plan_embedding_runs(
+        fresh, 2, patches_field=BOXES, embeddings_field="split", **opts
+    )
+
+    assert [r.size for r in runs] == [25, 25]  # samples whose boxes lack it
+    assert records.get(fresh, records.EMBEDDINGS, f"{BOXES}:split")
+    for run in runs:
+        n = prelabel.compute_embeddings(
+            run.of(fresh),
+            patches_field=BOXES,
+            embeddings_field="split",
+            progress=False,
+            num_workers=0,
+            **opts,
+        )
+        assert n == 25
+    vecs = fresh.values(path)
+    assert all(len(v) == 1 and len(v[0]) == 144 for v in vecs)
+    with pytest.raises(ValueError, match="embeddings_field='split'"):
+        prelabel.plan_embedding_runs(
+            fresh,
+            2,
+            patches_field=BOXES,
+            embeddings_field="split",
+            model="pixels",
+            image_size=16,
+        )
+
+
 def test_patches_field_must_be_detections(fresh):
     for call in (
         lambda: prelabel.compute_embeddings(
