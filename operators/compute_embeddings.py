@@ -346,6 +346,15 @@ def _queue_runs(operator, ctx, target, p):
 
     from prelabel import plan_embedding_runs
 
+    busy = _split_runs_in_flight(operator, target, p["embeddings_field"])
+    if busy:
+        raise ValueError(
+            f"num_runs={p['num_runs']}: {len(busy)} run(s) of an earlier "
+            f"split into {p['embeddings_field']!r} are queued or running "
+            f"({', '.join(busy)}); a new split would embed their samples "
+            f"twice. Let them finish, or mark a dead one failed (`fiftyone "
+            f"delegated fail <id>`), then split again"
+        )
     runs = plan_embedding_runs(
         target,
         p["num_runs"],
@@ -381,6 +390,29 @@ def _queue_runs(operator, ctx, target, p):
             else "Every target already has a vector"
         ),
     }
+
+
+def _split_runs_in_flight(operator, target, field):
+    """The ids of the queued or running slices of earlier splits of this
+    dataset into ``field``."""
+    from fiftyone.operators.delegated import DelegatedOperationService
+    from fiftyone.operators.executor import ExecutionRunState
+
+    service = DelegatedOperationService()
+    busy = []
+    for state in (ExecutionRunState.QUEUED, ExecutionRunState.RUNNING):
+        for doc in service.list_operations(
+            operator=operator.uri,
+            dataset_name=target._root_dataset.name,
+            run_state=state,
+        ):
+            params = doc.context.request_params.get("params") or {}
+            name = params.get("embeddings_field") or (
+                constants.DEFAULT_EMBEDDINGS_FIELD
+            )
+            if params.get("slice") and name == field:
+                busy.append(str(doc.id))
+    return busy
 
 
 def _describe_field(inputs, target, field):

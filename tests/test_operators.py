@@ -364,6 +364,9 @@ def test_compute_embeddings_split_between_two_workers(
         "compute_embeddings (2 of 2)",
     ]
     assert len(small_dataset.exists("embeddings")) == 20
+    # a second split while these wait would embed their samples twice
+    with pytest.raises(ExecutionError, match="2 run.*queued or running"):
+        run("compute_embeddings", small_dataset, num_runs=3, **PIXELS)
 
     env = dict(os.environ, FIFTYONE_PLUGINS_DIR=plugins_dir)
     workers = [
