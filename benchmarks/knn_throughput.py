@@ -253,32 +253,57 @@ def run_local_loop(dataset, client, subset_ids, label_of):
     return neighbors
 
 
-def run_exact(dataset, pred_field):
-    """Exact kNN in numpy, with the same vote and documents as ours."""
+def run_exact(dataset, pred_field, slice_size=100_000):
+    """Exact kNN in numpy, with the same vote and documents as ours.
+
+    The references are read and searched a slice of ``slice_size`` sample
+    ids at a time, keeping the best ``K`` of each target so far: a
+    million references read at once (and a block of similarities over all
+    of them) need more memory than this machine has (13.4 GB at 500,000).
+    """
     from prelabel.core.voting import vote
     from prelabel.neighbors import Neighbors
     from prelabel.preannotate import classify
     from prelabel.scorers import ChunkScores
+    from prelabel.slicing import split_by_id
     from prelabel.units import Samples
 
-    stages = {}
+    stages = {"read": 0.0, "search_vote": 0.0}
     t0 = time.perf_counter()
-    ref_ids, ref_vecs, ref_labels = dataset.match_tags("train").values(
-        ["id", "emb", "ground_truth.label"]
-    )
+    refs = dataset.match_tags("train")
     tgt_ids, tgt_vecs = dataset.match_tags("test").values(["id", "emb"])
-    R = common.normalize(np.stack(ref_vecs))
     Q = common.normalize(np.stack(tgt_vecs))
+    slices = split_by_id(refs.values("id"), -(-len(refs) // slice_size))
+    stages["read"] += time.perf_counter() - t0
+    sims = np.full((len(Q), 0), -np.inf, dtype=np.float32)
+    nb_ids = nb_labels = np.empty((len(Q), 0), dtype=object)
+    all_labels = set()
+    for part in slices:
+        t0 = time.perf_counter()
+        ids, vecs, labels = part.of(refs).values(
+            ["id", "emb", "ground_truth.label"]
+        )
+        R = common.normalize(np.stack(vecs))
+        del vecs
+        t1 = time.perf_counter()
+        idx, part_sims = common.exact_knn(Q, R, K, normalized=True)
+        sims = np.concatenate([sims, part_sims], axis=1)
+        nb_ids = np.concatenate([nb_ids, np.asarray(ids, object)[idx]], 1)
+        nb_labels = np.concatenate(
+            [nb_labels, np.asarray(labels, object)[idx]], axis=1
+        )
+        best = np.argsort(-sims, axis=1, kind="stable")[:, :K]
+        sims = np.take_along_axis(sims, best, axis=1)
+        nb_ids = np.take_along_axis(nb_ids, best, axis=1)
+        nb_labels = np.take_along_axis(nb_labels, best, axis=1)
+        all_labels.update(labels)
+        stages["read"] += t1 - t0
+        stages["search_vote"] += time.perf_counter() - t1
     t1 = time.perf_counter()
-    stages["read"] = t1 - t0
-    idx, sims = common.exact_knn(Q, R, K, normalized=True)
-    ref_ids = np.asarray(ref_ids)
-    ref_labels = np.asarray(ref_labels)
-    nb_ids = ref_ids[idx].tolist()
-    nb_labels = ref_labels[idx].tolist()
-    votes = vote(nb_labels, sims, sorted(set(ref_labels)), K)
+    nb_ids, nb_labels = nb_ids.tolist(), nb_labels.tolist()
+    votes = vote(nb_labels, sims, sorted(all_labels), K)
     t2 = time.perf_counter()
-    stages["search_vote"] = t2 - t1
+    stages["search_vote"] += t2 - t1
     chunk = ChunkScores(
         Neighbors(tgt_ids, Q, nb_ids, nb_labels, sims), votes, votes.probs
     )
