@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -321,9 +322,17 @@ def test_compute_embeddings_form(small_dataset):
 #: ``fiftyone delegated launch`` does, claiming it through FiftyOne's
 #: queue so that two workers never run the same one) and reports it
 WORKER = """
-import json, os, sys
+import json, os, signal, sys
+import fiftyone as fo
 from fiftyone.operators.delegated import DelegatedOperationService
 from fiftyone.operators.executor import ExecutionRunState
+
+if os.environ.get("KILL_AT_WRITE"):
+    # the worker dies as its run writes its first vectors
+    def killed(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    fo.Dataset.set_values = killed
 
 service = DelegatedOperationService()
 for op in service.list_operations(
@@ -403,6 +412,48 @@ def test_compute_embeddings_split_between_two_workers(
     again = run("compute_embeddings", small_dataset, num_runs=2, **PIXELS)
     assert again.result["queued_runs"] == 0
     assert again.result["next_step"] == "Every target already has a vector"
+
+
+def _worker(dataset, plugins_dir, **env):
+    return subprocess.run(
+        [sys.executable, "-c", WORKER, dataset.name],
+        env=dict(os.environ, FIFTYONE_PLUGINS_DIR=plugins_dir, **env),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_a_killed_worker_leaves_its_slice_to_a_new_split(
+    small_dataset, plugins_dir
+):
+    queued = run("compute_embeddings", small_dataset, num_runs=2, **PIXELS)
+
+    dead = _worker(small_dataset, plugins_dir, KILL_AT_WRITE="1")
+    assert dead.returncode == -signal.SIGKILL, dead.stderr
+    done = _worker(small_dataset, plugins_dir)
+    assert done.returncode == 0, done.stderr
+    finished = json.loads(done.stdout.strip().splitlines()[-1])["id"]
+    (first,) = set(queued.result["run_ids"]) - {finished}
+
+    # the dead run still reads as running: a new split waits for it
+    service = DelegatedOperationService()
+    assert service.get(ObjectId(first)).run_state == (
+        ExecutionRunState.RUNNING
+    )
+    with pytest.raises(ExecutionError, match=f"1 run.*{first}"):
+        run("compute_embeddings", small_dataset, num_runs=2, **PIXELS)
+    small_dataset.reload()
+    assert len(small_dataset.exists("embeddings")) == 60
+
+    # marked failed (`fiftyone delegated fail`), its slice is split again
+    service.set_failed(ObjectId(first))
+    again = run("compute_embeddings", small_dataset, num_runs=2, **PIXELS)
+    assert again.result["to_embed"] == 60
+    for _ in again.result["run_ids"]:
+        assert _worker(small_dataset, plugins_dir).returncode == 0
+    small_dataset.reload()
+    assert len(small_dataset.exists("embeddings", False)) == 0
 
 
 def test_a_split_run_does_not_recompute(small_dataset):
