@@ -221,7 +221,7 @@ class ComputeEmbeddings(foo.Operator):
     def resolve_run_name(self, ctx):
         part = ctx.params.get("slice")
         if part:
-            return f"{NAME} ({part['index']} of {part['count']})"
+            return f"{NAME} ({_which(part)})"
         return NAME
 
     def execute(self, ctx):
@@ -256,7 +256,7 @@ class ComputeEmbeddings(foo.Operator):
             target, p["embeddings_field"], p["patches_field"]
         )
         return {
-            **({"run": f"{part['index']} of {part['count']}"} if part else {}),
+            **({"run": _which(part)} if part else {}),
             "embedded": int(num),
             "failed": num.num_failed,
             "num_targets": total,
@@ -336,6 +336,11 @@ class ComputeEmbeddings(foo.Operator):
             num_runs=num_runs,
         )
         return c.execute(self, sample_collection, params, delegate=delegate)
+
+
+def _which(part):
+    """``"2 of 4"``: which run of a split ``part`` is."""
+    return f"{part['index']} of {part['count']}"
 
 
 def _queue_runs(operator, ctx, target, p):

@@ -41,7 +41,11 @@ from prelabel.models import (
 )
 from prelabel.progress import Progress, ProgressArg
 from prelabel.slicing import IdRange, split_by_id
-from prelabel.validation import RESERVED_FIELDS, check_identifier
+from prelabel.validation import (
+    RESERVED_FIELDS,
+    check_identifier,
+    check_positive_int,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -394,15 +398,7 @@ def plan_embedding_runs(
             (a ``VectorField`` prelabel did not write), which one run must
             do: ``compute_embeddings(..., overwrite=True)``
     """
-    if (
-        isinstance(num_runs, bool)
-        or not isinstance(num_runs, int)
-        or num_runs < 1
-    ):
-        raise ValueError(
-            f"num_runs={num_runs!r} must be a whole number of at least 1, "
-            f"e.g. num_runs=4 to split the work between four workers"
-        )
+    check_positive_int(num_runs, "num_runs")
     check_image_collection(samples)
     dataset = samples._dataset
     if patches_field is not None:

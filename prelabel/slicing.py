@@ -16,6 +16,8 @@ from bson import ObjectId
 from bson.errors import InvalidId
 from fiftyone import ViewField as F
 
+from prelabel.validation import check_positive_int
+
 
 class IdRange(NamedTuple):
     """The samples whose id lies in ``[first, last]``.
@@ -72,10 +74,7 @@ def split_by_id(ids: list[str], parts: int) -> list[IdRange]:
     Returns:
         a list of :class:`IdRange`, in id order
     """
-    if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
-        raise ValueError(
-            f"parts={parts!r} must be a whole number of at least 1"
-        )
+    check_positive_int(parts, "parts")
     # ObjectId strings are fixed-width hex: text order is id order
     ordered = sorted(ids)
     parts = min(parts, len(ordered))
