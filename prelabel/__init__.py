@@ -33,6 +33,7 @@ from prelabel.health import check_index
 from prelabel.index.brain import register_backend as _register_backend
 from prelabel.indexing import sync_index
 from prelabel.mistakes import (
+    disagreeing_labels,
     find_label_mistakes,
     high_confidence_mistakes,
     suspicious_labels,
@@ -86,6 +87,7 @@ __all__ = [
     "preannotate",
     "recover",
     "select_for_labeling",
+    "disagreeing_labels",
     "suspicious_labels",
     "sync_index",
 ]

@@ -142,11 +142,23 @@ class Staging:
 
     def __init__(self, tmp: dict[str, str]):
         self.tmp = tmp
+        self._now: datetime | None = None
         self._records: dict[tuple[str, str], dict] = {}
         self._removed: list[tuple[str, str]] = []
 
     def __getitem__(self, name: str) -> str:
         return self.tmp[name]
+
+    @property
+    def now(self) -> datetime:
+        """The ``last_modified_at`` the swap gives every sample it moves
+        (naive UTC, whole milliseconds, as MongoDB stores it), also after
+        a recovery; fixed when first read, at the latest when the swap is
+        journaled. Read after the last write, a sample modified later has
+        a later one."""
+        if self._now is None:
+            self._now = _now()
+        return self._now
 
     def record(self, kind: str, name: str, record: dict) -> None:
         """Saves ``record`` in the same update that completes the swap."""
@@ -251,6 +263,7 @@ def _commit(dataset, fields: dict, tmp: dict[str, str], staging) -> None:
                 for (kind, rname), rec in staging._records.items()
             ]
             entry["forget"] = [list(r) for r in staging._removed]
+        entry["now"] = staging.now.isoformat()
         put[(records.PENDING, name)] = entry
     records.update(dataset, put=put)
     _swap(dataset, list(fields))
@@ -282,7 +295,11 @@ def _swap(dataset, names: list[str]) -> None:
     journal in one update."""
     coll = dataset._sample_collection
     entries = records.read(dataset, records.PENDING)
-    now = datetime.now(UTC).replace(tzinfo=None)
+    # a recovery stamps the time the job chose (and may have recorded)
+    stamps = [
+        entries[n]["now"] for n in names if entries.get(n, {}).get("now")
+    ]
+    now = datetime.fromisoformat(stamps[0]) if stamps else _now()
     for name in names:
         entry = entries.get(name)
         if entry is None:
@@ -320,6 +337,12 @@ def _swap(dataset, names: list[str]) -> None:
         remove.append((records.PENDING, name))
     records.update(dataset, put=put, remove=remove)
     fos.Sample._reload_docs(dataset._sample_collection_name)
+
+
+def _now() -> datetime:
+    """Now as MongoDB stores a date: naive UTC, whole milliseconds."""
+    now = datetime.now(UTC).replace(tzinfo=None)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
 def _holding(dataset, name: str) -> dict:

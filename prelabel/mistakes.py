@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import fiftyone as fo
 import numpy as np
@@ -307,13 +308,14 @@ def find_label_mistakes(
     return out
 
 
-Rows = Iterator[tuple[list[str], np.ndarray, list, int]]
+#: ``(ids, scores, neighbors' majority, which disagree)`` chunk by chunk
+Rows = Iterator[tuple[list[str], np.ndarray, list, np.ndarray]]
 
 
 def _loo_rows(results, flt, labeled, classes, opts, points) -> Rows:
-    """``(ids, scores, neighbors' majority, number disagreeing)`` chunk by
-    chunk: the leave-one-out vote of each labeled point's neighbors
-    (``labeled``: their ids and labels; ``opts``: k, vote, batch size)."""
+    """The :data:`Rows` of the leave-one-out vote of each labeled
+    point's neighbors (``labeled``: their ids and labels; ``opts``: k,
+    vote, batch size)."""
     ids, own = labeled
     k, vote, batch_size = opts
     own_by_id = dict(zip(ids, own, strict=True))
@@ -343,9 +345,12 @@ def _loo_rows(results, flt, labeled, classes, opts, points) -> Rows:
             )
             for i, lbl in enumerate(votes.labels)
         ]
-        disagree = sum(
-            lbl is not None and lbl != m
-            for lbl, m in zip(votes.labels, mine, strict=True)
+        disagree = np.array(
+            [
+                lbl is not None and lbl != m
+                for lbl, m in zip(votes.labels, mine, strict=True)
+            ],
+            dtype=bool,
         )
         yield nb.ids, own_label_scores(votes, mine), majority, disagree
 
@@ -382,7 +387,7 @@ def _adapted_rows(labeled, emb_field, ids, own, k, batch_size) -> Rows:
             }
             for i in rows
         ]
-        disagree = int((wins[a : rows.stop] != y[a : rows.stop]).sum())
+        disagree = wins[a : rows.stop] != y[a : rows.stop]
         yield ids[a : rows.stop], scores[a : rows.stop], majority, disagree
 
 
@@ -395,8 +400,8 @@ def _write(dataset, out, record, rows: Rows, bar, scored) -> None:
         out.score_field: (fo.FloatField, {}),
         out.label_field: units.CLASSIFICATION,
     }
+    low = np.inf
     with staged_fields(dataset, staged) as stage:
-        stage.record(records.MISTAKES, out.score_field, record)
         # the majority as raw Classification documents, in one bulk
         # request per chunk (FiftyOne's classes cost 0.4 ms a label)
         writer = scored[0].writer(dataset, stage[out.label_field], [])
@@ -408,8 +413,15 @@ def _write(dataset, out, record, rows: Rows, bar, scored) -> None:
             )
             writer.write(dict(zip(ids, majority, strict=True)))
             out.num_scored += len(ids)
-            out.num_disagree += disagree
+            out.num_disagree += int(disagree.sum())
+            low = min(low, np.min(scores[disagree], initial=np.inf))
             bar.update(len(ids))
+        # what lets disagreeing_labels() read only the disagreements
+        record.update(
+            disagree_min_score=float(low) if np.isfinite(low) else None,
+            scored_at=stage.now.isoformat(),
+        )
+        stage.record(records.MISTAKES, out.score_field, record)
     label_indexes.ensure(dataset, score_fields=(out.score_field,))
 
 
@@ -432,7 +444,7 @@ def _write_boxes(dataset, out, record, rows, bar, scored) -> None:
                 }
             )
             out.num_scored += len(ids)
-            out.num_disagree += disagree
+            out.num_disagree += int(disagree.sum())
             bar.update(len(ids))
         writer.close()
 
@@ -492,3 +504,72 @@ def suspicious_labels(
         view = samples.match(label_indexes.scored(score_field, min_score))
         score = F(score_field)
     return view.sort_by(score, reverse=True)
+
+
+def disagreeing_labels(
+    samples,
+    score_field: str = constants.DEFAULT_SCORE_FIELD,
+    gt_field: str | None = None,
+    min_score: float = 0.0,
+):
+    """The scored samples whose label is not their neighbors' majority
+    (``<score_field>_label``), most suspicious first; for a score field of
+    boxes, a patches view of those boxes.
+
+    The run records the lowest score of a sample that disagreed and when
+    it wrote, so the query reads, through two indexes, only the samples
+    scored at least that high and those modified since (``last_modified_at``:
+    say, a label fixed after the run), not every scored sample. Compared
+    with another ``gt_field``, or after a run that recorded neither, it
+    reads every scored sample.
+
+    Args:
+        samples: a dataset or view
+        score_field ("mistake_score"): the score field written
+        gt_field (None): the labels compared with the majority; default
+            the field the run scored
+        min_score (0.0): keep only scores at least this high
+
+    Returns:
+        a :class:`fiftyone.core.view.DatasetView`
+    """
+    record = records.get(samples._root_dataset, records.MISTAKES, score_field)
+    record = record or {}
+    if record.get("patches_field"):
+        view = suspicious_labels(samples, score_field, min_score)
+        own = F(f"{score_field}.label")
+        major = F(f"{score_field}.neighbors_label")
+        score = F(f"{score_field}.score")
+    else:
+        gt_field = gt_field or record.get("label_field")
+        gt_field = gt_field or constants.DEFAULT_LABEL_FIELD
+        major_field = record.get("neighbors_field") or f"{score_field}_label"
+        view = samples.match(
+            _candidates(record, score_field, gt_field, min_score)
+        )
+        own, major = F(f"{gt_field}.label"), F(f"{major_field}.label")
+        score = F(score_field)
+    view = view.match(own.exists() & major.exists() & (own != major))
+    return view.sort_by(score, reverse=True)
+
+
+def _candidates(
+    record: dict, score_field: str, gt_field: str, min_score: float
+) -> dict:
+    """The query that keeps every scored sample that may disagree: all of
+    them, unless the run recorded its lowest disagreeing score and when it
+    wrote (and scored ``gt_field``)."""
+    scored = label_indexes.scored(score_field, min_score)
+    stamp = record.get("scored_at")
+    if not stamp or record.get("label_field") != gt_field:
+        return scored
+    since = {
+        **scored,
+        "last_modified_at": {"$gt": datetime.fromisoformat(stamp)},
+    }
+    low = record.get("disagree_min_score")
+    if low is None:
+        return since
+    return {
+        "$or": [label_indexes.scored(score_field, max(low, min_score)), since]
+    }

@@ -36,7 +36,7 @@ from prelabel.core.calibration import precision_curve
 from prelabel.core.voting import natural_key
 from prelabel.deprecation import moved
 from prelabel.fields import check_output_field
-from prelabel.mistakes import high_confidence_mistakes, suspicious_labels
+from prelabel.mistakes import disagreeing_labels, high_confidence_mistakes
 
 #: what the panel reviews (its two modes) and what it calls them; not to
 #: be confused with ``constants.MODES``, how pre-annotation scores
@@ -384,9 +384,8 @@ def mistakes_view(dataset, source: Source, filters: Filters | None = None):
     """The rows of ``source`` that pass ``filters``, most confident (or
     suspicious) first; ties in sample order, so pages are stable.
 
-    Pre-label mode is :func:`prelabel.high_confidence_mistakes`; suspicious
-    mode is :func:`prelabel.suspicious_labels` restricted to the samples
-    whose neighbors' majority is another label than their own.
+    Pre-label mode is :func:`prelabel.high_confidence_mistakes`, suspicious
+    mode :func:`prelabel.disagreeing_labels`.
     """
     filters = filters or Filters()
     gt, pred = F(source.gt_path), F(source.pred_path)
@@ -398,9 +397,12 @@ def mistakes_view(dataset, source: Source, filters: Filters | None = None):
             min_confidence=filters.min_score,
         )
     else:
-        view = suspicious_labels(
-            dataset, source.score_field, min_score=filters.min_score
-        ).match(gt.exists() & pred.exists() & (gt != pred))
+        view = disagreeing_labels(
+            dataset,
+            source.score_field,
+            None if source.boxes else source.gt_field,
+            min_score=filters.min_score,
+        )
     if filters.truth is not None:
         view = view.match(gt == filters.truth)
     if filters.pred is not None:

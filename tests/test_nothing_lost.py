@@ -21,6 +21,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
+from datetime import datetime
 
 import fiftyone as fo
 import numpy as np
@@ -28,7 +29,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 import prelabel
-from prelabel import records
+from prelabel import panel_data, records
 from prelabel.fields import TMP_PREFIX
 from prelabel.index import base, ownership
 from prelabel.index.base import IndexDamagedError, IndexUnreachableError
@@ -620,12 +621,37 @@ _KILL_IN_SWAP = """
 
     pf._commit = counting_commit
     ds = fo.load_dataset(sys.argv[1])
-    prelabel.preannotate(
-        ds.match_tags("test"), "k", reference="train", k=7,
-        pred_field="prelabel", progress=False,
-    )
+    if sys.argv[3] == "mistakes":
+        prelabel.find_label_mistakes(ds, "k", k=7, progress=False)
+    else:
+        prelabel.preannotate(
+            ds.match_tags("test"), "k", reference="train", k=7,
+            pred_field="prelabel", progress=False,
+        )
     print("WRITES", state["n"])
 """
+
+
+def _kill_at_every_swap_step(dataset, job: str, reset, check) -> None:
+    """Runs ``job`` (k=7) in a child killed before each database write of
+    its field swap in turn, each time after ``reset()`` (which writes the
+    old field), recovers, and calls ``check(kill_at)`` (which returns
+    ``"old"`` or ``"new"``)."""
+    done = _child(_KILL_IN_SWAP, dataset.name, 10**9, job)
+    assert done.returncode == 0, done.stderr
+    writes = int(done.stdout.split("WRITES")[-1])
+    assert writes >= 5
+    outcomes = []
+    for kill_at in range(1, writes + 1):
+        reset()
+        proc = _child(_KILL_IN_SWAP, dataset.name, kill_at, job)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+        dataset.reload()
+        prelabel.recover(dataset)
+        _no_leftovers(dataset)
+        outcomes.append(check(kill_at))
+    # early kills keep the old field, later ones end with the new one
+    assert outcomes[0] == "old" and outcomes[-1] == "new"
 
 
 @pytest.mark.slow
@@ -640,26 +666,54 @@ def test_a_kill_at_every_step_of_the_field_swap_leaves_a_whole_field(digits):
     old = _labels(digits.match_tags("test"), "prelabel")
     assert old != new
 
-    done = _child(_KILL_IN_SWAP, digits.name, 10**9)
-    assert done.returncode == 0, done.stderr
-    writes = int(done.stdout.split("WRITES")[-1])
-    assert writes >= 5
-    outcomes = []
-    for kill_at in range(1, writes + 1):
-        _preannotate(digits, pred_field="prelabel")  # the old field again
-        proc = _child(_KILL_IN_SWAP, digits.name, kill_at)
-        assert proc.returncode == -signal.SIGKILL, proc.stderr
-        digits.reload()
-        prelabel.recover(digits)
-        _no_leftovers(digits)
+    def check(kill_at):
         got = _labels(digits.match_tags("test"), "prelabel")
         assert got in (old, new), f"a mixed field after a kill at {kill_at}"
         assert not digits.match_tags("train").exists("prelabel")
         run = records.get(digits, records.RUNS, "prelabel")
         assert run["k"] == (7 if got == new else K)
-        outcomes.append("new" if got == new else "old")
-    # early kills keep the old field, later ones end with the new one
-    assert outcomes[0] == "old" and outcomes[-1] == "new"
+        return "new" if got == new else "old"
+
+    def reset():
+        _preannotate(digits, pred_field="prelabel")
+
+    _kill_at_every_swap_step(digits, "preannotate", reset, check)
+
+
+@pytest.mark.slow
+def test_a_swap_finished_by_a_recovery_keeps_the_time_it_recorded(digits):
+    """find_label_mistakes swaps two fields and records when it wrote
+    them (what lets the panel read only the samples modified since):
+    killed before each write of the swap and recovered with the new
+    fields, the scored samples carry exactly the recorded time; either
+    way the disagreements read through it are those in the database."""
+    prelabel.sync_index(digits, brain_key="k", progress=False)
+
+    def reset():
+        prelabel.find_label_mistakes(digits, "k", k=K, progress=False)
+
+    reset()
+    source = panel_data.make_source(digits, "suspicious")
+
+    def check(kill_at):
+        rec = records.get(digits, records.MISTAKES, "mistake_score")
+        outcome = "new" if rec["k"] == 7 else "old"
+        if outcome == "new":
+            stamp = datetime.fromisoformat(rec["scored_at"])
+            assert set(digits.values("last_modified_at")) == {stamp}, kill_at
+        # (a job killed before its swap wrote its temporary fields on every
+        # sample: all of them count as modified since the old run's time)
+        ids, gt, major = digits.values(
+            ["id", "ground_truth.label", "mistake_score_label.label"]
+        )
+        wrong = {
+            i for i, g, m in zip(ids, gt, major, strict=True) if m and g != m
+        }
+        view = panel_data.mistakes_view(digits, source)
+        assert set(view.values("id")) == wrong, kill_at
+        return outcome
+
+    _kill_at_every_swap_step(digits, "mistakes", reset, check)
 
 
 _FIRST_SYNC = """

@@ -4,6 +4,8 @@ holds, FiftyOne's own evaluation results, and direct numpy computations;
 its "Label next" list on real digits picked by
 :func:`prelabel.select_for_labeling` from a real Qdrant Edge index."""
 
+from datetime import datetime
+
 import fiftyone as fo
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from reviewed_digits import (
 )
 
 import prelabel
-from prelabel import label_indexes
+from prelabel import label_indexes, records
 from prelabel import panel_data as pdata
 
 K = 15
@@ -259,6 +261,123 @@ def test_suspicious_min_score_filter(dataset, sus_source):
     assert ids and all(scores[s] >= 0.6 for s in ids)
     everything = pdata.mistakes_view(dataset, sus_source).values("id")
     assert set(ids) == {s for s in everything if scores[s] >= 0.6}
+
+
+def _disagreements(dataset) -> set[str]:
+    """The scored samples whose label is not their neighbors' majority,
+    from every sample in the database."""
+    db = _table(dataset, "ground_truth.label", "mistake_score_label.label")
+    return {
+        sid
+        for sid, (gt, major) in db.items()
+        if major is not None and gt is not None and gt != major
+    }
+
+
+def _samples_read(view) -> int:
+    """The samples MongoDB reaches to answer ``view``: the index keys it
+    examines (one per sample: the fields indexed hold no lists), or the
+    samples it scans when it uses no index."""
+    coll = view._dataset._sample_collection
+    cmd = {"aggregate": coll.name, "pipeline": view._pipeline(), "cursor": {}}
+    plan = coll.database.command(
+        {"explain": cmd, "verbosity": "executionStats"}
+    )
+    stats = plan.get("executionStats") or plan["stages"][0]["$cursor"].get(
+        "executionStats"
+    )
+    return stats["totalKeysExamined"] or stats["totalDocsExamined"]
+
+
+def test_suspicious_rows_read_only_what_may_disagree():
+    """The run records its lowest disagreeing score and when it wrote:
+    the panel reads the samples scored that high and those modified since
+    (a label edited after the run shows at once), not every sample."""
+    dataset, _, mistakes = build_reviewed_dataset(n=300, seed=1)
+    try:
+        source = pdata.make_source(dataset, "suspicious")
+        record = records.get(dataset, records.MISTAKES, "mistake_score")
+        ids, scores, modified = dataset.values(
+            ["id", "mistake_score", "last_modified_at"]
+        )
+        scores = dict(zip(ids, scores, strict=True))
+        wrong = _disagreements(dataset)
+        assert len(wrong) == mistakes.num_disagree > 0
+        low = min(scores[s] for s in wrong)
+        assert record["disagree_min_score"] == low
+        # every sample the run wrote carries the recorded time, none later
+        stamp = datetime.fromisoformat(record["scored_at"])
+        assert max(modified) == stamp
+
+        view = pdata.mistakes_view(dataset, source)
+        assert set(view.values("id")) == wrong
+        at_least_low = sum(s >= low for s in scores.values())
+        assert _samples_read(view) == at_least_low < len(dataset)
+
+        # a person changes a label the neighbors agreed with
+        agreed = next(s for s in ids if s not in wrong and scores[s] < low)
+        sample = dataset[agreed]
+        major = sample.mistake_score_label.label
+        sample.ground_truth.label = str((int(major) + 1) % 10)
+        sample.save()
+        view = pdata.mistakes_view(dataset, source)
+        assert set(view.values("id")) == wrong | {agreed}
+        assert _samples_read(view) == at_least_low + 1
+        # ... and fixes one the neighbors disagreed with
+        fixed = next(iter(wrong))
+        sample = dataset[fixed]
+        sample.ground_truth.label = sample.mistake_score_label.label
+        sample.save()
+        view = pdata.mistakes_view(dataset, source)
+        assert set(view.values("id")) == (wrong - {fixed}) | {agreed}
+        assert set(view.values("id")) == _disagreements(dataset)
+
+        # compared with another field, or for a run that recorded
+        # nothing of this, every scored sample is read: the rows still
+        # agree with the database
+        dataset.clone_sample_field("ground_truth", "other")
+        other = pdata.make_source(dataset, "suspicious", gt_field="other")
+        view = pdata.mistakes_view(dataset, other)
+        assert set(view.values("id")) == _disagreements(dataset)
+        assert _samples_read(view) == len(dataset)
+    finally:
+        delete(dataset)
+
+
+def test_without_disagreement_only_what_was_modified_since_is_read():
+    """Two clusters far apart, labeled by cluster: no neighbor disagrees,
+    so the panel reads no sample until a label is changed."""
+    rng = np.random.default_rng(0)
+    dataset = fo.Dataset()
+    try:
+        dataset.add_samples(
+            [
+                fo.Sample(
+                    filepath=f"/nonexistent/two/{i}.png",
+                    embeddings=np.eye(8)[i % 2] + 0.01 * rng.random(8),
+                    ground_truth=fo.Classification(label=str(i % 2)),
+                )
+                for i in range(40)
+            ],
+            progress=False,
+        )
+        prelabel.sync_index(dataset, progress=False)
+        out = prelabel.find_label_mistakes(dataset, k=5, progress=False)
+        assert out.num_disagree == 0
+        rec = records.get(dataset, records.MISTAKES, "mistake_score")
+        assert rec["disagree_min_score"] is None
+        source = pdata.make_source(dataset, "suspicious")
+        view = pdata.mistakes_view(dataset, source)
+        assert view.values("id") == [] and _samples_read(view) == 0
+
+        sample = dataset.first()
+        sample.ground_truth.label = "1"
+        sample.save()
+        view = pdata.mistakes_view(dataset, source)
+        assert view.values("id") == [sample.id]
+        assert _samples_read(view) == 1
+    finally:
+        dataset.delete()
 
 
 # ---- confusion matrix ----------------------------------------------------
