@@ -37,6 +37,11 @@ BENCHMARKS = [
         "index_settings",
         "index settings: int8 and HNSW against float32, 60k points",
     ),
+    (
+        "filtered-recall",
+        "filtered_recall",
+        "filtered queries: recall at every reference share, 60k points",
+    ),
     ("embeddings", "embeddings_throughput", "embeddings throughput"),
     ("scale", "scale", "the embedded index from 30k to 1M points"),
     ("memory", "memory", "peak memory of the whole pipeline"),

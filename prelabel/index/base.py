@@ -72,8 +72,22 @@ PART_POINTS = 250_000
 #: the HNSW settings of a new index, under those a caller gives (Qdrant's
 #: own). ``ef_construct`` 64 built a 60,000-point int8 graph in 3/4 of the
 #: time, but at 1,000,000 points it saved nothing and dropped recall@15
-#: from 0.995 to 0.967 (benchmarks/index_settings.py, scale.py)
-DEFAULT_HNSW = {"m": 16, "ef_construct": 100, "full_scan_threshold": 10000}
+#: from 0.995 to 0.967 (benchmarks/index_settings.py, scale.py).
+#: ``full_scan_threshold`` (KB of float32 vectors: 10,000 points at 1,280
+#: dimensions) is 5x Qdrant's: a filter matching fewer points is answered
+#: by scanning them (their int8 copies, then rescoring), which at 3,000
+#: to 9,000 labeled points of 60,000 found the true neighbors (recall@15
+#: 1.000) where the graph found 0.003 to 0.47 (benchmarks/filtered_recall.py)
+DEFAULT_HNSW = {"m": 16, "ef_construct": 100, "full_scan_threshold": 50000}
+
+#: a filter that selects no tag (labeled points, a reference view's marks,
+#: some labels) has no subgraph of its own in the index, so its queries
+#: walk the graph with Qdrant's ACORN (the neighbors' neighbors of points
+#: the filter drops), unless the engine estimates it keeps more than this
+#: share of the points: at 18,000 and 36,000 labeled points of 60,000 it
+#: lifted recall@15 from 0.63 and 0.81 to 0.995 and 1.000
+#: (benchmarks/filtered_recall.py)
+ACORN_MAX_SELECTIVITY = 0.95
 
 
 def hnsw_settings(hnsw_config: dict | None) -> dict:
@@ -261,6 +275,7 @@ class VectorIndex(abc.ABC):
         exact: bool,
         hnsw_ef: int | None,
         num_points: int = 0,
+        filter: IndexFilter | None = None,
     ):
         """The ``SearchParams`` of a query, from the engine's ``models``
         (Qdrant Edge's or qdrant-client's, which share these names), or
@@ -268,7 +283,8 @@ class VectorIndex(abc.ABC):
         ``oversampling`` x k candidates by their int8 scores and ranks
         them by their float32 vectors. Without ``hnsw_ef``, an index of
         more than :data:`LARGE_INDEX` points searches wider (see
-        :func:`search_ef`)."""
+        :func:`search_ef`). A ``filter`` without tags walks the graph
+        with ACORN (see :data:`ACORN_MAX_SELECTIVITY`)."""
         large = num_points > LARGE_INDEX
         if hnsw_ef is None and not exact and large:
             floor = hnsw_settings(self.hnsw_config)["ef_construct"]
@@ -281,10 +297,18 @@ class VectorIndex(abc.ABC):
             rescoring = models.QuantizationSearchParams(
                 rescore=True, oversampling=float(oversampling)
             )
-        if not (exact or hnsw_ef is not None or rescoring):
+        acorn = None
+        if filter is not None and not filter.is_empty() and not filter.tags:
+            acorn = models.AcornSearchParams(
+                enable=True, max_selectivity=ACORN_MAX_SELECTIVITY
+            )
+        if not (exact or hnsw_ef is not None or rescoring or acorn):
             return None
         return models.SearchParams(
-            hnsw_ef=hnsw_ef, exact=bool(exact), quantization=rescoring
+            hnsw_ef=hnsw_ef,
+            exact=bool(exact),
+            quantization=rescoring,
+            acorn=acorn,
         )
 
     @property

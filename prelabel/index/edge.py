@@ -538,7 +538,7 @@ class EdgeIndex(VectorIndex):
         native = _to_filter(filter)
         with self.session() as shard, self._engine():
             params = self.search_params(
-                qe, exact, hnsw_ef, _segment_points(shard.info())
+                qe, exact, hnsw_ef, _segment_points(shard.info()), filter
             )
             requests = [
                 qe.QueryRequest(

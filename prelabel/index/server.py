@@ -384,7 +384,9 @@ class ServerIndex(VectorIndex):
     def query(self, vectors, k, filter=None, exact=False, hnsw_ef=None):
         m = _models()
         vectors = base.as_matrix(vectors, self.dim)
-        params = self.search_params(m, exact, hnsw_ef, self._approx_count())
+        params = self.search_params(
+            m, exact, hnsw_ef, self._approx_count(), filter
+        )
         native = _to_filter(filter)
         requests = [
             m.QueryRequest(
