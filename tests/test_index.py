@@ -617,6 +617,49 @@ def test_a_filter_without_a_tag_finds_the_true_neighbors(tmp_path):
         assert (params.acorn is not None) == acorn, flt
 
 
+@pytest.mark.parametrize("threshold", [10000, None])
+def test_an_index_made_before_the_threshold_was_raised_scans(
+    tmp_path, monkeypatch, threshold
+):
+    """An index created with Qdrant's 10,000 KB threshold (prelabel's
+    default before) scans the points of a filter without a tag that a new
+    index would scan, instead of walking the graph past them."""
+    rng = np.random.default_rng(4)
+    n, dim, k = 3000, 1024, 10
+    vectors = rng.normal(size=(n, dim)).astype(np.float32)
+    ids = [sid(i) for i in range(n)]
+    labels = [str(i % 3) if i % 5 < 2 else None for i in range(n)]
+    tags = [["a"] if i % 2 else [] for i in range(n)]
+    hnsw = {} if threshold is None else {"full_scan_threshold": threshold}
+    index = EdgeIndex(str(tmp_path / "index"), hnsw_config=hnsw)
+    index.create(dim)
+    index.upsert(ids, vectors, payloads(ids, vectors, labels, tags))
+    index.optimize()
+    assert index._threshold_kb() == (
+        threshold or base.DEFAULT_HNSW["full_scan_threshold"]
+    )
+    seen = []
+    search_params = EdgeIndex.search_params
+
+    def spy(self, models, exact, hnsw_ef, num_points=0, flt=None):
+        seen.append(exact)
+        return search_params(self, models, exact, hnsw_ef, num_points, flt)
+
+    monkeypatch.setattr(EdgeIndex, "search_params", spy)
+    queries = vectors[:5]
+    res = index.query(queries, k, IndexFilter(labeled=True))
+    scans = threshold is not None
+    assert seen.pop() is scans
+    ref = [i for i in range(n) if labels[i]]
+    sims = unit(queries) @ unit(vectors[ref]).T
+    truth = [[ids[ref[j]] for j in row] for row in np.argsort(-sims)[:, :k]]
+    assert res.sample_ids == truth
+    # a tag has graph links of its own; no filter: the whole graph
+    for flt in (IndexFilter.reference("a"), None):
+        index.query(queries, k, flt)
+        assert seen.pop() is False
+
+
 @pytest.mark.parametrize("quantization", [None, "int8"])
 def test_edge_hnsw_graph_recall(tmp_path, quantization):
     """Enough data (12 MB of vectors) that optimize() builds a real HNSW

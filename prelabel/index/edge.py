@@ -166,6 +166,7 @@ class EdgeIndex(VectorIndex):
             lock_timeout = default_lock_timeout()
         self._handle = _handle_for(self.path, lock_timeout, self.label)
         self._lock = self._handle.lock
+        self._scan_kb: int | None = None  # see _threshold_kb
         self._meta: dict | None = None
 
     # ---- what it is ----------------------------------------------------
@@ -305,6 +306,7 @@ class EdgeIndex(VectorIndex):
             ValueError: the folder holds other files (not ours)
         """
         qe = _edge()
+        self._scan_kb = None
         with self._lock:
             state = self.state()
             if state.kind in ("ours", "unreadable"):
@@ -386,6 +388,7 @@ class EdgeIndex(VectorIndex):
         """Deletes the index: the marker, the shard and the files prelabel
         left half-written; the folder too if nothing else is in it. Any
         other file in the folder stays."""
+        self._scan_kb = None
         with self._lock:
             if not self._handle.close_idle():
                 raise RuntimeError(f"cannot drop {self} while it is open")
@@ -427,6 +430,19 @@ class EdgeIndex(VectorIndex):
             os.replace(staging, os.path.join(target.path, SHARD))
             target._meta = meta
         return target
+
+    def _threshold_kb(self) -> int | None:
+        """The full-scan threshold the shard was created with (its
+        ``edge_config.json``; None if unreadable)."""
+        if self._scan_kb is None:
+            path = os.path.join(self.path, SHARD, "edge_config.json")
+            try:
+                with open(path) as f:
+                    hnsw = json.load(f).get("hnsw_config") or {}
+                self._scan_kb = int(hnsw["full_scan_threshold"])
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+        return self._scan_kb
 
     # ---- writing -------------------------------------------------------
 
@@ -536,6 +552,7 @@ class EdgeIndex(VectorIndex):
         qe = _edge()
         vectors = base.as_matrix(vectors, self.dim)
         native = _to_filter(filter)
+        exact = exact or self.scans_instead(filter, self._threshold_kb())
         with self.session() as shard, self._engine():
             params = self.search_params(
                 qe, exact, hnsw_ef, _segment_points(shard.info()), filter

@@ -149,6 +149,15 @@ class ServerIndex(VectorIndex):
             self._dim = info.config.params.vectors.size
         return self._dim
 
+    def _threshold_kb(self) -> int | None:
+        """The collection's full-scan threshold (None if unknown)."""
+        if not self.exists():
+            return None
+        with self._call():
+            info = self.client.get_collection(self.collection_name)
+        hnsw = getattr(info.config, "hnsw_config", None)
+        return getattr(hnsw, "full_scan_threshold", None)
+
     @property
     def meta(self) -> dict | None:
         """The marker in the collection's metadata (None: not ours, or no
@@ -384,6 +393,7 @@ class ServerIndex(VectorIndex):
     def query(self, vectors, k, filter=None, exact=False, hnsw_ef=None):
         m = _models()
         vectors = base.as_matrix(vectors, self.dim)
+        exact = exact or self.scans_instead(filter, self._threshold_kb())
         params = self.search_params(
             m, exact, hnsw_ef, self._approx_count(), filter
         )
