@@ -90,7 +90,10 @@ def query(index, Q, flt, acorn):
 
     saved = base.ACORN_MAX_SELECTIVITY
     if acorn is not None:
+        # the code before: no ACORN, and no exact scan of an index made
+        # with the old threshold (what prelabel now does for one)
         base.ACORN_MAX_SELECTIVITY = acorn
+        index.scans_instead = lambda *args: False
     try:
         with Lease(index):
             index.query(Q[:50], K, flt)  # warm

@@ -225,6 +225,13 @@ class IndexFilter:
             or self.match
         )
 
+    def is_untagged(self) -> bool:
+        """Whether the filter keeps only some points without naming a tag
+        (labeled points, a reference view's marks, labels): the engine
+        has no graph links of their own between such points, as it has
+        for each tag."""
+        return not self.is_empty() and not self.tags
+
 
 @dataclass
 class QueryResult:
@@ -298,7 +305,7 @@ class VectorIndex(abc.ABC):
                 rescore=True, oversampling=float(oversampling)
             )
         acorn = None
-        if filter is not None and not filter.is_empty() and not filter.tags:
+        if filter is not None and filter.is_untagged():
             acorn = models.AcornSearchParams(
                 enable=True, max_selectivity=ACORN_MAX_SELECTIVITY
             )
@@ -321,7 +328,7 @@ class VectorIndex(abc.ABC):
         wanted = DEFAULT_HNSW["full_scan_threshold"]
         if threshold_kb is None or threshold_kb >= wanted:
             return False
-        if filter is None or filter.is_empty() or filter.tags:
+        if filter is None or not filter.is_untagged():
             return False
         return self.count(filter) * (self.dim or 0) * 4 <= wanted * 1024
 

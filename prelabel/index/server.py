@@ -118,6 +118,7 @@ class ServerIndex(VectorIndex):
         self.quantization = quantization
         self.url = url
         self._dim: int | None = None
+        self._scan_kb: int | None = None  # see _threshold_kb
 
     @contextlib.contextmanager
     def _call(self):
@@ -150,13 +151,14 @@ class ServerIndex(VectorIndex):
         return self._dim
 
     def _threshold_kb(self) -> int | None:
-        """The collection's full-scan threshold (None if unknown)."""
-        if not self.exists():
-            return None
-        with self._call():
-            info = self.client.get_collection(self.collection_name)
-        hnsw = getattr(info.config, "hnsw_config", None)
-        return getattr(hnsw, "full_scan_threshold", None)
+        """The collection's full-scan threshold (None if unknown), read
+        once like :attr:`dim`."""
+        if self._scan_kb is None and self.exists():
+            with self._call():
+                info = self.client.get_collection(self.collection_name)
+            hnsw = getattr(info.config, "hnsw_config", None)
+            self._scan_kb = getattr(hnsw, "full_scan_threshold", None)
+        return self._scan_kb
 
     @property
     def meta(self) -> dict | None:
@@ -219,7 +221,7 @@ class ServerIndex(VectorIndex):
         }
         with self._call():
             self._create(m, dim, distance, quantization, meta)
-        self._dim = int(dim)
+        self._dim, self._scan_kb = int(dim), None
 
     def _create(self, m, dim, distance, quantization, meta) -> None:
         self.client.create_collection(
@@ -247,7 +249,7 @@ class ServerIndex(VectorIndex):
         if self.exists():
             with self._call():
                 self.client.delete_collection(self.collection_name)
-        self._dim = None
+        self._dim = self._scan_kb = None
 
     def copy_to(self, collection_name: str, **meta_changes) -> ServerIndex:
         """Copies every point into a new collection, with marker entries
@@ -258,6 +260,7 @@ class ServerIndex(VectorIndex):
         """
         target = copy.copy(self)  # the same client and settings
         target.collection_name, target._dim = collection_name, None
+        target._scan_kb = None
         meta = dict(self.meta or {})
         meta.update(meta_changes)
         meta.pop("dim", None)
