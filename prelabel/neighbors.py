@@ -305,7 +305,8 @@ def stream(
 ) -> Iterator[Neighbors]:
     """:func:`query` over ``ids`` in chunks of ``batch_size``: the one
     loop that reads vectors and queries the index. The next chunk's
-    vectors are read from the database while a chunk is queried. An
+    vectors are read from the database (in a forked process, see
+    :func:`prelabel.prefetch.prefetch`) while a chunk is queried. An
     embedded index stays open across chunks, given back to other
     processes when they wait (see
     :class:`prelabel.index.locking.Lease`)."""
@@ -313,8 +314,11 @@ def stream(
         ids[start : start + batch_size]
         for start in range(0, len(ids), batch_size)
     ]
+    # in a forked process when there is more than one chunk: the engine
+    # holds Python's lock while it answers
     reads = prefetch(
-        lambda: (read_vectors(dataset, c, field, units) for c in chunks)
+        lambda: (read_vectors(dataset, c, field, units) for c in chunks),
+        fork=len(chunks) > 1,
     )
     with (
         Progress(progress, len(ids), label) as bar,

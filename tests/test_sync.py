@@ -242,13 +242,16 @@ def test_dimension_change_raises_and_leaves_the_index(dataset, tmp_path, rng):
     assert index_state(again) == before
 
 
-def test_mixed_dimensions_raise(dataset, tmp_path, rng):
+@pytest.mark.parametrize("batch_size", [2000, 7])
+def test_mixed_dimensions_raise(dataset, tmp_path, rng, batch_size):
+    """One chunk is read in a thread, several in a forked process: the
+    error names the sample either way."""
     index = EdgeIndex(str(tmp_path / "index"))
     sample = dataset.last()
     sample.embeddings = rng.normal(size=DIM + 1)
     sample.save()
     with pytest.raises(ValueError, match="17-d embedding .* recompute"):
-        sync(index, dataset)
+        sync(index, dataset, batch_size=batch_size)
 
 
 def test_bad_fields_raise_before_writing(dataset, tmp_path):

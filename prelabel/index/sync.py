@@ -294,31 +294,49 @@ class _Chunk:
         self.keep_vecs.append((vec, payload, unchanged))
 
 
-def _plan_chunk(
-    values, current, stats, dim, embeddings_field, checked
-) -> _Chunk:
+@dataclass
+class _Rows:
+    """A chunk of samples read and made ready to send: those with an
+    embedding (ids, checked vectors, payloads) and those without."""
+
+    sids: list
+    matrix: np.ndarray
+    payloads: list[dict]
+    skipped: list
+
+    @classmethod
+    def of(cls, values, dim: int, embeddings_field: str) -> _Rows:
+        """The rows of ``read_chunk``'s ``values``: the vectors checked
+        (a wrong length or a NaN raises, naming the sample) and the
+        payloads made."""
+        rows, skipped = [], []
+        for row in zip(*values, strict=True):
+            if row[1] is None:
+                skipped.append(row[0])
+            else:
+                rows.append(row)
+        if not rows:
+            return cls([], np.zeros((0, dim), np.float32), [], skipped)
+        sids, vecs, labels, tags, parents = zip(*rows, strict=True)
+        matrix = check_vectors(vecs, sids, embeddings_field, dim)
+        payloads = base.make_payloads(parents, labels, tags, matrix)
+        return cls(list(sids), matrix, payloads, skipped)
+
+
+def _plan_chunk(rows: _Rows, current, stats, checked) -> _Chunk:
     """What a chunk sends; ``checked(sid)`` says whether a point left in
     place has its stored vector read back."""
     chunk = _Chunk()
-    rows = []
-    for row in zip(*values, strict=True):
-        if row[1] is not None:
-            rows.append(row)
-            continue
+    for sid in rows.skipped:
         stats.skipped += 1
-        if row[0] in current:
-            chunk.stale.append(row[0])  # lost its embedding
-    if not rows:
-        return chunk
-    sids, vecs, labels, tags, parents = zip(*rows, strict=True)
-    matrix = check_vectors(vecs, sids, embeddings_field, dim)
-    payloads = base.make_payloads(parents, labels, tags, matrix)
-    for sid, vec, payload, parent in zip(
-        sids, matrix, payloads, parents, strict=True
+        if sid in current:
+            chunk.stale.append(sid)  # lost its embedding
+    for sid, vec, payload in zip(
+        rows.sids, rows.matrix, rows.payloads, strict=True
     ):
         old = current.get(sid)
         if old is not None:
-            old = _summary(parent, old)
+            old = _summary(payload[base.SAMPLE_ID], old)
         if old is None:
             stats.added += 1
             chunk.upsert(sid, vec, payload)
@@ -446,6 +464,24 @@ class GraphParts:
             self.unbuilt = 0
 
 
+def _read_ahead(dataset, chunks, embeddings_field, label_field, units, dim):
+    """The :class:`_Rows` of each chunk of ids: chunk i + 1 is read,
+    checked and made into payloads while chunk i is written, in a forked
+    process when there is more than one (the engine holds Python's lock
+    while it writes and builds)."""
+    return prefetch(
+        lambda: (
+            _Rows.of(
+                read_chunk(dataset, ids, embeddings_field, label_field, units),
+                dim,
+                embeddings_field,
+            )
+            for ids in chunks
+        ),
+        fork=len(chunks) > 1,
+    )
+
+
 def sync_points(
     index: VectorIndex,
     samples,
@@ -502,12 +538,8 @@ def sync_points(
         all_ids[start : start + batch_size]
         for start in range(0, len(all_ids), batch_size)
     ]
-    # chunk i + 1 is read from the database while chunk i is written
-    reads = prefetch(
-        lambda: (
-            read_chunk(dataset, ids, embeddings_field, label_field, units)
-            for ids in chunks
-        )
+    reads = _read_ahead(
+        dataset, chunks, embeddings_field, label_field, units, dim
     )
     with (
         Progress(progress, len(all_ids), "Syncing index") as bar,
@@ -516,12 +548,10 @@ def sync_points(
     ):
         points = _PointStream(index)
         parts = GraphParts(index, lease, stats.seconds)
-        for ids, values in zip(chunks, reads, strict=True):
+        for ids, rows in zip(chunks, reads, strict=True):
             lease.tick()
             current, stale = points.until(ids[-1], set(ids))
-            chunk = _plan_chunk(
-                values, current, stats, dim, embeddings_field, checked
-            )
+            chunk = _plan_chunk(rows, current, stats, checked)
             _verify_chunk(index, chunk, stats, metric)
             _apply_chunk(index, chunk)
             _delete(index, stale + chunk.stale, stats)
