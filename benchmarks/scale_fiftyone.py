@@ -469,6 +469,8 @@ def run_size(kind: str, n: int) -> dict:
                 raise RuntimeError(f"{stage} failed:\n{m['tail']}")
             res = m["result"]
             res["peak_rss"] = max(res["peak_rss"], m["peak_rss"])
+            # with the process reading ahead (forked: shared pages split)
+            res["peak_tree_pss"] = m["peak_tree_pss"]
             res["wall_s"] = m["seconds"]
             results[stage] = res
             print(f"    {json.dumps(res)[:300]}", flush=True)
