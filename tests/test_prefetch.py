@@ -243,3 +243,25 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def _in_a_daemon(out):
+    def make():
+        yield from (os.getpid(), os.getpid())
+
+    out.put(sorted(set(prefetch(make, fork=True))) + [os.getpid()])
+
+
+def test_a_daemonic_process_reads_in_a_thread():
+    """A daemonic ``multiprocessing`` child may not have children (a
+    delegated worker pool's): there ``fork=True`` reads in a thread."""
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    proc = ctx.Process(target=_in_a_daemon, args=(out,), daemon=True)
+    proc.start()
+    try:
+        item_pid, own_pid = out.get(timeout=30)
+    finally:
+        proc.join(timeout=30)
+    assert item_pid == own_pid
+    assert proc.exitcode == 0
