@@ -218,6 +218,19 @@ def test_query_equals_exact_cosine_neighbors(index):
     assert one.sample_ids == [[ids[j] for j in truth[0]]]
 
 
+def spy_search_params(monkeypatch, arg: str) -> list:
+    """The ``arg`` (``"exact"`` or ``"num_points"``) of every call of the
+    real ``EdgeIndex.search_params`` from now on."""
+    seen, real = [], EdgeIndex.search_params
+
+    def spy(self, models, exact, hnsw_ef, num_points=0, flt=None):
+        seen.append({"exact": exact, "num_points": num_points}[arg])
+        return real(self, models, exact, hnsw_ef, num_points, flt)
+
+    monkeypatch.setattr(EdgeIndex, "search_params", spy)
+    return seen
+
+
 def test_search_widens_with_the_size_of_the_index():
     class Models:
         def QuantizationSearchParams(**kw):  # noqa: N802 - the engine's
@@ -638,14 +651,7 @@ def test_an_index_made_before_the_threshold_was_raised_scans(
     assert index._threshold_kb() == (
         threshold or base.DEFAULT_HNSW["full_scan_threshold"]
     )
-    seen = []
-    search_params = EdgeIndex.search_params
-
-    def spy(self, models, exact, hnsw_ef, num_points=0, flt=None):
-        seen.append(exact)
-        return search_params(self, models, exact, hnsw_ef, num_points, flt)
-
-    monkeypatch.setattr(EdgeIndex, "search_params", spy)
+    seen = spy_search_params(monkeypatch, "exact")
     queries = vectors[:5]
     res = index.query(queries, k, IndexFilter(labeled=True))
     scans = threshold is not None
@@ -1060,13 +1066,6 @@ def test_the_search_widens_with_the_largest_segment(tmp_path, monkeypatch):
     assert _largest_segment(index.path, info) == marked
     assert _segment_points(info) != marked  # equal parts: a guess
 
-    seen = []
-    real = EdgeIndex.search_params
-
-    def spy(self, models, exact, hnsw_ef, num_points=0, filter=None):
-        seen.append(num_points)
-        return real(self, models, exact, hnsw_ef, num_points, filter)
-
-    monkeypatch.setattr(EdgeIndex, "search_params", spy)
+    seen = spy_search_params(monkeypatch, "num_points")
     index.query(vectors[:2], 5)
     assert seen == [marked]
