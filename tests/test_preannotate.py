@@ -236,8 +236,27 @@ def test_reference_none_never_votes_for_itself(digits):
         dataset.delete_sample_field("self_pred")
 
 
-def test_reference_view_votes_only_from_that_view(digits):
+@pytest.mark.parametrize("path", ["left out", "marked"])
+def test_reference_view_votes_only_from_that_view(digits, monkeypatch, path):
+    """A view is selected by leaving out the few labeled points it lacks,
+    or by marking its own (any more left out than
+    ``EXCLUDE_AT_MOST``): either way only its samples vote."""
+    from prelabel import neighbors
+
     dataset, results = digits
+    writes = []
+    index_type = type(results.index)
+    real = index_type.set_payload
+
+    def set_payload(self, *args, **kwargs):
+        writes.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(index_type, "set_payload", set_payload)
+    # 1,797 labeled points, 200 in each view: 1,597 left out
+    monkeypatch.setattr(
+        neighbors, "EXCLUDE_AT_MOST", 2000 if path == "left out" else 1000
+    )
     targets = dataset.match_tags("test").limit(150)
     for skip in (0, 250):  # a second view must not see the first one's mark
         ref = dataset.match_tags("train").skip(skip).limit(200)
@@ -258,7 +277,53 @@ def test_reference_view_votes_only_from_that_view(digits):
             assert set(pred.neighbors) <= ref_ids
             agree += pred.label == exact[sid][0]
         assert agree / len(ids) >= 0.98
+    assert bool(writes) == (path == "marked")
     dataset.delete_sample_field("view_pred")
+
+
+def test_a_view_leaving_out_the_nearest_asks_again(digits, monkeypatch):
+    """Left-out points are dropped from the engine's answers, which find
+    ``k`` more than asked: a target whose nearest are nearly all left out
+    (a view without its class) is asked again with the whole filter, and
+    still gets ``K`` neighbors, all from the view, as exact search does."""
+    dataset, results = digits
+    F = fo.ViewField
+    ref = dataset.match(F("ground_truth.label") != "3")
+    targets = dataset.match_tags("test").match(F("ground_truth.label") == "3")
+    calls = []
+    index_type = type(results.index)
+    real = index_type.query
+
+    def query(self, vectors, k, filter=None, *args, **kwargs):
+        if filter is not None and filter.labeled:  # a reference search
+            calls.append((len(vectors), len(filter.exclude_sample_ids)))
+        return real(self, vectors, k, filter, *args, **kwargs)
+
+    monkeypatch.setattr(index_type, "query", query)
+    prelabel.preannotate(
+        targets,
+        index=results,
+        reference=ref,
+        pred_field="no_threes",
+        k=K,
+        progress=False,
+    )
+    try:
+        left_out = len(dataset) - len(ref)
+        # first everyone without the left-out ids, then the short rows
+        assert calls[0] == (len(targets), 0)
+        assert calls[1][1] == left_out and 0 < calls[1][0] < len(targets)
+        exact = _exact_votes(targets, ref)
+        ref_ids = set(ref.values("id"))
+        ids, preds = targets.values(["id", "no_threes"])
+        agree = 0
+        for sid, pred in zip(ids, preds, strict=True):
+            assert len(pred.neighbors) == K
+            assert set(pred.neighbors) <= ref_ids
+            agree += pred.label == exact[sid][0]
+        assert agree / len(ids) >= 0.95
+    finally:
+        dataset.delete_sample_field("no_threes")
 
 
 def test_weighted_vote(digits):
@@ -678,6 +743,7 @@ def test_the_same_reference_view_is_marked_once(digits, monkeypatch):
 
     monkeypatch.setattr(index_type, "iter_payloads", iter_payloads)
     monkeypatch.setattr(neighbors, "REINDEX_AFTER_MARKING", 100)
+    monkeypatch.setattr(neighbors, "EXCLUDE_AT_MOST", 0)
     targets = dataset.match_tags("test").limit(50)
     ref = dataset.match_tags("train").skip(100).limit(300)
     ref_ids = set(ref.values("id"))
