@@ -185,13 +185,19 @@ class Loop:
         )
         seconds = time.perf_counter() - t0
         self.last = res
-        truth, pred, acc = targets.values(
-            ["truth.label", "prelabel.label", "prelabel.accepted"]
+        truth, pred, acc, conf = targets.values(
+            [
+                "truth.label",
+                "prelabel.label",
+                "prelabel.accepted",
+                "prelabel.raw_confidence",
+            ]
         )
         right = [t == p for t, p, a in zip(truth, pred, acc, strict=True) if a]
         n_acc = len(right)
         labels = len(self.dataset) - len(targets)
         return {
+            "ceiling": ceiling(truth, pred, conf),
             "labels": labels,
             "accepted": n_acc,
             "review": len(targets) - n_acc,
@@ -203,6 +209,21 @@ class Loop:
             "expected_coverage": res.expected_coverage,
             "seconds": seconds,
         }
+
+
+def ceiling(truth: list, pred: list, confidence: list) -> int:
+    """The most of these pre-labels that any threshold on their raw
+    confidence (what the accept threshold cuts) could accept at
+    ``TARGET`` precision if it were chosen with the truth in hand: what the pre-labels allow, whatever the accept rule (ties are
+    accepted together)."""
+    from prelabel.core.calibration import coverage_at_precision
+
+    conf = np.array([-1.0 if c is None else c for c in confidence])
+    right = np.array([t == p for t, p in zip(truth, pred, strict=True)])
+    if not conf.size:
+        return 0
+    cov = coverage_at_precision(conf, right, TARGET)
+    return int(round(cov * conf.size))
 
 
 def simulate(dataset, strategy: str, max_labels: int) -> list[dict]:
@@ -219,7 +240,8 @@ def simulate(dataset, strategy: str, max_labels: int) -> list[dict]:
             f"    {strategy:>18} {row['labels']:>5} labels: work "
             f"{row['work']:>5} ({row['accepted']:,} accepted at "
             f"{row['precision'] or 0:.4f}) {row['round_s']:.0f} s "
-            f"accuracy {row['accuracy']:.4f} {row['stages']}",
+            f"accuracy {row['accuracy']:.4f} ceiling {row['ceiling']:,} "
+            f"{row['stages']}",
             flush=True,
         )
         if best is None or row["work"] < best:
@@ -320,6 +342,7 @@ def summary_table(data: str, n: int, curves: dict) -> dict:
                 f"{best['accuracy']:.4f}",
                 f"{best['accepted'] / max(n - best['labels'], 1):.1%}",
                 f"{min(precs):.4f}" if precs else "nothing accepted",
+                _ceiling_work(r, n),
             ]
         )
     return common.table(
@@ -332,9 +355,18 @@ def summary_table(data: str, n: int, curves: dict) -> dict:
             "accuracy of the pre-labels",
             "accepted share",
             "lowest accepted precision (any round)",
+            "work if the threshold knew the truth (best round)",
         ],
         rows,
     )
+
+
+def _ceiling_work(rows: list[dict], n: int) -> str:
+    """The least work of any round had its threshold been chosen with the
+    truth in hand (see :func:`ceiling`): ``n`` less that many accepted;
+    rounds run before the ceiling was recorded show nothing."""
+    works = [n - r["ceiling"] for r in rows if "ceiling" in r]
+    return f"{min(works) / n:.1%}" if works else ""
 
 
 def curve_table(data: str, n: int, curves: dict) -> dict:
