@@ -214,8 +214,9 @@ class Loop:
 def ceiling(truth: list, pred: list, confidence: list) -> int:
     """The most of these pre-labels that any threshold on their raw
     confidence (what the accept threshold cuts) could accept at
-    ``TARGET`` precision if it were chosen with the truth in hand: what the pre-labels allow, whatever the accept rule (ties are
-    accepted together)."""
+    ``TARGET`` precision if it were chosen with the truth in hand: what
+    the pre-labels allow, whatever the accept rule (ties are accepted
+    together)."""
     from prelabel.core.calibration import coverage_at_precision
 
     conf = np.array([-1.0 if c is None else c for c in confidence])
