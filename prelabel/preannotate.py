@@ -217,7 +217,8 @@ def check_preannotate(
 ):
     """Runs every check of :func:`preannotate` without writing a label, so
     that operator forms can show the reason before anything runs (a
-    reference given as a view is marked in the payloads, as
+    reference given as a view is selected in the index, marked in the
+    payloads when it must be, as
     :func:`prelabel.neighbors.reference_filter` does).
 
     Args: as :func:`preannotate`, and
