@@ -369,24 +369,32 @@ def near_duplicate_groups(
     """
     field = results.config.embeddings_field
     rows = leakage.calibration_subset(ref_ids, MAX_CALIBRATION)
-    wide = k + leakage.EXTRA_NEIGHBORS
-    ids, nb_ids, sims = [], [], []
-    for nb in neighbors.stream(
-        results, dataset, [ref_ids[i] for i in rows], field, wide, flt
-    ):
-        ids.extend(nb.ids)
-        nb_ids.extend(nb.neighbor_ids)
-        sims.append(nb.sims)
     wanted = set(ref_ids)
     others = [s for s in dataset.exists(field).values("id") if s not in wanted]
-    if not ids or not others:
+    if not len(rows) or not others:
         return {}
     pick = [others[i] for i in leakage.sample_rows(len(others))]
-    top = [
-        nb.sims[:, 0]
-        for nb in neighbors.stream(results, dataset, pick, field, 1, flt)
-    ]
-    S = np.vstack(sims)
+    top = np.concatenate(
+        [np.zeros(0)]
+        + [
+            nb.sims[:, 0]
+            for nb in neighbors.stream(results, dataset, pick, field, 1, flt)
+        ]
+    )
+
+    def query(m: int):
+        ids, nb_ids, sims = [], [], []
+        for nb in neighbors.stream(
+            results, dataset, [ref_ids[i] for i in rows], field, m, flt
+        ):
+            ids.extend(nb.ids)
+            nb_ids.extend(nb.neighbor_ids)
+            sims.append(nb.sims)
+        return ids, nb_ids, np.vstack(sims) if sims else np.zeros((0, m))
+
+    (ids, nb_ids, S), t = leakage.widened(query, k, top)
+    if not ids:
+        return {}
     row = {sid: i for i, sid in enumerate(ref_ids)}
     idx = np.full(S.shape, -1, dtype=np.int64)
     for i, found in enumerate(nb_ids):
@@ -396,7 +404,7 @@ def near_duplicate_groups(
         np.array([row[s] for s in ids], dtype=np.int64),
         idx,
         S,
-        leakage.closeness_threshold(S, np.concatenate(top)),
+        t,
         folds,
     )
     if groups is None:

@@ -144,25 +144,47 @@ class VoteScorer:
                 (:mod:`prelabel.core.leakage`)
         """
         label_of = self._reference_labels()
-        ids, labels, sims = self.held_out_neighbors(
-            dataset, list(label_of), wide=target_top is not None
+        ids, votes, t, trimmed = self.held_out(
+            dataset, list(label_of), target_top
         )
-        votes, t, trimmed = self.held_out_votes(labels, sims, target_top)
         scores = self._scores(
             label_of, ids, votes.probs, winners(votes.probs, votes)
         )
         scores.closer_than, scores.num_trimmed = t, trimmed
         return scores
 
-    def held_out_neighbors(self, dataset, ids, wide: bool = False):
-        """The nearest references of ``ids`` (never a point itself): ``k``,
-        or ``k`` + :data:`prelabel.core.leakage.EXTRA_NEIGHBORS` when
-        ``wide``, so that some can be set aside.
+    def held_out(self, dataset, ids, target_top=None):
+        """The held-out votes of ``ids``: each one's ``k`` nearest
+        references (never itself), without those closer than
+        ``target_top`` says the targets get to theirs, found among as many
+        neighbors as their copies need
+        (:func:`prelabel.core.leakage.widened`).
+
+        Returns:
+            ``(ids found, their Votes, the similarity above which
+            neighbors were set aside, how many rows had one set aside)``
+        """
+        if target_top is None:
+            _, labels, sims = out = self.held_out_neighbors(dataset, ids)
+            t = float("inf")
+        else:
+            out, t = leakage.widened(
+                lambda m: self.held_out_neighbors(dataset, ids, m),
+                self.k,
+                target_top,
+            )
+            _, labels, sims = out
+        votes, trimmed = self.held_out_votes(labels, sims, t)
+        return out[0], votes, t, trimmed
+
+    def held_out_neighbors(self, dataset, ids, m: int | None = None):
+        """The ``m`` (default ``k``) nearest references of ``ids`` (never a
+        point itself).
 
         Returns:
             ``(ids found, their neighbors' labels, similarities (n, m))``
         """
-        m = self.k + (leakage.EXTRA_NEIGHBORS if wide else 0)
+        m = m or self.k
         found, labels, sims = [], [], []
         for nb in neighbors.stream(
             self.results,
@@ -179,17 +201,13 @@ class VoteScorer:
             sims.append(nb.sims)
         return found, labels, np.vstack(sims) if sims else np.zeros((0, m))
 
-    def held_out_votes(self, labels, sims, target_top=None):
-        """The vote of each row's ``k`` nearest neighbors no closer than
-        the targets get to theirs (all of them without ``target_top``).
+    def held_out_votes(self, labels, sims, t: float = float("inf")):
+        """The vote of each row's ``k`` nearest neighbors at or below the
+        similarity ``t`` (all of them by default).
 
         Returns:
-            ``(Votes, the similarity above which neighbors were set
-            aside, how many rows had one set aside)``
+            ``(Votes, how many rows had a neighbor set aside)``
         """
-        t = float("inf")
-        if target_top is not None:
-            t = leakage.closeness_threshold(sims, target_top)
         cols, kept, kept_sims = leakage.closest_kept(sims, t, self.k)
         kept_labels = [
             [row[j] for j, ok in zip(c, m, strict=True) if ok]
@@ -201,7 +219,7 @@ class VoteScorer:
             kept_labels, kept_sims, self.classes, self.k, self.vote_method
         )
         trimmed = int((np.nan_to_num(sims, nan=-np.inf) > t).any(1).sum())
-        return votes, t, trimmed
+        return votes, trimmed
 
     def _reference_labels(self) -> dict[str, str]:
         """The scored references' labels by id (a subset of
@@ -273,7 +291,7 @@ class AdaptedScorer(VoteScorer):
             [ref_lbl[j] if j >= 0 else None for j in row]
             for row in nb_idx.tolist()
         ]
-        votes, _, _ = self.held_out_votes(nb_labels, sims)
+        votes, _ = self.held_out_votes(nb_labels, sims)
         probs = 0.5 * votes.probs + 0.5 * head
         return self._scores(label_of, ids, probs, winners(probs, votes))
 
@@ -297,10 +315,7 @@ def _frozen_share(
     """:func:`frozen_share`, and the threshold and count of
     :meth:`VoteScorer.held_out_votes`."""
     scorer = VoteScorer(frozen.results, frozen.flt, classes, k, vote_method)
-    found, labels, sims = scorer.held_out_neighbors(
-        dataset, list(ids), wide=target_top is not None
-    )
-    votes, t, trimmed = scorer.held_out_votes(labels, sims, target_top)
+    found, votes, t, trimmed = scorer.held_out(dataset, list(ids), target_top)
     share = np.zeros(len(ids))
     row = {sid: i for i, sid in enumerate(ids)}
     at = np.array([row[s] for s in found], dtype=np.int64)

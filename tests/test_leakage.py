@@ -81,6 +81,36 @@ def test_copies_among_the_references_are_set_aside_and_grouped():
     assert together > 0.6
 
 
+def test_more_copies_than_the_extra_neighbors_widen_the_query():
+    """With 60 copies of each scan among the references (more than the
+    30 extra neighbors), every reference's first 45 neighbors are copies:
+    the query is widened until nearly every reference keeps ``k``
+    voters that are not copies of its own scan."""
+    d, ref_src, tgt = _split(num_ref_src=40)
+    copies, k = 60, 15
+    R = _copies(d.data[ref_src], copies, seed=1)
+    T = _copies(d.data[tgt], 1, seed=2)
+    _, narrow, top = _sims(R, T)
+    t_narrow = leakage.closeness_threshold(narrow, top)
+    assert leakage.short_share(narrow, t_narrow, k) > 0.5
+    widths = []
+
+    def query(m):
+        widths.append(m)
+        return nearest_rows(R, R, m, self_rows=np.arange(len(R)))
+
+    (idx, sims), t = leakage.widened(query, k, top)
+    assert widths == [45, 75, 135]
+    assert leakage.short_share(sims, t, k) <= leakage.SHORT_SHARE
+    keep = leakage.keep_closest(sims, t, k)
+    source = np.arange(len(R)) // copies
+    voters_same = (source[idx] == source[:, None])[keep]
+    assert voters_same.mean() < 0.05
+    # what the exact helper returns is the same widened query
+    idx2, sims2, t2 = leakage.reference_neighbors(R, T, k=k)
+    assert sims2.shape == sims.shape and t2 == t
+
+
 def test_grouped_folds_never_split_a_group_and_spread_the_classes():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 4, 400)
