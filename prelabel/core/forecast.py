@@ -87,10 +87,16 @@ def error_rate(
     set aside: near-duplicates the targets do not have, see
     :mod:`prelabel.core.leakage`)."""
     k = min(k, len(V) - 1)
-    wide = k + (leakage.EXTRA_NEIGHBORS if np.isfinite(closer_than) else 0)
-    idx, sims = nearest_rows(
-        V, V, min(wide, len(V) - 1), self_rows=np.arange(len(V))
-    )
+
+    def query(m: int) -> tuple[np.ndarray, np.ndarray]:
+        return nearest_rows(
+            V, V, min(m, len(V) - 1), self_rows=np.arange(len(V))
+        )
+
+    if np.isfinite(closer_than):
+        (idx, sims), _ = leakage.widened(query, k, None, closer_than)
+    else:
+        idx, sims = query(k)
     cols, kept, kept_sims = leakage.closest_kept(sims, closer_than, k)
     voters = np.take_along_axis(idx, cols, 1)
     labels = [

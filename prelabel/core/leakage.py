@@ -138,7 +138,8 @@ def short_share(sims: np.ndarray, t: float, k: int) -> float:
 def widened(
     query: Callable[[int], tuple],
     k: int,
-    target_top: np.ndarray,
+    target_top: np.ndarray | None,
+    threshold: float | None = None,
     extra: int = EXTRA_NEIGHBORS,
     most: int = MAX_EXTRA_NEIGHBORS,
 ) -> tuple[tuple, float]:
@@ -155,12 +156,26 @@ def widened(
     vote, and the accepted targets measured 0.923 precision for 0.99
     asked (widened: 0.994).
 
+    Args:
+        query: the neighbors of the references, ``m`` of each
+        k: the neighbors that will vote
+        target_top: the similarity of a sample of targets to their
+            nearest reference (see :func:`closeness_threshold`)
+        threshold (None): a threshold found before, instead of one from
+            ``target_top``
+        extra: the first neighbors asked beyond ``k``
+        most: the most neighbors asked beyond ``k``
+
     Returns:
         ``(what query returned last, the threshold)``
     """
     while True:
         out = query(k + extra)
-        t = closeness_threshold(out[-1], target_top)
+        t = (
+            closeness_threshold(out[-1], target_top)
+            if threshold is None
+            else float(threshold)
+        )
         if extra >= most or short_share(out[-1], t, k) <= SHORT_SHARE:
             return out, t
         extra = min(2 * extra, most)
