@@ -83,6 +83,21 @@ def _exact_votes(targets, reference, k=K, leave_one_out=False):
     return out
 
 
+def _votes_of_the_view(targets, ref, field) -> float:
+    """Checks that every pre-label in ``field`` has ``K`` neighbors, all
+    from ``ref``; returns the share that agree with exact votes of
+    ``ref``."""
+    exact = _exact_votes(targets, ref)
+    ref_ids = set(ref.values("id"))
+    ids, preds = targets.values(["id", field])
+    agree = 0
+    for sid, pred in zip(ids, preds, strict=True):
+        assert len(pred.neighbors) == K
+        assert set(pred.neighbors) <= ref_ids
+        agree += pred.label == exact[sid][0]
+    return agree / len(ids)
+
+
 def _schema(dataset):
     return sorted(dataset.get_field_schema())
 
@@ -260,7 +275,6 @@ def test_reference_view_votes_only_from_that_view(digits, monkeypatch, path):
     targets = dataset.match_tags("test").limit(150)
     for skip in (0, 250):  # a second view must not see the first one's mark
         ref = dataset.match_tags("train").skip(skip).limit(200)
-        ref_ids = set(ref.values("id"))
         prelabel.preannotate(
             targets,
             index=results,
@@ -269,14 +283,7 @@ def test_reference_view_votes_only_from_that_view(digits, monkeypatch, path):
             k=K,
             progress=False,
         )
-        exact = _exact_votes(targets, ref)
-        ids, preds = targets.values(["id", "view_pred"])
-        agree = 0
-        for sid, pred in zip(ids, preds, strict=True):
-            assert len(pred.neighbors) == K
-            assert set(pred.neighbors) <= ref_ids
-            agree += pred.label == exact[sid][0]
-        assert agree / len(ids) >= 0.98
+        assert _votes_of_the_view(targets, ref, "view_pred") >= 0.98
     assert bool(writes) == (path == "marked")
     dataset.delete_sample_field("view_pred")
 
@@ -313,15 +320,7 @@ def test_a_view_leaving_out_the_nearest_asks_again(digits, monkeypatch):
         # first everyone without the left-out ids, then the short rows
         assert calls[0] == (len(targets), 0)
         assert calls[1][1] == left_out and 0 < calls[1][0] < len(targets)
-        exact = _exact_votes(targets, ref)
-        ref_ids = set(ref.values("id"))
-        ids, preds = targets.values(["id", "no_threes"])
-        agree = 0
-        for sid, pred in zip(ids, preds, strict=True):
-            assert len(pred.neighbors) == K
-            assert set(pred.neighbors) <= ref_ids
-            agree += pred.label == exact[sid][0]
-        assert agree / len(ids) >= 0.95
+        assert _votes_of_the_view(targets, ref, "no_threes") >= 0.95
     finally:
         dataset.delete_sample_field("no_threes")
 
