@@ -21,7 +21,9 @@ Edge index:
   fair sample spread over the data until a pre-annotation accepts
   something, then where it left most for review, with a 20 % fair
   share), pre-annotating with every reference calibrating, and again
-  with only its fair picks as ``calibration_reference``.
+  with only its fair picks as ``calibration_reference``; and with half
+  of each batch drawn fairly (more references to vouch for the
+  threshold, fewer aimed picks).
 
 A strategy stops early once its work has not improved for
 ``PATIENCE`` rounds (its best round is behind it). ``python
@@ -51,7 +53,10 @@ STRATEGIES = (
     "uniqueness",
     "ours (every reference calibrates)",
     "ours (fair picks calibrate)",
+    "ours (half the picks fair)",
 )
+#: the share of each batch that our strategies draw fairly
+FAIR_SHARE = {"ours (half the picks fair)": 0.5}
 
 
 def settings(quick: bool) -> dict:
@@ -134,7 +139,12 @@ class Loop:
             left = set(ids)
             return [s for s in self.order if s in left][:budget]
         out = prelabel.select_for_labeling(
-            self.dataset, index="loop", budget=budget, progress=False, seed=0
+            self.dataset,
+            index="loop",
+            budget=budget,
+            progress=False,
+            seed=0,
+            random_share=FAIR_SHARE.get(self.strategy, 0.2),
         )
         return out.ids
 
@@ -169,7 +179,7 @@ class Loop:
 
         targets = self.unlabeled()
         extra = {}
-        if self.strategy == "ours (fair picks calibrate)" and (
+        if self.strategy != "ours (every reference calibrates)" and (
             self.dataset.match_tags("to_label_random").exists("ground_truth")
         ):
             extra["calibration_reference"] = "to_label_random"
