@@ -323,9 +323,10 @@ def _training_data(samples, refs, embeddings_field, label_field, seed=0):
 
 
 #: bumped when fitting changes what an adapter's cross-fitted scores mean
-#: (2: near-duplicate references share a fold), so that an adapter of an
-#: older recipe is learned again rather than reused
-RECIPE = 2
+#: (2: near-duplicate references share a fold; 3: their groups are found
+#: among as many neighbors as their copies need), so that an adapter of
+#: an older recipe is learned again rather than reused
+RECIPE = 3
 
 
 def _group_array(ids, near_duplicates) -> np.ndarray | None:
