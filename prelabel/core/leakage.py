@@ -149,7 +149,8 @@ def widened(
     ``query(m)`` returns a tuple whose last item is the ``(n, m)``
     similarities of each reference's ``m`` nearest others (closest first,
     NaN-padded). It is called with ``k + extra`` neighbors, and again with
-    ``extra`` doubled (up to ``most``) while more than
+    ``extra`` doubled (up to ``most``, or until ``query`` returns fewer
+    columns than asked: there are no more) while more than
     :data:`SHORT_SHARE` of the references keep fewer than ``k`` voters:
     with about 49 copies of each reference among the references and 30
     extra neighbors, the threshold found among them still let copies
@@ -176,7 +177,12 @@ def widened(
             if threshold is None
             else float(threshold)
         )
-        if extra >= most or short_share(out[-1], t, k) <= SHORT_SHARE:
+        capped = np.shape(out[-1])[1] < k + extra  # no more to ask for
+        if (
+            capped
+            or extra >= most
+            or short_share(out[-1], t, k) <= SHORT_SHARE
+        ):
             return out, t
         extra = min(2 * extra, most)
 
