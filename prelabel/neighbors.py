@@ -26,6 +26,7 @@ from prelabel import constants, validation
 from prelabel.core.voting import sort_classes
 from prelabel.index.base import IndexFilter
 from prelabel.index.locking import Lease
+from prelabel.index.sync import set_payload_in_parts
 from prelabel.prefetch import prefetch
 from prelabel.progress import Progress, ProgressArg
 from prelabel.units import Samples, units_of
@@ -191,8 +192,8 @@ def reference_filter(
     payloads, with a token derived from its sample ids, so that the
     queries select it by filter; the same view again finds its points
     marked and writes nothing. The engine takes points whose payload
-    changed out of their indexed segment, so a large marking is followed
-    by a rebuild of the graph (otherwise every query would scan them).
+    changed out of their indexed segment, so a large marking rebuilds
+    their graph, part by part (otherwise every query would scan them).
     """
     index = results.index
     if reference is None or isinstance(reference, (str, list, tuple)):
@@ -223,12 +224,12 @@ def reference_filter(
         )
     ]
     if marked != len(present):
-        index.set_payload(present, {REFSET: token})
-        if len(present) > REINDEX_AFTER_MARKING:
-            # the engine moves every point whose payload changed out of
-            # its indexed segment: until the graph is built again, each
-            # query would scan them all
-            index.optimize()
+        # the engine moves every point whose payload changed out of its
+        # built segment: until its graph is built again, each query scans
+        # them all; built in parts, as a sync builds it
+        set_payload_in_parts(
+            index, present, {REFSET: token}, REINDEX_AFTER_MARKING
+        )
     return flt, index.count(flt)
 
 
