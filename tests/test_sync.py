@@ -494,48 +494,6 @@ def test_big_sync_builds_its_graph_in_parts(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_big_marking_builds_its_graph_in_parts(tmp_path, monkeypatch):
-    """Setting a payload on many points (a reference view's marks) takes
-    them out of their built segments; done in parts, each part's graph is
-    built before the next is marked, so no segment holds more than a part
-    (at once, 990,000 points landed in one segment built at 10.3 GB),
-    and a filtered query finds the exact neighbors among them."""
-    from prelabel.index.edge import _largest_segment
-    from prelabel.index.sync import set_payload_in_parts
-
-    # parts of 1,000 x 4,096 floats: over the engine's indexing threshold
-    monkeypatch.setattr(base, "PART_POINTS", 1000)
-    dim, n, marked = 4096, 3000, 2400
-    vectors = np.random.default_rng(0).normal(size=(n, dim))
-    vectors = (vectors / np.linalg.norm(vectors, axis=1)[:, None]).astype(
-        np.float32
-    )
-    ids = [f"{i:024x}" for i in range(n)]
-    index = EdgeIndex(str(tmp_path / "index"))
-    index.create(dim)
-    for start in range(0, n, 1000):
-        part = slice(start, start + 1000)
-        payloads = [{base.LABEL: "a", base.TAGS: []}] * 1000
-        index.upsert(ids[part], vectors[part], payloads)
-        index.optimize()
-    set_payload_in_parts(index, ids[:marked], {"refset": "t"})
-    with index.session() as shard:
-        info = shard.info()
-    assert info.points_count == n
-    assert info.indexed_vectors_count >= 2000  # both full parts built
-    assert _largest_segment(index.path, info) <= 1000
-    flt = base.IndexFilter(match=(("refset", "t"),))
-    assert index.count(flt) == marked
-    queries = vectors[marked - 50 : marked + 50]
-    res = index.query(queries, 5, flt)
-    exact = np.argsort(-(queries @ vectors[:marked].T), axis=1)[:, :5]
-    found = [[int(s, 16) for s in row] for row in res.sample_ids]
-    recall = [
-        len(set(a) & set(b)) / 5 for a, b in zip(found, exact, strict=True)
-    ]
-    assert np.mean(recall) > 0.95
-
-
 def test_sync_killed_half_way_is_finished_by_the_next(tmp_path):
     """A ``sync_index`` of 20k points SIGKILLed in another process, mid-way
     (its progress callback pauses after each batch of 2,000, so the sync
